@@ -1,0 +1,62 @@
+"""bld_remote: drive a running Blender from programs and AI agents.
+
+Inside Blender (``import bld_remote`` or the add-on)::
+
+    bld_remote.start_mcp_service(port=6688)   # native TCP service on Rust threads
+    bld_remote.keep_alive()                   # headless: serve on the main thread until stopped
+
+The network work happens on native threads (``bld_remote._core``); only command handlers that touch ``bpy``
+run here, on Blender's main thread. Importing this package has no side effects and does not need ``bpy``.
+"""
+
+from __future__ import annotations
+
+bl_info = {
+    "name": "bld_remote",
+    "author": "bld_remote contributors",
+    "version": (0, 1, 0),
+    "blender": (3, 4, 0),
+    "location": "Edit > Preferences > Add-ons > bld_remote",
+    "description": "Remote control of Blender over TCP for scripts and AI agents (MCP)",
+    "category": "System",
+}
+
+from .service import (  # noqa: E402
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    get_status,
+    is_mcp_service_up,
+    keep_alive,
+    start_mcp_service,
+    step,
+    stop_mcp_service,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "get_status",
+    "is_mcp_service_up",
+    "keep_alive",
+    "register",
+    "start_mcp_service",
+    "step",
+    "stop_mcp_service",
+    "unregister",
+]
+
+
+def register() -> None:
+    """Blender add-on entry point: starts the service when ``BLD_REMOTE_MCP_START_NOW`` is set."""
+    from . import service
+
+    service.register()
+
+
+def unregister() -> None:
+    """Undo everything ``register()`` and ``start_mcp_service()`` did: stop the service, remove timers."""
+    from . import service
+
+    service.unregister()

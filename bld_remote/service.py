@@ -1,0 +1,246 @@
+"""Starting and stopping the service, and the main-thread pumps that run its jobs.
+
+Runs on Blender's main thread. The pumps: ``keep_alive()`` blocks headless (``blender --background`` or
+``bpy`` as a module, where timers never fire); in the GUI a persistent ``bpy.app.timers`` callback drains
+the job channel. Both call into ``_core``, which releases the GIL whenever it waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from . import _core, commands
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 6688
+_TRUTHY = {"1", "true", "yes", "on"}
+_LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+# GUI timer: run jobs for at most this long per tick so the UI stays responsive under a flood.
+_TICK_BUDGET = 0.05
+_BUSY_INTERVAL = 0.0
+_IDLE_INTERVAL = 0.02
+
+
+def _log(level: str, message: str) -> None:
+    wanted = _LOG_LEVELS.get(os.environ.get("BLD_REMOTE_LOG_LEVEL", "INFO").upper(), 20)
+    if _LOG_LEVELS.get(level, 20) >= wanted:
+        print(f"bld_remote [{level}] {message}", file=sys.stderr, flush=True)
+
+
+def _env_port() -> int:
+    raw = os.environ.get("BLD_REMOTE_MCP_PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {raw!r}")
+    return port
+
+
+def _blender_info() -> tuple[str, dict[str, Any]]:
+    try:
+        import bpy
+    except ImportError:
+        return "python", {}
+    mode = "background" if bpy.app.background else "gui"
+    info = {"blender_version": bpy.app.version_string, "blend_file": bpy.data.filepath or None}
+    return mode, info
+
+
+def start_mcp_service(
+    port: int | None = None,
+    host: str | None = None,
+    *,
+    token: str | None = None,
+    max_request_bytes: int | None = None,
+    max_connections: int | None = None,
+    queue_capacity: int | None = None,
+    idle_timeout: float | None = None,
+    default_timeout: float | None = None,
+) -> dict[str, Any]:
+    """Start the TCP service (port: argument, else ``BLD_REMOTE_MCP_PORT``, else 6688; 0 picks a free one).
+
+    Binds 127.0.0.1 unless told otherwise; any other host requires ``token``. Returns ``get_status()``.
+    Calling it while the service runs is harmless when the port matches (or is not given).
+    """
+    if port is None:
+        port = _env_port()
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+    host = host or DEFAULT_HOST
+    if token is None:
+        token = os.environ.get("BLD_REMOTE_TOKEN") or None
+    if _core.is_running():
+        status = get_status()
+        if port in (0, status["port"]) and host == status["host"]:
+            return status
+        raise RuntimeError(
+            f"bld_remote is already serving on {status['host']}:{status['port']}; stop_mcp_service() first"
+        )
+    mode, info = _blender_info()
+    bound_host, bound_port = _core.start(
+        host,
+        port,
+        commands.dispatch,
+        sorted(commands.HANDLERS),
+        mode,
+        token=token,
+        info=info,
+        max_request_bytes=max_request_bytes,
+        max_connections=max_connections,
+        queue_capacity=queue_capacity,
+        idle_timeout=idle_timeout,
+        default_timeout=default_timeout,
+    )
+    if mode == "gui":
+        _ensure_timer()
+    # The ready line: tools (and `bld-remote start`) wait for exactly this.
+    print(f"bld_remote listening on {bound_host}:{bound_port} (pid {os.getpid()})", flush=True)
+    return get_status()
+
+
+def stop_mcp_service() -> bool:
+    """Stop the service and join its threads; the port is free when this returns.
+
+    Called from code running inside a request, the stop happens right after that request has replied.
+    Returns whether a service was running.
+    """
+    was_running = _core.stop()
+    if not _core.is_running():
+        _remove_timer()
+    return was_running
+
+
+def is_mcp_service_up() -> bool:
+    """True while the service accepts connections."""
+    return _core.is_running()
+
+
+def get_status() -> dict[str, Any]:
+    """running, host, port, mode (gui/background), requests_served, queue_length, connections, ..."""
+    status = _core.status()
+    if status is None:
+        return {"running": False}
+    return status
+
+
+def step(max_jobs: int = 64, timeout: float = 0.0) -> int:
+    """Run pending jobs now on this (the main) thread; wait up to ``timeout`` seconds for the first."""
+    if max_jobs < 1:
+        raise ValueError("max_jobs must be at least 1")
+    return _core.step(max_jobs, timeout)
+
+
+def keep_alive() -> None:
+    """Serve on this (the main) thread until the service stops, then return.
+
+    For ``blender --background`` and ``bpy`` as a module, where timers never fire. Wakes the moment a job
+    arrives (no polling). Returns after ``stop_mcp_service()``, the ``server_shutdown`` command, SIGTERM or
+    SIGINT, so a startup script that ends with it lets Blender exit with rc 0.
+    """
+    if not _core.is_running():
+        raise RuntimeError("bld_remote is not running: call start_mcp_service() before keep_alive()")
+    on_main = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+    if on_main:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, _on_signal)
+            except (ValueError, OSError):
+                pass
+    old_fd = [-1]
+
+    def install_wakeup(fd: int) -> None:
+        if fd >= 0:
+            old_fd[0] = signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+        else:
+            signal.set_wakeup_fd(old_fd[0])
+
+    try:
+        _core.serve_forever(install_wakeup if on_main else None)
+    finally:
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        stop_mcp_service()
+        _log("INFO", "service stopped; keep_alive() returns")
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    _log("INFO", f"received {signal.Signals(signum).name}: stopping")
+    _core.request_stop()
+
+
+# GUI pump: one persistent timer. It must never raise (Blender drops a timer that raises, for good).
+def _timer() -> float | None:
+    try:
+        if not _core.is_running():
+            return None
+        ran = _core.step(256, 0.0, _TICK_BUDGET)
+        if not _core.is_running():
+            return None
+        return _BUSY_INTERVAL if ran else _IDLE_INTERVAL
+    except BaseException as exc:  # noqa: BLE001 - a raising timer is silently removed by Blender
+        try:
+            _log("ERROR", f"pump error: {exc!r}")
+        except BaseException:  # noqa: BLE001
+            pass
+        return 0.1
+
+
+def _ensure_timer() -> None:
+    import bpy
+
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
+    if _on_load_post not in bpy.app.handlers.load_post:
+        # persistent: otherwise Blender drops the handler itself on the next file load.
+        bpy.app.handlers.load_post.append(bpy.app.handlers.persistent(_on_load_post))
+
+
+def _remove_timer() -> None:
+    try:
+        import bpy
+    except ImportError:
+        return
+    if bpy.app.background:
+        return
+    if bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)
+    if _on_load_post in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load_post)
+
+
+def _on_load_post(*_args: Any) -> None:
+    # Loading factory settings wipes timers, persistent or not: re-arm.
+    try:
+        if _core.is_running():
+            import bpy
+
+            if not bpy.app.timers.is_registered(_timer):
+                bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
+    except BaseException as exc:  # noqa: BLE001
+        _log("ERROR", f"could not re-arm the pump after load: {exc!r}")
+
+
+def register() -> None:
+    if os.environ.get("BLD_REMOTE_MCP_START_NOW", "").strip().lower() in _TRUTHY:
+        try:
+            start_mcp_service()
+        except Exception as exc:  # noqa: BLE001 - never break Blender's add-on loading
+            _log("ERROR", f"could not start on register: {exc}")
+
+
+def unregister() -> None:
+    stop_mcp_service()
+    _remove_timer()

@@ -1,0 +1,25 @@
+//! `bld_remote`: drive a running Blender over TCP. The native module `bld_remote._core` is this crate's
+//! cdylib; the pure-Rust core (protocol, jobs, server) is usable and tested without Python.
+//! This file is only the manifest of modules and exports.
+
+pub mod jobs;
+pub mod protocol;
+mod py;
+pub mod server;
+
+use pyo3::prelude::*;
+
+/// The native half of the `bld_remote` package. Use the Python API in `bld_remote`, not this directly.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(py::start, m)?)?;
+    m.add_function(wrap_pyfunction!(py::stop, m)?)?;
+    m.add_function(wrap_pyfunction!(py::request_stop, m)?)?;
+    m.add_function(wrap_pyfunction!(py::is_running, m)?)?;
+    m.add_function(wrap_pyfunction!(py::stop_requested, m)?)?;
+    m.add_function(wrap_pyfunction!(py::status, m)?)?;
+    m.add_function(wrap_pyfunction!(py::step, m)?)?;
+    m.add_function(wrap_pyfunction!(py::serve_forever, m)?)?;
+    Ok(())
+}

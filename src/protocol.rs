@@ -1,0 +1,659 @@
+//! The wire protocol: an incremental decoder for a stream of bare JSON objects, the request shape, and the
+//! reply encoder. Pure Rust; runs on connection threads.
+//!
+//! Existing clients (see COMPAT.md) send one JSON object per request with no delimiter and no length prefix.
+//! The decoder therefore finds object boundaries itself: it scans each byte once, remembering where it stopped
+//! (string, escape and nesting state survive between reads), so an N-byte request costs O(N) however it is
+//! split into reads. Only `"`, `\`, `{`, `}`, `[` and `]` matter to the scanner; all are ASCII and can never
+//! be part of a multi-byte UTF-8 sequence, so a character split across reads needs no special care.
+
+use serde_json::{Map, Value};
+
+/// Default cap on one request's size (bytes from its opening `{` to its closing `}`).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Default cap on JSON nesting depth (objects plus arrays).
+pub const DEFAULT_MAX_DEPTH: usize = 128;
+
+/// Why the byte stream cannot be decoded any further. Each is answered with an error reply, then a close:
+/// the stream cannot be resynchronised after any of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A byte outside any object that is neither whitespace nor `{`.
+    Garbage { byte: u8, offset: u64 },
+    /// The stream starts like an HTTP request (a browser, curl, or a misconfigured client).
+    Http,
+    /// One request grew past the size limit.
+    TooLarge { limit: usize },
+    /// Nesting deeper than the limit.
+    TooDeep { limit: usize },
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Garbage { byte, offset } => write!(
+                f,
+                "malformed request: expected a JSON object, found byte 0x{byte:02x} at stream offset {offset}; \
+                 closing the connection"
+            ),
+            Self::Http => write!(f, "this port speaks JSON over TCP, not HTTP; closing the connection"),
+            Self::TooLarge { limit } => {
+                write!(f, "request too large: limit is {limit} bytes; closing the connection")
+            }
+            Self::TooDeep { limit } => {
+                write!(f, "request nested too deeply: limit is {limit} levels; closing the connection")
+            }
+        }
+    }
+}
+
+/// Incremental splitter of a byte stream into complete top-level JSON objects.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed out or skipped; dropped on the next `feed` (one move per read, so
+    /// many requests arriving in one read cost O(n), not O(n * requests)).
+    head: usize,
+    /// Bytes of `buf` already scanned.
+    scanned: usize,
+    /// Offset in `buf` of the current object's `{`, if one has started.
+    start: Option<usize>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Bytes consumed before `buf[0]`, for error messages.
+    consumed: u64,
+    max_bytes: usize,
+    max_depth: usize,
+    failed: bool,
+}
+
+const HTTP_METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+impl Decoder {
+    pub fn new(max_bytes: usize, max_depth: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            head: 0,
+            scanned: 0,
+            start: None,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            consumed: 0,
+            max_bytes: max_bytes.max(2),
+            max_depth: max_depth.max(1),
+            failed: false,
+        }
+    }
+
+    /// Append bytes read from the socket.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        if self.head > 0 {
+            self.buf.drain(..self.head);
+            self.scanned -= self.head;
+            if let Some(s) = self.start.as_mut() {
+                *s -= self.head;
+            }
+            self.consumed += self.head as u64;
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held that do not yet form a complete object (0 when idle between requests).
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len()
+            - self
+                .start
+                .unwrap_or(self.head.max(self.scanned))
+                .min(self.buf.len())
+    }
+
+    /// True when a request has begun but is not complete (a disconnect now is "mid-request").
+    pub fn in_request(&self) -> bool {
+        self.start.is_some()
+    }
+
+    /// The next complete object's bytes, `Ok(None)` when more input is needed, or the error that ends
+    /// the stream.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, StreamError> {
+        if self.failed {
+            return Ok(None);
+        }
+        match self.scan() {
+            Ok(Some(end)) => Ok(Some(self.take_frame(end))),
+            Ok(None) => {
+                if let Some(start) = self.start {
+                    if self.buf.len() - start > self.max_bytes {
+                        return Err(self.fail(StreamError::TooLarge {
+                            limit: self.max_bytes,
+                        }));
+                    }
+                } else {
+                    // Nothing started: the whitespace scanned so far is dropped on the next feed.
+                    self.head = self.scanned;
+                    if self.head == self.buf.len() {
+                        self.consumed += self.head as u64;
+                        self.buf.clear();
+                        self.head = 0;
+                        self.scanned = 0;
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn fail(&mut self, e: StreamError) -> StreamError {
+        self.failed = true;
+        self.buf = Vec::new();
+        e
+    }
+
+    /// Scan forward; return the end offset (exclusive) of a complete object.
+    fn scan(&mut self) -> Result<Option<usize>, StreamError> {
+        let buf = &self.buf;
+        let mut i = self.scanned;
+        while i < buf.len() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                // Skip the string body in one SIMD search.
+                match memchr::memchr2(b'"', b'\\', &buf[i..]) {
+                    None => {
+                        i = buf.len();
+                        break;
+                    }
+                    Some(k) => {
+                        i += k;
+                        if buf[i] == b'\\' {
+                            self.escaped = true;
+                        } else {
+                            self.in_string = false;
+                        }
+                        i += 1;
+                        continue;
+                    }
+                }
+            }
+            let b = buf[i];
+            if self.start.is_none() {
+                match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => {}
+                    b'{' => {
+                        self.start = Some(i);
+                        self.depth = 1;
+                    }
+                    _ => {
+                        let rest = &buf[i..];
+                        if HTTP_METHODS
+                            .iter()
+                            .any(|m| rest.starts_with(m) || m.starts_with(rest))
+                        {
+                            if HTTP_METHODS.iter().any(|m| rest.starts_with(m)) {
+                                return Err(StreamError::Http);
+                            }
+                            // A prefix of an HTTP method: wait for more bytes to decide.
+                            self.scanned = i;
+                            return Ok(None);
+                        }
+                        return Err(StreamError::Garbage {
+                            byte: b,
+                            offset: self.consumed + i as u64,
+                        });
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth > self.max_depth {
+                        return Err(StreamError::TooDeep {
+                            limit: self.max_depth,
+                        });
+                    }
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        self.scanned = i + 1;
+                        return Ok(Some(i + 1));
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+            if let Some(start) = self.start {
+                if i - start > self.max_bytes {
+                    return Err(StreamError::TooLarge {
+                        limit: self.max_bytes,
+                    });
+                }
+            }
+        }
+        self.scanned = i;
+        if let Some(start) = self.start {
+            if i - start > self.max_bytes {
+                return Err(StreamError::TooLarge {
+                    limit: self.max_bytes,
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    fn take_frame(&mut self, end: usize) -> Vec<u8> {
+        let start = self.start.take().unwrap_or(0);
+        self.depth = 0;
+        if start == 0 && end == self.buf.len() {
+            // The common case for large requests: hand over the buffer without copying it.
+            self.consumed += end as u64;
+            self.head = 0;
+            self.scanned = 0;
+            return std::mem::take(&mut self.buf);
+        }
+        self.head = end;
+        self.scanned = end;
+        self.buf[start..end].to_vec()
+    }
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Present in framed mode: echoed in the reply; several requests may be in flight.
+    pub id: Option<Value>,
+    /// The command (`type` on the wire). For the legacy blender-remote form this is `execute_code`.
+    pub command: String,
+    pub params: Map<String, Value>,
+    pub token: Option<String>,
+    /// Seconds; the deadline starts when the request is read.
+    pub timeout: Option<f64>,
+    /// The legacy blender-remote form `{"code": ..., "message": ...}` with its own reply shape.
+    pub legacy: bool,
+}
+
+/// A request that could be split from the stream but not understood. The stream stays usable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRequest {
+    pub id: Option<Value>,
+    pub message: String,
+}
+
+/// Parse one complete frame (as split by [`Decoder`]) into a request.
+pub fn parse_request(frame: &[u8]) -> Result<Request, BadRequest> {
+    let value: Value = serde_json::from_slice(frame).map_err(|e| BadRequest {
+        id: None,
+        message: format!("malformed JSON: {e}"),
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(BadRequest {
+            id: None,
+            message: "a request must be a JSON object".into(),
+        });
+    };
+    let id = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::Number(_) | Value::String(_))) => Some(v),
+        Some(_) => {
+            return Err(BadRequest {
+                id: None,
+                message: "'id' must be a number or a string".into(),
+            });
+        }
+    };
+    let bad = |message: String| BadRequest {
+        id: id.clone(),
+        message,
+    };
+    let token = match obj.remove("token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(bad("'token' must be a string".into())),
+    };
+    let timeout = match obj.remove("timeout") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) if t > 0.0 && t.is_finite() => Some(t),
+            _ => return Err(bad("'timeout' must be a positive number of seconds".into())),
+        },
+        Some(_) => return Err(bad("'timeout' must be a positive number of seconds".into())),
+    };
+    match obj.remove("type") {
+        Some(Value::String(command)) => {
+            let params = match obj.remove("params") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(p)) => p,
+                Some(_) => return Err(bad("'params' must be a JSON object".into())),
+            };
+            Ok(Request {
+                id,
+                command,
+                params,
+                token,
+                timeout,
+                legacy: false,
+            })
+        }
+        Some(_) => Err(bad("'type' must be a string naming a command".into())),
+        None => {
+            // blender-remote's legacy form: {"code": "...", "message": "..."}.
+            match obj.remove("code") {
+                Some(Value::String(code)) => {
+                    let mut params = Map::new();
+                    params.insert("code".into(), Value::String(code));
+                    Ok(Request {
+                        id,
+                        command: "execute_code".into(),
+                        params,
+                        token,
+                        timeout,
+                        legacy: true,
+                    })
+                }
+                Some(_) => Err(bad("'code' must be a string".into())),
+                None => Err(bad(
+                    "request has no 'type' (expected {\"type\": \"<command>\", \"params\": {...}})"
+                        .into(),
+                )),
+            }
+        }
+    }
+}
+
+/// The outcome of one request, before it is shaped for the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success(Value),
+    /// `message` plus extra fields merged into the error reply (traceback, output, exception, ran...).
+    Error {
+        message: String,
+        extra: Map<String, Value>,
+    },
+}
+
+impl Outcome {
+    pub fn error(message: impl Into<String>) -> Self {
+        Self::Error {
+            message: message.into(),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn error_with(message: impl Into<String>, extra: Map<String, Value>) -> Self {
+        Self::Error {
+            message: message.into(),
+            extra,
+        }
+    }
+}
+
+/// Serialise a reply as one JSON object plus `\n`, ready for a single write.
+pub fn encode_reply(id: Option<&Value>, outcome: &Outcome) -> Vec<u8> {
+    let mut obj = Map::new();
+    if let Some(id) = id {
+        obj.insert("id".into(), id.clone());
+    }
+    match outcome {
+        Outcome::Success(result) => {
+            obj.insert("status".into(), Value::from("success"));
+            obj.insert("result".into(), result.clone());
+        }
+        Outcome::Error { message, extra } => {
+            obj.insert("status".into(), Value::from("error"));
+            obj.insert("message".into(), Value::from(message.as_str()));
+            for (k, v) in extra {
+                if k != "status" && k != "message" && k != "id" {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    encode_value(&Value::Object(obj))
+}
+
+/// Serialise any JSON value plus `\n`.
+pub fn encode_value(v: &Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec(v).unwrap_or_else(|e| {
+        // Unreachable for a `Value` (its keys are strings), but never panic on a network thread.
+        format!("{{\"status\":\"error\",\"message\":\"cannot encode reply: {e}\"}}").into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decoder() -> Decoder {
+        Decoder::new(DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_DEPTH)
+    }
+
+    fn frames(d: &mut Decoder) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Some(f)) = d.next_frame() {
+            out.push(String::from_utf8(f).unwrap_or_default());
+        }
+        out
+    }
+
+    #[test]
+    fn splits_concatenated_objects_with_and_without_whitespace() {
+        let mut d = decoder();
+        d.feed(
+            br#"{"type":"a"}{"type":"b"} {"type":"c"}
+{"type":"d"}"#,
+        );
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                r#"{"type":"a"}"#,
+                r#"{"type":"b"}"#,
+                r#"{"type":"c"}"#,
+                r#"{"type":"d"}"#
+            ]
+        );
+        assert_eq!(d.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn braces_inside_strings_and_escaped_quotes_do_not_end_an_object() {
+        let mut d = decoder();
+        d.feed(br#"{"code":"print('}{\"\\')","x":[1,{"y":"]"}]}"#);
+        let f = frames(&mut d);
+        assert_eq!(f.len(), 1);
+        let v: Value = serde_json::from_str(&f[0]).unwrap_or(Value::Null);
+        assert_eq!(v["code"], json!("print('}{\"\\')"));
+    }
+
+    #[test]
+    fn object_split_at_every_byte_boundary() {
+        let text =
+            r#"{"type":"execute_code","params":{"code":"print(\"h\u00e9llo\\n}\")","id":7}}"#;
+        let bytes = text.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut d = decoder();
+            d.feed(&bytes[..cut]);
+            assert!(frames(&mut d).is_empty(), "premature frame at cut {cut}");
+            d.feed(&bytes[cut..]);
+            assert_eq!(frames(&mut d), vec![text.to_string()], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn utf8_character_split_across_reads() {
+        let text = "{\"type\":\"execute_code\",\"params\":{\"code\":\"print('\u{1F600} é 中')\"}}";
+        let bytes = text.as_bytes();
+        let emoji = text.find('\u{1F600}').unwrap_or(0);
+        let mut d = decoder();
+        d.feed(&bytes[..emoji + 2]); // inside the 4-byte emoji
+        assert!(frames(&mut d).is_empty());
+        d.feed(&bytes[emoji + 2..]);
+        let f = frames(&mut d);
+        assert_eq!(f, vec![text.to_string()]);
+        let req = parse_request(f[0].as_bytes()).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(req.params["code"], json!("print('\u{1F600} é 中')"));
+    }
+
+    #[test]
+    fn byte_at_a_time_feeding_is_linear_and_correct() {
+        let body = "x".repeat(10_000);
+        let text = format!(r#"{{"type":"execute_code","params":{{"code":"{body}"}}}}"#);
+        let mut d = decoder();
+        let mut got = Vec::new();
+        for b in text.as_bytes() {
+            d.feed(std::slice::from_ref(b));
+            got.extend(frames(&mut d));
+        }
+        assert_eq!(got, vec![text]);
+    }
+
+    #[test]
+    fn garbage_between_objects_is_a_stream_error() {
+        let mut d = decoder();
+        d.feed(b"{\"type\":\"ping\"} xyz");
+        assert_eq!(d.next_frame(), Ok(Some(b"{\"type\":\"ping\"}".to_vec())));
+        assert!(matches!(
+            d.next_frame(),
+            Err(StreamError::Garbage {
+                byte: b'x',
+                offset: 16
+            })
+        ));
+        // After a stream error the decoder yields nothing more.
+        d.feed(b"{\"type\":\"ping\"}");
+        assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn binary_garbage_and_top_level_arrays_are_errors() {
+        for input in [&b"\x00\xff\xfe"[..], b"[1,2]", b"\"str\"", b"42"] {
+            let mut d = decoder();
+            d.feed(input);
+            assert!(
+                matches!(d.next_frame(), Err(StreamError::Garbage { .. })),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_request_is_recognised_even_when_split() {
+        let mut d = decoder();
+        d.feed(b"GE");
+        assert_eq!(d.next_frame(), Ok(None));
+        d.feed(b"T / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(d.next_frame(), Err(StreamError::Http));
+        let mut d = decoder();
+        d.feed(b"POST /mcp HTTP/1.1\r\n");
+        assert_eq!(d.next_frame(), Err(StreamError::Http));
+    }
+
+    #[test]
+    fn size_limit_is_enforced_before_the_object_ends() {
+        let mut d = Decoder::new(100, DEFAULT_MAX_DEPTH);
+        d.feed(b"{\"code\":\"");
+        d.feed(&[b'a'; 200]);
+        assert_eq!(d.next_frame(), Err(StreamError::TooLarge { limit: 100 }));
+        let mut d = Decoder::new(100, DEFAULT_MAX_DEPTH);
+        d.feed(&[b'{'; 1]);
+        d.feed(&[b' '; 150]);
+        assert_eq!(d.next_frame(), Err(StreamError::TooLarge { limit: 100 }));
+    }
+
+    #[test]
+    fn depth_limit() {
+        let mut d = Decoder::new(1000, 4);
+        d.feed(b"{\"a\":[[[1]]]}");
+        assert!(d.next_frame().is_ok_and(|f| f.is_some()));
+        d.feed(b"{\"a\":[[[[1]]]]}");
+        assert_eq!(d.next_frame(), Err(StreamError::TooDeep { limit: 4 }));
+    }
+
+    #[test]
+    fn idle_whitespace_is_not_retained() {
+        let mut d = decoder();
+        d.feed(&[b'\n'; 4096]);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(d.pending_bytes(), 0);
+        assert!(!d.in_request());
+    }
+
+    #[test]
+    fn parses_requests_ids_params_and_legacy_form() {
+        let r = parse_request(br#"{"type":"get_object_info","params":{"name":"Cube"},"id":3}"#);
+        let r = r.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(r.command, "get_object_info");
+        assert_eq!(r.id, Some(json!(3)));
+        assert_eq!(r.params["name"], json!("Cube"));
+        assert!(!r.legacy);
+
+        let r = parse_request(br#"{"type":"ping"}"#).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(r.params.is_empty() && r.id.is_none());
+
+        let r = parse_request(br#"{"code":"print(1)","message":"hi"}"#)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(r.legacy);
+        assert_eq!(r.command, "execute_code");
+        assert_eq!(r.params["code"], json!("print(1)"));
+    }
+
+    #[test]
+    fn bad_requests_keep_their_id_when_they_have_one() {
+        let e = parse_request(br#"{"id":"a","type":5}"#).err();
+        assert_eq!(e.as_ref().and_then(|e| e.id.clone()), Some(json!("a")));
+        assert!(parse_request(br#"{"params":{}}"#).is_err());
+        assert!(parse_request(br#"{"type":"x","params":[1]}"#).is_err());
+        assert!(parse_request(br#"{"type":"x","timeout":-1}"#).is_err());
+        let e = parse_request(br#"{"type": tru}"#).err();
+        assert!(e.is_some_and(|e| e.message.starts_with("malformed JSON")));
+        let e = parse_request(b"{\"type\":\"\xff\"}").err();
+        assert!(e.is_some_and(|e| e.message.starts_with("malformed JSON")));
+    }
+
+    #[test]
+    fn replies_are_one_line_with_id_echoed() {
+        let r = encode_reply(Some(&json!(9)), &Outcome::Success(json!({"a": "x\ny"})));
+        assert_eq!(r.last(), Some(&b'\n'));
+        assert_eq!(r.iter().filter(|&&b| b == b'\n').count(), 1);
+        let v: Value = serde_json::from_slice(&r).unwrap_or(Value::Null);
+        assert_eq!(
+            v,
+            json!({"id": 9, "status": "success", "result": {"a": "x\ny"}})
+        );
+
+        let mut extra = Map::new();
+        extra.insert("traceback".into(), json!("tb"));
+        extra.insert("status".into(), json!("ignored"));
+        let v: Value =
+            serde_json::from_slice(&encode_reply(None, &Outcome::error_with("boom", extra)))
+                .unwrap_or(Value::Null);
+        assert_eq!(
+            v,
+            json!({"status": "error", "message": "boom", "traceback": "tb"})
+        );
+    }
+}

@@ -1,0 +1,937 @@
+//! The TCP service: the listener thread, one reader and one writer thread per connection, limits, auth,
+//! the control commands answered without Blender's main thread, and a graceful, joined stop. Pure Rust;
+//! none of these threads ever touches Python.
+//!
+//! Per connection, the reader splits the byte stream into requests (`protocol::Decoder`), answers control
+//! requests itself and queues the rest as jobs for the main thread; it hands the writer an ordered list of
+//! pending replies, so replies leave in request order whatever finishes first. The writer serialises each
+//! reply once and writes it with a single `write_all` (Nagle is off).
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use serde_json::{json, Map, Value};
+
+use crate::jobs::{not_run, Job, JobQueue, JobState, Msg, SubmitError, Ticket};
+use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
+
+const READ_CHUNK: usize = 256 * 1024;
+/// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
+const MAX_PIPELINED: usize = 4096;
+
+/// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// Required on every request when set; always required when `host` is not loopback.
+    pub token: Option<String>,
+    pub max_request_bytes: usize,
+    pub max_depth: usize,
+    pub max_connections: usize,
+    pub queue_capacity: usize,
+    /// Close a connection that sends nothing for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
+    pub default_timeout: Option<Duration>,
+    /// A client that does not read its replies for this long is disconnected.
+    pub write_timeout: Duration,
+    /// `gui` or `background`: reported by `get_status`.
+    pub mode: String,
+    /// Commands the main thread handles (registered by the Python side). Others are unknown.
+    pub main_thread_commands: Vec<String>,
+    /// Extra fields for `get_status` (Blender version, open file...), set by the embedding side.
+    pub info: Map<String, Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 6688,
+            token: None,
+            max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
+            max_depth: protocol::DEFAULT_MAX_DEPTH,
+            max_connections: 256,
+            queue_capacity: 4096,
+            idle_timeout: None,
+            default_timeout: None,
+            write_timeout: Duration::from_secs(30),
+            mode: "background".into(),
+            main_thread_commands: Vec::new(),
+            info: Map::new(),
+        }
+    }
+}
+
+/// Errors starting a service.
+#[derive(Debug)]
+pub enum StartError {
+    /// The address could not be bound (in use, permission...).
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The configuration is unsafe or invalid.
+    Config(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bind { addr, source } if source.kind() == ErrorKind::AddrInUse => {
+                write!(f, "cannot listen on {addr}: the port is already in use")
+            }
+            Self::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Self::Config(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The job currently running on the main thread, for `get_status`.
+#[derive(Debug, Clone)]
+struct Running {
+    command: String,
+    since: Instant,
+}
+
+struct Conn {
+    stream: TcpStream,
+    thread: JoinHandle<()>,
+}
+
+/// State shared by the listener, the connection threads and the main-thread pump.
+pub struct Shared {
+    config: Config,
+    addr: SocketAddr,
+    queue: JobQueue,
+    /// Held for reading while a job is submitted, for writing while `stopping` is set: after a stop, no
+    /// job can slip into the queue behind the final drain.
+    gate: RwLock<bool>,
+    stop_requested: AtomicBool,
+    conns: Mutex<Vec<Conn>>,
+    active_conns: AtomicUsize,
+    next_seq: AtomicU64,
+    served: AtomicU64,
+    persist: Mutex<HashMap<String, Value>>,
+    running: Mutex<Option<Running>>,
+    started: Instant,
+    started_unix: f64,
+}
+
+/// A running service. Dropping it stops it.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: Option<JoinHandle<()>>,
+}
+
+fn is_loopback_host(host: &str, addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback() || host == "localhost"
+}
+
+impl Server {
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        let target = format!("{}:{}", config.host, config.port);
+        let addrs: Vec<SocketAddr> = (config.host.as_str(), config.port)
+            .to_socket_addrs()
+            .map_err(|e| StartError::Bind {
+                addr: target.clone(),
+                source: e,
+            })?
+            .collect();
+        let Some(first) = addrs.first() else {
+            return Err(StartError::Config(format!(
+                "host {:?} resolves to no address",
+                config.host
+            )));
+        };
+        if !is_loopback_host(&config.host, first)
+            && config.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(StartError::Config(format!(
+                "refusing to listen on {target} without a token: anyone who can reach it could run code \
+                 in Blender. Set a token, or bind 127.0.0.1"
+            )));
+        }
+        let listener = TcpListener::bind(&addrs[..]).map_err(|e| StartError::Bind {
+            addr: target.clone(),
+            source: e,
+        })?;
+        let addr = listener.local_addr().map_err(|e| StartError::Bind {
+            addr: target,
+            source: e,
+        })?;
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let shared = Arc::new(Shared {
+            queue: JobQueue::new(config.queue_capacity),
+            config,
+            addr,
+            gate: RwLock::new(false),
+            stop_requested: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+            active_conns: AtomicUsize::new(0),
+            next_seq: AtomicU64::new(1),
+            served: AtomicU64::new(0),
+            persist: Mutex::new(HashMap::new()),
+            running: Mutex::new(None),
+            started: Instant::now(),
+            started_unix,
+        });
+        let s = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("bld_remote-listener".into())
+            .spawn(move || {
+                let _ = catch_unwind(AssertUnwindSafe(|| accept_loop(&s, &listener)));
+            })
+            .map_err(|e| StartError::Bind {
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        Ok(Server {
+            shared,
+            listener: Some(handle),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// Stop accepting, refuse queued jobs, let every connection flush the replies it owes, close, and join
+    /// every thread. Must not be called from inside a running job (the pump defers it; see `Shared`).
+    /// Bounded by the write timeout for clients that do not read.
+    pub fn stop(&mut self) {
+        {
+            let mut stopping = self.shared.gate.write();
+            if *stopping && self.listener.is_none() {
+                return;
+            }
+            *stopping = true;
+        }
+        // Wake the blocking accept() with a connection to ourselves, then join the listener.
+        let _ = TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1));
+        if let Some(h) = self.listener.take() {
+            let _ = h.join();
+        }
+        let conns = std::mem::take(&mut *self.shared.conns.lock());
+        // Readers stop reading; writers still flush what they owe.
+        for c in &conns {
+            let _ = c.stream.shutdown(Shutdown::Read);
+        }
+        for job in self.shared.queue.drain() {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+        for c in conns {
+            let _ = c.thread.join();
+        }
+        // Anything a reader queued between its last check and the gate closing was refused above, since
+        // the gate was already shut before the drain. A final drain covers jobs queued by nobody.
+        for job in self.shared.queue.drain() {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+        self.shared.queue.wake();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wake_addr(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+impl Shared {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        *self.gate.read()
+    }
+
+    /// Ask the pump to stop the service once the current job (if any) has replied.
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.queue.wake();
+    }
+
+    /// Make a blocked pump return to Python (e.g. so it can run signal handlers).
+    pub fn wake_pump(&self) {
+        self.queue.wake();
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Pump side: the next message for the main thread (`None` timeout = block until one arrives).
+    pub fn next_message(&self, timeout: Option<Duration>) -> Option<Msg> {
+        self.queue.recv(timeout)
+    }
+
+    /// Pump side: claim a job for running now; `Err` is the reply to send instead (cancelled, expired).
+    pub fn begin(&self, job: &Job) -> Result<(), Outcome> {
+        job.begin()?;
+        *self.running.lock() = Some(Running {
+            command: job.command.clone(),
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Pump side: hand a job's outcome back to its connection.
+    pub fn finish(&self, job: Job, outcome: Outcome) {
+        *self.running.lock() = None;
+        self.served.fetch_add(1, Ordering::Relaxed);
+        job.finish(outcome);
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn requests_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Value {
+        let running = self.running.lock().clone();
+        let mut v = json!({
+            "running": !self.is_stopping(),
+            "host": self.addr.ip().to_string(),
+            "port": self.addr.port(),
+            "mode": self.config.mode,
+            "pid": std::process::id(),
+            "requests_served": self.requests_served(),
+            "queue_length": self.queue_len(),
+            "queue_capacity": self.queue.capacity(),
+            "connections": self.active_conns.load(Ordering::Relaxed),
+            "max_connections": self.config.max_connections,
+            "uptime": self.started.elapsed().as_secs_f64(),
+            "started_at": self.started_unix,
+            "auth": self.config.token.is_some(),
+            "running_job": running.map(|r| json!({
+                "command": r.command,
+                "seconds": r.since.elapsed().as_secs_f64(),
+            })),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        if let Value::Object(m) = &mut v {
+            for (k, val) in &self.config.info {
+                m.entry(k.clone()).or_insert_with(|| val.clone());
+            }
+        }
+        v
+    }
+
+    /// Persisted values live in the service (not in Blender data), shared by all clients.
+    pub fn persist_put(&self, key: String, data: Value) {
+        self.persist.lock().insert(key, data);
+    }
+
+    pub fn persist_get(&self, key: &str) -> Option<Value> {
+        self.persist.lock().get(key).cloned()
+    }
+
+    pub fn persist_remove(&self, key: &str) -> bool {
+        self.persist.lock().remove(key).is_some()
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    for incoming in listener.incoming() {
+        if shared.is_stopping() {
+            break;
+        }
+        let stream = if let Ok(s) = incoming {
+            s
+        } else {
+            // EMFILE and friends: back off briefly rather than spin.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let mut conns = shared.conns.lock();
+        // Reap connections that have ended so the list (and their join handles) stays bounded.
+        let (done, live): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
+            .into_iter()
+            .partition(|c| c.thread.is_finished());
+        *conns = live;
+        for c in done {
+            let _ = c.thread.join();
+        }
+        if conns.len() >= shared.config.max_connections {
+            drop(conns);
+            refuse_connection(
+                stream,
+                &format!(
+                    "too many connections (limit {}); try again later",
+                    shared.config.max_connections
+                ),
+            );
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(shared.config.idle_timeout);
+        let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
+        let Ok(handle_stream) = stream.try_clone() else {
+            drop(conns);
+            refuse_connection(stream, "cannot serve this connection (out of resources)");
+            continue;
+        };
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("bld_remote-conn".into())
+            .spawn(move || {
+                s.active_conns.fetch_add(1, Ordering::Relaxed);
+                let _ = catch_unwind(AssertUnwindSafe(|| serve_connection(&s, stream)));
+                s.active_conns.fetch_sub(1, Ordering::Relaxed);
+            });
+        if let Ok(thread) = spawned {
+            conns.push(Conn {
+                stream: handle_stream,
+                thread,
+            })
+        } else {
+            drop(conns);
+            refuse_connection(
+                handle_stream,
+                "cannot serve this connection (out of threads)",
+            );
+        }
+    }
+}
+
+fn refuse_connection(mut stream: TcpStream, message: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(&protocol::encode_reply(None, &Outcome::error(message)));
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// How a job's outcome becomes the reply a client expects.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Plain,
+    ExecuteCode {
+        base64: bool,
+    },
+    /// blender-remote's `{"code": ...}` form: `{"response": "OK"|"FAILED", "message", "output"}`.
+    Legacy,
+}
+
+enum Pending {
+    Ready(Vec<u8>),
+    Job {
+        ticket: Ticket,
+        id: Option<Value>,
+        shape: Shape,
+        deadline: Option<Instant>,
+    },
+    /// Stop after the replies before it: the stream could not be decoded further.
+    Close,
+}
+
+/// The reader half. Runs on the connection's thread; spawns and joins the writer.
+fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
+    let Ok(write_stream) = stream.try_clone() else {
+        return;
+    };
+    let (tx, rx) = crossbeam_channel::bounded::<Pending>(MAX_PIPELINED);
+    let writer_shared = Arc::clone(shared);
+    let writer = std::thread::Builder::new()
+        .name("bld_remote-writer".into())
+        .spawn(move || {
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                write_loop(&writer_shared, write_stream, &rx)
+            }));
+        });
+    let Ok(writer) = writer else {
+        refuse_connection(stream, "cannot serve this connection (out of threads)");
+        return;
+    };
+    let _ = catch_unwind(AssertUnwindSafe(|| read_loop(shared, stream, &tx)));
+    drop(tx);
+    let _ = writer.join();
+}
+
+fn read_loop(shared: &Arc<Shared>, mut stream: TcpStream, tx: &Sender<Pending>) {
+    let mut decoder = Decoder::new(shared.config.max_request_bytes, shared.config.max_depth);
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Jobs of this connection by request id, for `cancel`.
+    let mut by_id: HashMap<String, Arc<JobState>> = HashMap::new();
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let _ = tx.send(Pending::Ready(protocol::encode_reply(
+                    None,
+                    &Outcome::error("idle timeout: closing the connection"),
+                )));
+                let _ = tx.send(Pending::Close);
+                return;
+            }
+            Err(_) => return,
+        };
+        decoder.feed(&buf[..n]);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let pending = handle_frame(shared, &frame, &mut by_id);
+                    drop(frame);
+                    if tx.send(pending).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let bytes = match e {
+                        StreamError::Http => http_refusal(),
+                        other => protocol::encode_reply(None, &Outcome::error(other.to_string())),
+                    };
+                    let _ = tx.send(Pending::Ready(bytes));
+                    let _ = tx.send(Pending::Close);
+                    return;
+                }
+            }
+        }
+        if by_id.len() > 1024 {
+            by_id.retain(|_, s| !s.finished());
+        }
+    }
+}
+
+fn http_refusal() -> Vec<u8> {
+    let body = "{\"status\":\"error\",\"message\":\"this port speaks JSON over TCP, not HTTP\"}\n";
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+/// Turn one frame into what the writer must send for it.
+fn handle_frame(
+    shared: &Arc<Shared>,
+    frame: &[u8],
+    by_id: &mut HashMap<String, Arc<JobState>>,
+) -> Pending {
+    let request = match protocol::parse_request(frame) {
+        Ok(r) => r,
+        Err(bad) => {
+            return Pending::Ready(protocol::encode_reply(
+                bad.id.as_ref(),
+                &Outcome::error(bad.message),
+            ))
+        }
+    };
+    let read_at = Instant::now();
+    let id = request.id.clone();
+    let ready = |outcome: Outcome| Pending::Ready(protocol::encode_reply(id.as_ref(), &outcome));
+    if let Some(expected) = shared.config.token.as_deref() {
+        let given = request.token.as_deref().unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return ready(Outcome::error(if given.is_empty() {
+                "authentication required: this service needs a token (add \"token\" to the request)"
+            } else {
+                "authentication failed: wrong token"
+            }));
+        }
+    }
+    if let Some(outcome) = control(shared, &request, by_id) {
+        shared.served.fetch_add(1, Ordering::Relaxed);
+        return ready(outcome);
+    }
+    if !shared
+        .config
+        .main_thread_commands
+        .iter()
+        .any(|c| c == &request.command)
+    {
+        return ready(Outcome::error(format!(
+            "Unknown command type: {}",
+            request.command
+        )));
+    }
+    let Request {
+        command,
+        mut params,
+        timeout,
+        legacy,
+        ..
+    } = request;
+    let shape = if legacy {
+        Shape::Legacy
+    } else if command == "execute_code" {
+        match prepare_execute_code(&mut params) {
+            Ok(shape) => shape,
+            Err(message) => return ready(Outcome::error(message)),
+        }
+    } else {
+        Shape::Plain
+    };
+    let timeout = timeout
+        .map(Duration::from_secs_f64)
+        .or(shared.config.default_timeout);
+    let deadline = timeout.and_then(|t| read_at.checked_add(t));
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    let (job, ticket) = Job::new(seq, command, params, deadline);
+    let state = Arc::clone(&ticket.state);
+    let submitted = {
+        let stopping = shared.gate.read();
+        if *stopping {
+            Err(SubmitError::Stopped)
+        } else {
+            shared.queue.submit(job)
+        }
+    };
+    match submitted {
+        Ok(()) => {
+            if let Some(id) = &id {
+                by_id.insert(id_key(id), state);
+            }
+            Pending::Job {
+                ticket,
+                id,
+                shape,
+                deadline,
+            }
+        }
+        Err(SubmitError::Busy) => ready(not_run(&format!(
+            "busy: {} requests are already queued for Blender's main thread; try again later",
+            shared.queue.capacity()
+        ))),
+        Err(SubmitError::Stopped) => {
+            ready(not_run("the service is stopping; the request was not run"))
+        }
+    }
+}
+
+/// Validate `execute_code` params and decode base64 code here, off the main thread.
+fn prepare_execute_code(params: &mut Map<String, Value>) -> Result<Shape, String> {
+    let code_is_b64 = params.get("code_is_base64").is_some_and(truthy);
+    let return_b64 = params.get("return_as_base64").is_some_and(truthy);
+    match params.get("code") {
+        Some(Value::String(code)) => {
+            if code_is_b64 {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(code.trim())
+                    .map_err(|e| format!("'code' is not valid base64: {e}"))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| "base64 'code' is not UTF-8 text".to_string())?;
+                params.insert("code".into(), Value::String(text));
+            }
+        }
+        Some(_) => return Err("'code' must be a string".into()),
+        None => return Err("execute_code needs 'code' (a string of Python)".into()),
+    }
+    Ok(Shape::ExecuteCode { base64: return_b64 })
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"),
+        _ => false,
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Length is not secret; content is compared without an early exit.
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn str_param<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, Outcome> {
+    match params.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Outcome::error(format!("'{name}' must be a string"))),
+        None => Err(Outcome::error(format!("missing parameter '{name}'"))),
+    }
+}
+
+/// Commands answered on the network thread: they never wait for Blender's main thread.
+fn control(
+    shared: &Arc<Shared>,
+    req: &Request,
+    by_id: &mut HashMap<String, Arc<JobState>>,
+) -> Option<Outcome> {
+    if req.legacy {
+        return None;
+    }
+    let p = &req.params;
+    let outcome = match req.command.as_str() {
+        "ping" => Outcome::Success(json!({"pong": true, "message": "pong"})),
+        "get_status" => Outcome::Success(shared.status()),
+        "get_polyhaven_status"
+        | "get_hyper3d_status"
+        | "get_sketchfab_status"
+        | "get_hunyuan3d_status" => {
+            let what = req
+                .command
+                .trim_start_matches("get_")
+                .trim_end_matches("_status");
+            Outcome::Success(json!({
+                "enabled": false,
+                "message": format!("{what} integration is not available in bld_remote"),
+            }))
+        }
+        "put_persist_data" => match str_param(p, "key") {
+            Ok(key) => {
+                let data = p.get("data").cloned().unwrap_or(Value::Null);
+                shared.persist_put(key.to_string(), data);
+                Outcome::Success(Value::String(format!("Data stored with key: {key}")))
+            }
+            Err(e) => e,
+        },
+        "get_persist_data" => match str_param(p, "key") {
+            Ok(key) => match shared.persist_get(key) {
+                Some(data) => Outcome::Success(json!({"data": data, "found": true})),
+                None => Outcome::Success(json!({
+                    "data": p.get("default").cloned().unwrap_or(Value::Null),
+                    "found": false,
+                })),
+            },
+            Err(e) => e,
+        },
+        "remove_persist_data" => match str_param(p, "key") {
+            Ok(key) => Outcome::Success(json!({"removed": shared.persist_remove(key)})),
+            Err(e) => e,
+        },
+        "server_shutdown" => {
+            shared.request_stop();
+            Outcome::Success(json!({"message": "Server shutting down"}))
+        }
+        "cancel" => match p.get("id") {
+            Some(id @ (Value::Number(_) | Value::String(_))) => match by_id.get(&id_key(id)) {
+                Some(state) if state.finished() => {
+                    Outcome::Success(json!({"cancelled": false, "state": "finished"}))
+                }
+                Some(state) => {
+                    if state.cancel() {
+                        Outcome::Success(
+                            json!({"cancelled": true, "state": "queued", "ran": false}),
+                        )
+                    } else {
+                        Outcome::Success(json!({
+                            "cancelled": false,
+                            "state": "running",
+                            "message": "the request is already running; its result will be discarded",
+                        }))
+                    }
+                }
+                None => Outcome::Success(json!({"cancelled": false, "state": "unknown"})),
+            },
+            _ => Outcome::error("cancel needs 'id': the id of a request sent on this connection"),
+        },
+        _ => return None,
+    };
+    Some(outcome)
+}
+
+/// The writer half: replies in request order, one write each.
+fn write_loop(shared: &Arc<Shared>, mut stream: TcpStream, rx: &Receiver<Pending>) {
+    let mut dead = false;
+    for pending in rx {
+        let bytes = match pending {
+            Pending::Ready(b) => b,
+            Pending::Close => {
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Both);
+                dead = true;
+                continue;
+            }
+            Pending::Job {
+                ticket,
+                id,
+                shape,
+                deadline,
+            } => {
+                if dead {
+                    // Nobody will read this reply: make sure queued work for it never runs.
+                    ticket.state.cancel();
+                    continue;
+                }
+                let outcome = wait_for(&ticket, deadline);
+                shape_reply(id.as_ref(), shape, outcome)
+            }
+        };
+        if dead {
+            continue;
+        }
+        if stream.write_all(&bytes).is_err() {
+            dead = true;
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+    let _ = shared;
+}
+
+fn wait_for(ticket: &Ticket, deadline: Option<Instant>) -> Outcome {
+    let received = match deadline {
+        None => ticket.reply.recv().ok(),
+        Some(d) => ticket.reply.recv_deadline(d).ok(),
+    };
+    if let Some(outcome) = received {
+        return outcome;
+    }
+    if deadline.is_none() {
+        return not_run("the service stopped before the request ran");
+    }
+    if ticket.state.cancel() {
+        not_run("timed out while queued: the request was not run and never will be")
+    } else {
+        let mut extra = Map::new();
+        extra.insert("ran".into(), Value::from("unknown"));
+        extra.insert("timeout".into(), Value::Bool(true));
+        Outcome::error_with(
+            "timed out: the request started in Blender and may still be running; its result will be discarded",
+            extra,
+        )
+    }
+}
+
+fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
+    match (shape, outcome) {
+        (Shape::Plain, o) => protocol::encode_reply(id, &o),
+        (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => {
+            protocol::encode_reply(id, &Outcome::Success(execute_code_result(v, base64)))
+        }
+        (Shape::ExecuteCode { .. }, o) => protocol::encode_reply(id, &o),
+        (Shape::Legacy, Outcome::Success(v)) => {
+            let stdout = v.get("stdout").cloned().unwrap_or_else(|| Value::from(""));
+            let mut r = json!({"response": "OK", "message": "Code executed successfully", "output": stdout});
+            if let (Some(id), Value::Object(m)) = (id, &mut r) {
+                m.insert("id".into(), id.clone());
+            }
+            protocol::encode_value(&r)
+        }
+        (Shape::Legacy, Outcome::Error { message, extra }) => {
+            let stdout = extra
+                .get("output")
+                .and_then(|o| o.get("stdout"))
+                .cloned()
+                .unwrap_or_else(|| Value::from(""));
+            let mut r = json!({"response": "FAILED", "message": message, "output": stdout});
+            if let Value::Object(m) = &mut r {
+                if let Some(tb) = extra.get("traceback") {
+                    m.insert("traceback".into(), tb.clone());
+                }
+                if let Some(id) = id {
+                    m.insert("id".into(), id.clone());
+                }
+            }
+            protocol::encode_value(&r)
+        }
+    }
+}
+
+/// `{"stdout", "stderr", "value"?, "duration"}` from the main thread → the shape clients read.
+fn execute_code_result(v: Value, base64: bool) -> Value {
+    let Value::Object(mut m) = v else { return v };
+    let stdout = match m.remove("stdout") {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let stderr = m.remove("stderr").unwrap_or_else(|| Value::from(""));
+    let mut out = Map::new();
+    out.insert("executed".into(), Value::Bool(true));
+    if base64 {
+        out.insert(
+            "result".into(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&stdout)),
+        );
+        out.insert("result_is_base64".into(), Value::Bool(true));
+    } else {
+        out.insert("result".into(), Value::String(stdout.clone()));
+    }
+    out.insert("output".into(), json!({"stdout": stdout, "stderr": stderr}));
+    for (k, val) in m {
+        out.entry(k).or_insert(val);
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn refuses_public_bind_without_token() {
+        let cfg = Config {
+            host: "0.0.0.0".into(),
+            port: 0,
+            ..Config::default()
+        };
+        assert!(matches!(Server::start(cfg), Err(StartError::Config(_))));
+    }
+
+    #[test]
+    fn execute_code_result_shapes() {
+        let v = execute_code_result(
+            json!({"stdout": "hi\n", "stderr": "", "value": 3, "duration": 0.1}),
+            false,
+        );
+        assert_eq!(v["executed"], json!(true));
+        assert_eq!(v["result"], json!("hi\n"));
+        assert_eq!(v["output"]["stdout"], json!("hi\n"));
+        assert_eq!(v["value"], json!(3));
+        let v = execute_code_result(json!({"stdout": "hi\n", "stderr": ""}), true);
+        assert_eq!(v["result"], json!("aGkK"));
+        assert_eq!(v["result_is_base64"], json!(true));
+    }
+
+    #[test]
+    fn base64_code_is_decoded_off_the_main_thread() {
+        let mut p = Map::new();
+        p.insert("code".into(), json!("cHJpbnQoMSk="));
+        p.insert("code_is_base64".into(), json!(true));
+        assert!(prepare_execute_code(&mut p).is_ok());
+        assert_eq!(p["code"], json!("print(1)"));
+        p.insert("code".into(), json!("!!!"));
+        assert!(prepare_execute_code(&mut p).is_err());
+        let mut p = Map::new();
+        assert!(prepare_execute_code(&mut p).is_err());
+    }
+}
