@@ -51,7 +51,11 @@ def _blender_info() -> tuple[str, dict[str, Any]]:
     except ImportError:
         return "python", {}
     mode = "background" if bpy.app.background else "gui"
-    info = {"blender_version": bpy.app.version_string, "blend_file": bpy.data.filepath or None}
+    # During add-on registration bpy.data is restricted (no filepath): report what can be read.
+    info = {
+        "blender_version": bpy.app.version_string,
+        "blend_file": getattr(bpy.data, "filepath", "") or None,
+    }
     return mode, info
 
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real Blender (Debian 3.4.1 headless) serving bld_remote from the built wheel.
+Every Blender a test starts is stopped by its PID, even when the test fails."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import SERVE, BlenderProcess, blender_binary, blender_env, built_wheel  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def user_scripts(tmp_path_factory) -> Path:
+    """An isolated BLENDER_USER_SCRIPTS with the add-on from the built wheel in addons/bld_remote."""
+    root = tmp_path_factory.mktemp("blender_scripts")
+    addons = root / "addons"
+    addons.mkdir()
+    with zipfile.ZipFile(built_wheel()) as wheel:
+        for name in wheel.namelist():
+            if name.startswith("bld_remote/"):
+                wheel.extract(name, addons)
+    assert (addons / "bld_remote" / "__init__.py").exists()
+    assert list((addons / "bld_remote").glob("_core*.so")), "the wheel has no native module"
+    return root
+
+
+
+@pytest.fixture
+def start_blender(user_scripts):
+    """Factory: start_blender(expr=None, port=0, extra_args=(), env=None) -> BlenderProcess (ready)."""
+    started: list[BlenderProcess] = []
+
+    def start(
+        expr: str | None = None,
+        *,
+        port: int = 0,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> BlenderProcess:
+        argv = [blender_binary(), "-b", "--factory-startup", "--python-exit-code", "3"]
+        if args:
+            argv += args
+        argv += ["--python-expr", expr if expr is not None else SERVE.format(port=port)]
+        b = BlenderProcess(argv, blender_env(user_scripts, **(env or {})))
+        started.append(b)
+        if wait:
+            b.wait_ready()
+        return b
+
+    yield start
+    for b in started:
+        b.kill()
+
+
+
+@pytest.fixture(scope="module")
+def served(user_scripts):
+    """One headless Blender serving on a free port, shared by a module's tests."""
+    b = BlenderProcess(
+        [blender_binary(), "-b", "--factory-startup", "--python-expr", SERVE.format(port=0)],
+        blender_env(user_scripts),
+    )
+    try:
+        b.wait_ready()
+        yield b
+    finally:
+        b.kill()
+
+

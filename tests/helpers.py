@@ -1,0 +1,200 @@
+"""Test helpers: start a real Blender serving bld_remote from the built wheel, stop it by PID, talk to it
+over a real socket."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(r"bld_remote listening on (?P<host>[^\s:]+|\[[^\]]+\]):(?P<port>\d+) \(pid (?P<pid>\d+)\)")
+
+def blender_binary() -> str:
+    found = os.environ.get("BLENDER") or shutil.which("blender")
+    if not found:
+        pytest.fail("Blender not found: install it (apt-get install -y blender) or set $BLENDER", pytrace=False)
+    return found
+
+def built_wheel() -> Path:
+    """The wheel under test: $BLD_REMOTE_WHEEL, else the newest dist/*.whl, else build one now."""
+    if os.environ.get("BLD_REMOTE_WHEEL"):
+        return Path(os.environ["BLD_REMOTE_WHEEL"])
+    wheels = sorted(glob.glob(str(ROOT / "dist" / "*.whl")), key=os.path.getmtime)
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "maturin", "build", "--release", "-o", str(ROOT / "dist")],
+            cwd=ROOT,
+            check=True,
+        )
+        wheels = sorted(glob.glob(str(ROOT / "dist" / "*.whl")), key=os.path.getmtime)
+    return Path(wheels[-1])
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on the port, and a new server can bind it (with SO_REUSEADDR, as servers do;
+    connections closed by the old server may linger in TIME_WAIT, which does not block that)."""
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        if probe.connect_ex((host, port)) == 0:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen()
+        except OSError:
+            return False
+        return True
+
+
+class BlenderProcess:
+    """One Blender process; its output is collected on a thread so pipes never fill."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.args = args
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.host: str | None = None
+        self.port: int | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"Blender exited (rc {self.proc.wait()}) before serving:\n{self.output}")
+            m = READY.search(line)
+            if m:
+                self.host, self.port = m["host"], int(m["port"])
+                assert int(m["pid"]) == self.pid
+                return self.port
+        raise AssertionError(f"Blender did not report ready within {timeout}s:\n{self.output}")
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """Stop by PID: SIGTERM, then SIGKILL to the whole session if it lingers."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+def blender_env(user_scripts: Path, **extra: str) -> dict[str, str]:
+    # Blender honours VIRTUAL_ENV (it adds the venv's site-packages, .pth files included): a venv with an
+    # editable install would make Blender import the source tree instead of the wheel under test.
+    drop = {"VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_") and k not in drop}
+    env["BLENDER_USER_SCRIPTS"] = str(user_scripts)
+    env.update(extra)
+    return env
+
+SERVE = "import bld_remote; bld_remote.start_mcp_service(port={port}); bld_remote.keep_alive()"
+
+class Conn:
+    """A raw client connection: send any bytes, read newline-terminated JSON replies."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, data: bytes | dict) -> None:
+        if isinstance(data, dict):
+            data = json.dumps(data).encode()
+        self.sock.sendall(data)
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError(f"connection closed; unterminated data: {self.buf[:200]!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def reply(self) -> dict:
+        return json.loads(self.read_line())
+
+    def request(self, command: str | dict, **params) -> dict:
+        self.send(command if isinstance(command, dict) else {"type": command, "params": params})
+        return self.reply()
+
+    def closed_by_peer(self, timeout: float = 3.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+def call(port: int, command: str | dict, **params) -> dict:
+    """One request on a fresh connection."""
+    with Conn(port) as c:
+        return c.request(command, **params)
