@@ -1,0 +1,122 @@
+//! Integration tests of the pure-Rust service: a Rust thread plays Blender's main thread, so the server's
+//! threading, ordering and shutdown are checked without Python or Blender.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bld_remote::jobs::Msg;
+use bld_remote::protocol::Outcome;
+use bld_remote::server::{Config, Server};
+use serde_json::{json, Value};
+
+/// A "main thread" that answers `echo` with its params and `sleep` after `params.ms` milliseconds.
+fn pump(server: &Server) -> (Arc<AtomicBool>, JoinHandle<()>) {
+    let shared = Arc::clone(server.shared());
+    let done = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let handle = std::thread::spawn(move || {
+        while !d.load(Ordering::SeqCst) {
+            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20))) else {
+                continue;
+            };
+            if let Err(o) = shared.begin(&job) {
+                job.refuse(o);
+                continue;
+            }
+            let params = std::mem::take(&mut job.params);
+            if job.command == "sleep" {
+                let ms = params.get("ms").and_then(Value::as_u64).unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            shared.finish(job, Outcome::Success(Value::Object(params)));
+        }
+    });
+    (done, handle)
+}
+
+fn start() -> Server {
+    let cfg = Config {
+        port: 0,
+        main_thread_commands: vec!["echo".into(), "sleep".into()],
+        ..Config::default()
+    };
+    match Server::start(cfg) {
+        Ok(s) => s,
+        Err(e) => panic!("start: {e}"),
+    }
+}
+
+fn connect(server: &Server) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(server.local_addr()).unwrap_or_else(|e| panic!("connect: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let r = BufReader::new(s.try_clone().unwrap_or_else(|e| panic!("clone: {e}")));
+    (s, r)
+}
+
+fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap_or_else(|e| panic!("read: {e}"));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+}
+
+#[test]
+fn pipelined_replies_keep_request_order_and_ids() {
+    let mut server = start();
+    let (done, main) = pump(&server);
+    let (mut w, mut r) = connect(&server);
+    let mut batch = String::new();
+    for i in 0..200 {
+        let req = match i % 3 {
+            0 => json!({"type": "echo", "params": {"i": i}, "id": i}),
+            1 => json!({"type": "ping", "id": i}),
+            _ => json!({"type": "sleep", "params": {"ms": 1, "i": i}, "id": i}),
+        };
+        batch.push_str(&req.to_string());
+    }
+    w.write_all(batch.as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
+    for i in 0..200 {
+        let v = read_reply(&mut r);
+        assert_eq!(v["id"], json!(i), "{v}");
+        assert_eq!(v["status"], json!("success"), "{v}");
+        if i % 3 != 1 {
+            assert_eq!(v["result"]["i"], json!(i));
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    main.join().ok();
+    server.stop();
+}
+
+#[test]
+fn control_requests_do_not_need_the_main_thread() {
+    // No pump at all: ping and status still answer; a main-thread command waits until its deadline.
+    let mut server = start();
+    let (mut w, mut r) = connect(&server);
+    w.write_all(br#"{"type":"ping"}{"type":"get_status"}"#).ok();
+    assert_eq!(read_reply(&mut r)["result"]["pong"], json!(true));
+    assert_eq!(read_reply(&mut r)["result"]["queue_length"], json!(0));
+    let t0 = Instant::now();
+    w.write_all(br#"{"type":"echo","timeout":0.2}"#).ok();
+    let v = read_reply(&mut r);
+    assert_eq!(v["ran"], json!(false), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    server.stop();
+}
+
+#[test]
+fn queued_jobs_are_refused_not_dropped_on_stop() {
+    let mut server = start();
+    let (mut w, mut r) = connect(&server);
+    w.write_all(br#"{"type":"echo","id":1}{"type":"echo","id":2}"#).ok();
+    std::thread::sleep(Duration::from_millis(100));
+    server.stop();
+    for id in [1, 2] {
+        let v = read_reply(&mut r);
+        assert_eq!(v["id"], json!(id));
+        assert_eq!(v["ran"], json!(false), "{v}");
+    }
+}
