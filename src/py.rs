@@ -381,9 +381,10 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
     let params = std::mem::take(&mut job.params);
     let outcome = match json_to_py(py, &Value::Object(params)) {
         Ok(params) => {
-            IN_JOB.with(|c| c.set(true));
+            // Save and restore: client code may call step() itself, running a nested job.
+            let outer = IN_JOB.with(|c| c.replace(true));
             let r = handler.call1(py, (job.command.as_str(), params));
-            IN_JOB.with(|c| c.set(false));
+            IN_JOB.with(|c| c.set(outer));
             match r {
                 Ok(obj) => handler_result(obj.bind(py)),
                 Err(e) => exception_outcome(py, &e),

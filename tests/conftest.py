@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import SERVE, BlenderProcess, blender_binary, blender_env, built_wheel  # noqa: E402
+from helpers import SERVE, BlenderProcess, blender_env, built_wheel, runtime_argv  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +43,7 @@ def start_blender(user_scripts):
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> BlenderProcess:
-        argv = [blender_binary(), "-b", "--factory-startup", "--python-exit-code", "3"]
-        if args:
-            argv += args
-        argv += ["--python-expr", expr if expr is not None else SERVE.format(port=port)]
+        argv = runtime_argv(expr if expr is not None else SERVE.format(port=port), args)
         b = BlenderProcess(argv, blender_env(user_scripts, **(env or {})))
         started.append(b)
         if wait:
@@ -62,10 +59,7 @@ def start_blender(user_scripts):
 @pytest.fixture(scope="module")
 def served(user_scripts):
     """One headless Blender serving on a free port, shared by a module's tests."""
-    b = BlenderProcess(
-        [blender_binary(), "-b", "--factory-startup", "--python-expr", SERVE.format(port=0)],
-        blender_env(user_scripts),
-    )
+    b = BlenderProcess(runtime_argv(SERVE.format(port=0)), blender_env(user_scripts))
     try:
         b.wait_ready()
         yield b

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Set to a Python that has PyPI `bpy` installed to run the same tests in `bpy` as a module (Blender 4.2+,
+# behaves like --background) instead of Debian's `blender` binary. See scripts/test-bpy.sh.
+BPY_PYTHON = os.environ.get("BLD_REMOTE_TEST_BPY_PYTHON") or None
 READY = re.compile(r"bld_remote listening on (?P<host>[^\s:]+|\[[^\]]+\]):(?P<port>\d+) \(pid (?P<pid>\d+)\)")
 
 def blender_binary() -> str:
@@ -136,12 +139,24 @@ class BlenderProcess:
                 pass
             self.proc.wait(timeout=10)
 
+def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
+    """The command line that runs `expr` in the Blender under test, headless."""
+    if BPY_PYTHON:
+        if args:
+            raise AssertionError(f"Blender command-line arguments {args} do not apply to bpy as a module")
+        return [BPY_PYTHON, "-c", "import bpy\n" + expr]
+    return [blender_binary(), "-b", "--factory-startup", "--python-exit-code", "3", *(args or []),
+            "--python-expr", expr]
+
+
 def blender_env(user_scripts: Path, **extra: str) -> dict[str, str]:
     # Blender honours VIRTUAL_ENV (it adds the venv's site-packages, .pth files included): a venv with an
     # editable install would make Blender import the source tree instead of the wheel under test.
     drop = {"VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_") and k not in drop}
     env["BLENDER_USER_SCRIPTS"] = str(user_scripts)
+    if BPY_PYTHON:
+        env["PYTHONPATH"] = str(user_scripts / "addons")
     env.update(extra)
     return env
 
