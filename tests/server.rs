@@ -20,7 +20,8 @@ fn pump(server: &Server) -> (Arc<AtomicBool>, JoinHandle<()>) {
     let d = Arc::clone(&done);
     let handle = std::thread::spawn(move || {
         while !d.load(Ordering::SeqCst) {
-            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20))) else {
+            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20)))
+            else {
                 continue;
             };
             if let Err(o) = shared.begin(&job) {
@@ -59,7 +60,8 @@ fn connect(server: &Server) -> (TcpStream, BufReader<TcpStream>) {
 
 fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
     let mut line = String::new();
-    r.read_line(&mut line).unwrap_or_else(|e| panic!("read: {e}"));
+    r.read_line(&mut line)
+        .unwrap_or_else(|e| panic!("read: {e}"));
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
 }
 
@@ -77,7 +79,8 @@ fn pipelined_replies_keep_request_order_and_ids() {
         };
         batch.push_str(&req.to_string());
     }
-    w.write_all(batch.as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
+    w.write_all(batch.as_bytes())
+        .unwrap_or_else(|e| panic!("write: {e}"));
     for i in 0..200 {
         let v = read_reply(&mut r);
         assert_eq!(v["id"], json!(i), "{v}");
@@ -111,7 +114,8 @@ fn control_requests_do_not_need_the_main_thread() {
 fn queued_jobs_are_refused_not_dropped_on_stop() {
     let mut server = start();
     let (mut w, mut r) = connect(&server);
-    w.write_all(br#"{"type":"echo","id":1}{"type":"echo","id":2}"#).ok();
+    w.write_all(br#"{"type":"echo","id":1}{"type":"echo","id":2}"#)
+        .ok();
     std::thread::sleep(Duration::from_millis(100));
     server.stop();
     for id in [1, 2] {

@@ -20,7 +20,8 @@ fn pump(server: &Server) -> (Arc<AtomicBool>, JoinHandle<()>) {
     let d = Arc::clone(&done);
     let handle = std::thread::spawn(move || {
         while !d.load(Ordering::SeqCst) {
-            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20))) else {
+            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20)))
+            else {
                 continue;
             };
             if let Err(o) = shared.begin(&job) {
@@ -59,13 +60,16 @@ fn connect(server: &Server) -> (TcpStream, BufReader<TcpStream>) {
 
 fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
     let mut line = String::new();
-    r.read_line(&mut line).unwrap_or_else(|e| panic!("read: {e}"));
+    r.read_line(&mut line)
+        .unwrap_or_else(|e| panic!("read: {e}"));
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
 }
 
 #[cfg(target_os = "linux")]
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(Iterator::count).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(Iterator::count)
+        .unwrap_or(0)
 }
 
 #[test]
@@ -98,7 +102,10 @@ fn stop_joins_every_thread_and_frees_the_port_with_clients_connected() {
     stopper.join().ok();
     drop(clients);
     // The port can be bound again at once.
-    let again = Server::start(Config { port: addr.port(), ..Config::default() });
+    let again = Server::start(Config {
+        port: addr.port(),
+        ..Config::default()
+    });
     assert!(again.is_ok(), "rebind failed");
     drop(again);
     #[cfg(target_os = "linux")]
@@ -110,4 +117,3 @@ fn stop_joins_every_thread_and_frees_the_port_with_clients_connected() {
         assert_eq!(thread_count(), before, "threads leaked");
     }
 }
-
