@@ -69,11 +69,21 @@ def start_mcp_service(
     queue_capacity: int | None = None,
     idle_timeout: float | None = None,
     default_timeout: float | None = None,
+    request_read_timeout: float | None = None,
+    max_depth: int | None = None,
 ) -> dict[str, Any]:
     """Start the TCP service (port: argument, else ``BLD_REMOTE_MCP_PORT``, else 6688; 0 picks a free one).
 
-    Binds 127.0.0.1 unless told otherwise; any other host requires ``token``. Returns ``get_status()``.
+    Binds 127.0.0.1 unless told otherwise; any other host requires ``token``. ``token="auto"`` generates a
+    random one for this instance (read it in-process with ``current_token()``). Returns ``get_status()``.
     Calling it while the service runs is harmless when the port matches (or is not given).
+
+    Limits (argument, else the environment variable, else the default; timeouts in seconds, 0 = none):
+    ``max_request_bytes`` (``BLD_REMOTE_MAX_REQUEST_BYTES``, 64 MiB), ``max_connections``
+    (``BLD_REMOTE_MAX_CONNECTIONS``, 256), ``queue_capacity`` (``BLD_REMOTE_QUEUE_CAPACITY``, 4096),
+    ``idle_timeout`` (``BLD_REMOTE_IDLE_TIMEOUT``, none), ``default_timeout``
+    (``BLD_REMOTE_DEFAULT_TIMEOUT``, 300), ``request_read_timeout`` (``BLD_REMOTE_REQUEST_READ_TIMEOUT``,
+    60), ``max_depth`` (``BLD_REMOTE_MAX_DEPTH``, 100). See docs/PROTOCOL.md.
     """
     if port is None:
         port = _env_port()
@@ -82,6 +92,17 @@ def start_mcp_service(
     host = host or DEFAULT_HOST
     if token is None:
         token = os.environ.get("BLD_REMOTE_TOKEN") or None
+    if token is not None and token.strip().lower() == "auto":
+        import secrets
+
+        token = secrets.token_urlsafe(32)
+    max_request_bytes = _env_limit(max_request_bytes, "BLD_REMOTE_MAX_REQUEST_BYTES", int)
+    max_connections = _env_limit(max_connections, "BLD_REMOTE_MAX_CONNECTIONS", int)
+    queue_capacity = _env_limit(queue_capacity, "BLD_REMOTE_QUEUE_CAPACITY", int)
+    max_depth = _env_limit(max_depth, "BLD_REMOTE_MAX_DEPTH", int)
+    idle_timeout = _env_limit(idle_timeout, "BLD_REMOTE_IDLE_TIMEOUT", float)
+    default_timeout = _env_limit(default_timeout, "BLD_REMOTE_DEFAULT_TIMEOUT", float)
+    request_read_timeout = _env_limit(request_read_timeout, "BLD_REMOTE_REQUEST_READ_TIMEOUT", float)
     if _core.is_running():
         status = get_status()
         if port in (0, status["port"]) and host == status["host"]:
@@ -103,12 +124,41 @@ def start_mcp_service(
         queue_capacity=queue_capacity,
         idle_timeout=idle_timeout,
         default_timeout=default_timeout,
+        request_read_timeout=request_read_timeout,
+        max_depth=max_depth,
     )
+    global _token
+    _token = token
     if mode == "gui":
         _ensure_timer()
     # The ready line: tools (and `bld-remote start`) wait for exactly this.
     print(f"bld_remote listening on {bound_host}:{bound_port} (pid {os.getpid()})", flush=True)
     return get_status()
+
+
+def _env_limit(value: Any, name: str, kind: type) -> Any:
+    """An explicit argument wins; else the environment variable ``name``; else None (the default)."""
+    if value is not None:
+        return value
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        parsed = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if parsed < 0:
+        raise ValueError(f"{name} must not be negative, got {raw!r}")
+    return parsed
+
+
+# The running service's token, for in-process tools (the instance descriptor file). Never sent on the wire.
+_token: str | None = None
+
+
+def current_token() -> str | None:
+    """The token the running service requires (None when it requires none, or is not running)."""
+    return _token if _core.is_running() else None
 
 
 def stop_mcp_service() -> bool:

@@ -1,14 +1,16 @@
 //! Jobs: requests that need Blender's main thread, handed over from connection threads through one bounded
-//! crossbeam channel, and their replies handed back through a one-slot channel per job. Pure Rust.
+//! crossbeam channel. Each job's outcome goes back through its connection's completion channel, tagged
+//! with the job's sequence number, so one writer thread can wait for all of its connection's jobs (and
+//! their deadlines) at once. Pure Rust.
 //!
-//! Threads: connection threads create jobs and wait on their reply slot; Blender's main thread (the pump,
-//! driven from Python) takes jobs and fulfils them.
+//! Threads: connection threads create jobs and collect completions; Blender's main thread (the pump,
+//! driven from Python) takes jobs and completes them. Completing never blocks the main thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::{Map, Value};
 
 use crate::protocol::Outcome;
@@ -26,6 +28,17 @@ const RUNNING: u8 = 1;
 const DONE: u8 = 2;
 const SKIPPED: u8 = 3;
 
+/// Where a job stands when its deadline passes (see [`JobState::expire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// It had not started; it is now marked so that it never will.
+    NotRun,
+    /// It is running on the main thread; its result will be discarded.
+    Running,
+    /// It already finished or was skipped: its completion is on the way.
+    Settled,
+}
+
 /// State a job shares with the connection waiting for it: whether it started, and whether it was cancelled.
 #[derive(Debug, Default)]
 pub struct JobState {
@@ -42,6 +55,18 @@ impl JobState {
             .is_ok()
     }
 
+    /// The deadline passed: make sure a job that has not started never does, and say where it stands.
+    pub fn expire(&self) -> Expiry {
+        match self
+            .phase
+            .compare_exchange(QUEUED, SKIPPED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Expiry::NotRun,
+            Err(RUNNING) => Expiry::Running,
+            Err(_) => Expiry::Settled,
+        }
+    }
+
     pub fn started(&self) -> bool {
         matches!(self.phase.load(Ordering::SeqCst), RUNNING | DONE)
     }
@@ -49,9 +74,27 @@ impl JobState {
     pub fn finished(&self) -> bool {
         self.phase.load(Ordering::SeqCst) == DONE
     }
+
+    /// `queued`, `running`, `finished` or `skipped` (cancelled or expired before it started).
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase.load(Ordering::SeqCst) {
+            QUEUED => "queued",
+            RUNNING => "running",
+            DONE => "finished",
+            _ => "skipped",
+        }
+    }
 }
 
-/// One request for the main thread.
+/// A job's outcome, tagged with its sequence number, on its connection's completion channel.
+#[derive(Debug)]
+pub struct Completion {
+    pub seq: u64,
+    pub outcome: Outcome,
+}
+
+/// One request for the main thread. Dropped without an outcome (a bug, or a service torn down with jobs
+/// still queued), it still completes, so no connection ever waits for it forever.
 #[derive(Debug)]
 pub struct Job {
     pub seq: u64,
@@ -59,25 +102,19 @@ pub struct Job {
     pub params: Map<String, Value>,
     pub deadline: Option<Instant>,
     pub state: Arc<JobState>,
-    reply: Sender<Outcome>,
-}
-
-/// The connection's side of a job: where its outcome arrives.
-#[derive(Debug)]
-pub struct Ticket {
-    pub seq: u64,
-    pub state: Arc<JobState>,
-    pub reply: Receiver<Outcome>,
+    reply: Option<Sender<Completion>>,
 }
 
 impl Job {
+    /// A job whose outcome goes to `reply` (its connection's completion channel, which must be unbounded
+    /// so that completing never blocks the main thread).
     pub fn new(
         seq: u64,
         command: String,
         params: Map<String, Value>,
         deadline: Option<Instant>,
-    ) -> (Job, Ticket) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        reply: Sender<Completion>,
+    ) -> (Job, Arc<JobState>) {
         let state = Arc::new(JobState::default());
         (
             Job {
@@ -86,19 +123,21 @@ impl Job {
                 params,
                 deadline,
                 state: Arc::clone(&state),
-                reply: tx,
+                reply: Some(reply),
             },
-            Ticket {
-                seq,
-                state,
-                reply: rx,
-            },
+            state,
         )
     }
 
     /// Claim the job for running now. `Err` carries the reply to send instead: the job was cancelled or its
     /// deadline passed while it was queued, so it must never run late.
     pub fn begin(&self) -> Result<(), Outcome> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.state.phase.store(SKIPPED, Ordering::SeqCst);
+            return Err(timed_out_not_run(
+                "timed out while queued: the request was not run and never will be",
+            ));
+        }
         if self
             .state
             .phase
@@ -109,30 +148,49 @@ impl Job {
             self.state.phase.store(SKIPPED, Ordering::SeqCst);
             return Err(not_run("the request was cancelled before it started"));
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            self.state.phase.store(SKIPPED, Ordering::SeqCst);
-            return Err(not_run(
-                "the request timed out while queued and was not run",
-            ));
-        }
         Ok(())
     }
 
-    /// Hand the outcome back. Never blocks (the slot holds one reply); a vanished connection is fine.
-    pub fn finish(self, outcome: Outcome) {
+    /// Hand the outcome back. Never blocks; a vanished connection is fine.
+    pub fn finish(mut self, outcome: Outcome) {
         if self.state.phase.load(Ordering::SeqCst) == RUNNING {
             self.state.phase.store(DONE, Ordering::SeqCst);
         }
-        let _ = self.reply.try_send(outcome);
+        self.send(outcome);
     }
 
     /// Reply without running (service stopping, cancelled...).
-    pub fn refuse(self, outcome: Outcome) {
+    pub fn refuse(mut self, outcome: Outcome) {
         let _ =
             self.state
                 .phase
                 .compare_exchange(QUEUED, SKIPPED, Ordering::SeqCst, Ordering::SeqCst);
-        let _ = self.reply.try_send(outcome);
+        self.send(outcome);
+    }
+
+    fn send(&mut self, outcome: Outcome) {
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(Completion {
+                seq: self.seq,
+                outcome,
+            });
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if self.reply.is_none() {
+            return;
+        }
+        let outcome = if self.state.expire() == Expiry::NotRun {
+            not_run("the request was dropped before it ran (the service is stopping)")
+        } else {
+            let mut extra = Map::new();
+            extra.insert("ran".into(), Value::from("unknown"));
+            Outcome::error_with("the request was lost while running (internal error)", extra)
+        };
+        self.send(outcome);
     }
 }
 
@@ -141,6 +199,26 @@ pub fn not_run(message: &str) -> Outcome {
     let mut extra = Map::new();
     extra.insert("ran".into(), Value::Bool(false));
     Outcome::error_with(message, extra)
+}
+
+/// A deadline passed before the work started: `"ran": false, "timeout": true`.
+pub fn timed_out_not_run(message: &str) -> Outcome {
+    let mut extra = Map::new();
+    extra.insert("ran".into(), Value::Bool(false));
+    extra.insert("timeout".into(), Value::Bool(true));
+    Outcome::error_with(message, extra)
+}
+
+/// A deadline passed while the work was running: `"ran": "unknown", "state": "running", "timeout": true`.
+pub fn timed_out_running() -> Outcome {
+    let mut extra = Map::new();
+    extra.insert("ran".into(), Value::from("unknown"));
+    extra.insert("state".into(), Value::from("running"));
+    extra.insert("timeout".into(), Value::Bool(true));
+    Outcome::error_with(
+        "timed out: the request started in Blender and may still be running; its result will be discarded",
+        extra,
+    )
 }
 
 /// Why a job could not be queued.
@@ -166,15 +244,26 @@ impl JobQueue {
         Self { tx, rx, capacity }
     }
 
-    /// Queue a job. On error the job is dropped; the caller answers through its ticket's request instead.
-    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+    /// Queue a job. On error the job comes back, so the caller can refuse it with the right message.
+    pub fn submit(&self, job: Job) -> Result<(), (SubmitError, Job)> {
         if self.tx.len() >= self.capacity {
-            return Err(SubmitError::Busy);
+            return Err((SubmitError::Busy, job));
         }
-        self.tx.try_send(Msg::Job(job)).map_err(|e| match e {
-            TrySendError::Full(_) => SubmitError::Busy,
-            TrySendError::Disconnected(_) => SubmitError::Stopped,
-        })
+        match self.tx.try_send(Msg::Job(job)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = if e.is_full() {
+                    SubmitError::Busy
+                } else {
+                    SubmitError::Stopped
+                };
+                match e.into_inner() {
+                    Msg::Job(job) => Err((why, job)),
+                    // Only a job was sent; nothing to give back.
+                    Msg::Wake => Ok(()),
+                }
+            }
+        }
     }
 
     /// Make a blocked pump return to its caller. Harmless if it is not blocked.
@@ -220,52 +309,87 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn job(seq: u64, deadline: Option<Instant>) -> (Job, Arc<JobState>, Receiver<Completion>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (job, state) = Job::new(seq, "x".into(), Map::new(), deadline, tx);
+        (job, state, rx)
+    }
+
     #[test]
     fn job_round_trip() {
         let q = JobQueue::new(4);
-        let (job, ticket) = Job::new(1, "ping".into(), Map::new(), None);
-        assert!(q.submit(job).is_ok());
-        let Some(Msg::Job(job)) = q.recv(Some(Duration::from_millis(100))) else {
+        let (j, state, done) = job(1, None);
+        assert!(q.submit(j).is_ok());
+        let Some(Msg::Job(j)) = q.recv(Some(Duration::from_millis(100))) else {
             panic!("no job")
         };
-        assert!(job.begin().is_ok());
-        assert!(ticket.state.started());
-        job.finish(Outcome::Success(json!(1)));
-        assert_eq!(ticket.reply.recv().ok(), Some(Outcome::Success(json!(1))));
-        assert!(ticket.state.finished());
+        assert!(j.begin().is_ok());
+        assert!(state.started());
+        assert_eq!(state.phase_name(), "running");
+        j.finish(Outcome::Success(json!(1)));
+        let c = done.try_recv().ok();
+        assert!(
+            matches!(c, Some(Completion { seq: 1, outcome: Outcome::Success(ref v) }) if *v == json!(1))
+        );
+        assert!(state.finished());
     }
 
     #[test]
     fn cancelled_or_expired_jobs_never_begin() {
-        let (job, ticket) = Job::new(1, "x".into(), Map::new(), None);
-        assert!(ticket.state.cancel());
-        assert!(job.begin().is_err());
-        assert!(!ticket.state.started());
+        let (j, state, _done) = job(1, None);
+        assert!(state.cancel());
+        assert!(j.begin().is_err());
+        assert!(!state.started());
 
-        let (job, ticket) = Job::new(2, "x".into(), Map::new(), Some(Instant::now()));
-        let err = job.begin().err();
+        let (j, state, _done) = job(2, Some(Instant::now()));
+        let err = j.begin().err();
         assert!(
             matches!(err, Some(Outcome::Error { ref extra, .. }) if extra["ran"] == json!(false))
         );
-        assert!(!ticket.state.started());
+        assert!(!state.started());
 
         // Cancelling a running job does not un-start it.
-        let (job, ticket) = Job::new(3, "x".into(), Map::new(), None);
-        assert!(job.begin().is_ok());
-        assert!(!ticket.state.cancel());
-        assert!(ticket.state.started());
+        let (j, state, _done) = job(3, None);
+        assert!(j.begin().is_ok());
+        assert!(!state.cancel());
+        assert!(state.started());
     }
 
     #[test]
-    fn full_queue_is_busy_but_can_still_be_woken() {
+    fn expiry_says_where_the_job_stands() {
+        let (j, state, _done) = job(1, None);
+        assert_eq!(state.expire(), Expiry::NotRun);
+        assert!(j.begin().is_err(), "an expired job must never start");
+        let (j, state, _done) = job(2, None);
+        assert!(j.begin().is_ok());
+        assert_eq!(state.expire(), Expiry::Running);
+        j.finish(Outcome::Success(Value::Null));
+        assert_eq!(state.expire(), Expiry::Settled);
+    }
+
+    #[test]
+    fn a_dropped_job_still_completes() {
+        let (j, _state, done) = job(7, None);
+        drop(j);
+        let c = done.try_recv().ok();
+        assert!(
+            matches!(c, Some(Completion { seq: 7, outcome: Outcome::Error { ref extra, .. } }) if extra["ran"] == json!(false))
+        );
+        // ...exactly once.
+        let (j, _state, done) = job(8, None);
+        j.finish(Outcome::Success(Value::Null));
+        assert!(done.try_recv().is_ok());
+        assert!(done.try_recv().is_err());
+    }
+
+    #[test]
+    fn full_queue_is_busy_and_gives_the_job_back_but_can_still_be_woken() {
         let q = JobQueue::new(2);
         for i in 0..2 {
-            assert!(q
-                .submit(Job::new(i, "x".into(), Map::new(), None).0)
-                .is_ok());
+            assert!(q.submit(job(i, None).0).is_ok());
         }
-        let r = q.submit(Job::new(9, "x".into(), Map::new(), None).0);
-        assert_eq!(r, Err(SubmitError::Busy));
+        let r = q.submit(job(9, None).0);
+        assert!(matches!(r, Err((SubmitError::Busy, ref j)) if j.seq == 9));
         q.wake();
         assert_eq!(q.len(), 3);
         assert_eq!(q.drain().len(), 2);

@@ -11,8 +11,11 @@ use serde_json::{Map, Value};
 
 /// Default cap on one request's size (bytes from its opening `{` to its closing `}`).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
-/// Default cap on JSON nesting depth (objects plus arrays).
-pub const DEFAULT_MAX_DEPTH: usize = 128;
+/// Default cap on JSON nesting depth (objects plus arrays, the request object itself counting as 1).
+pub const DEFAULT_MAX_DEPTH: usize = 100;
+/// The deepest nesting that can be configured: serde_json refuses 128 levels and more with its own,
+/// less helpful "recursion limit exceeded", so the decoder stops below that with a clear message.
+pub const MAX_SUPPORTED_DEPTH: usize = 127;
 
 /// Why the byte stream cannot be decoded any further. Each is answered with an error reply, then a close:
 /// the stream cannot be resynchronised after any of them.
@@ -92,7 +95,7 @@ impl Decoder {
             escaped: false,
             consumed: 0,
             max_bytes: max_bytes.max(2),
-            max_depth: max_depth.max(1),
+            max_depth: max_depth.clamp(1, MAX_SUPPORTED_DEPTH),
             failed: false,
         }
     }
@@ -594,6 +597,36 @@ mod tests {
     }
 
     #[test]
+    fn every_depth_the_decoder_accepts_parses() {
+        for depth in [DEFAULT_MAX_DEPTH, MAX_SUPPORTED_DEPTH] {
+            let inner = depth - 1;
+            let text = format!(
+                r#"{{"type":"x","params":{{"a":{}1{}}}}}"#,
+                "[".repeat(inner - 1),
+                "]".repeat(inner - 1)
+            );
+            let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, depth);
+            d.feed(text.as_bytes());
+            let frame = d.next_frame();
+            assert!(matches!(frame, Ok(Some(_))), "depth {depth}: {frame:?}");
+            let parsed = parse_request(text.as_bytes());
+            assert!(parsed.is_ok(), "depth {depth}: {parsed:?}");
+            let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, depth);
+            d.feed(format!(r#"{{"a":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth)).as_bytes());
+            assert_eq!(d.next_frame(), Err(StreamError::TooDeep { limit: depth }));
+        }
+        // Asking for more than serde_json can parse is capped.
+        let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, 10_000);
+        d.feed(format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200)).as_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(StreamError::TooDeep {
+                limit: MAX_SUPPORTED_DEPTH
+            })
+        );
+    }
+
+    #[test]
     fn idle_whitespace_is_not_retained() {
         let mut d = decoder();
         d.feed(&[b'\n'; 4096]);
@@ -638,7 +671,7 @@ mod tests {
     fn replies_are_one_line_with_id_echoed() {
         let r = encode_reply(Some(&json!(9)), &Outcome::Success(json!({"a": "x\ny"})));
         assert_eq!(r.last(), Some(&b'\n'));
-        assert_eq!(r.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(memchr::memchr_iter(b'\n', &r).count(), 1);
         let v: Value = serde_json::from_slice(&r).unwrap_or(Value::Null);
         assert_eq!(
             v,

@@ -57,7 +57,8 @@ fn start_error(e: StartError) -> PyErr {
 /// Start the service. Returns the bound `(host, port)`.
 #[pyfunction]
 #[pyo3(signature = (host, port, handler, commands, mode, token=None, info=None, max_request_bytes=None,
-    max_connections=None, queue_capacity=None, idle_timeout=None, default_timeout=None))]
+    max_connections=None, queue_capacity=None, idle_timeout=None, default_timeout=None,
+    request_read_timeout=None, max_depth=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     py: Python<'_>,
@@ -73,6 +74,8 @@ pub fn start(
     queue_capacity: Option<usize>,
     idle_timeout: Option<f64>,
     default_timeout: Option<f64>,
+    request_read_timeout: Option<f64>,
+    max_depth: Option<usize>,
 ) -> PyResult<(String, u16)> {
     let mut guard = SERVICE.lock();
     if guard.is_some() {
@@ -80,12 +83,16 @@ pub fn start(
             "the bld_remote service is already running; stop it first",
         ));
     }
-    let seconds = |v: Option<f64>, name: &str| -> PyResult<Option<Duration>> {
+    let seconds = |v: Option<f64>,
+                   default: Option<Duration>,
+                   name: &str|
+     -> PyResult<Option<Duration>> {
         match v {
-            None => Ok(None),
-            Some(s) if s > 0.0 && s.is_finite() => Ok(Some(Duration::from_secs_f64(s))),
+            None => Ok(default),
+            Some(s) if s == 0.0 => Ok(None),
+            Some(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
             Some(_) => Err(PyValueError::new_err(format!(
-                "{name} must be a positive number of seconds"
+                "{name} must be a positive number of seconds (or 0 for no limit)"
             ))),
         }
     };
@@ -104,8 +111,16 @@ pub fn start(
         max_request_bytes: max_request_bytes.unwrap_or(defaults.max_request_bytes),
         max_connections: max_connections.unwrap_or(defaults.max_connections).max(1),
         queue_capacity: queue_capacity.unwrap_or(defaults.queue_capacity).max(1),
-        idle_timeout: seconds(idle_timeout, "idle_timeout")?,
-        default_timeout: seconds(default_timeout, "default_timeout")?,
+        idle_timeout: seconds(idle_timeout, defaults.idle_timeout, "idle_timeout")?,
+        default_timeout: seconds(default_timeout, defaults.default_timeout, "default_timeout")?,
+        request_read_timeout: seconds(
+            request_read_timeout,
+            Some(defaults.request_read_timeout),
+            "request_read_timeout",
+        )?
+        // 0 = no limit: a day is as good as none, and keeps the reader's arithmetic simple.
+        .unwrap_or(Duration::from_secs(86_400)),
+        max_depth: max_depth.unwrap_or(defaults.max_depth),
         mode,
         main_thread_commands: commands,
         info,

@@ -3,11 +3,13 @@
 //! none of these threads ever touches Python.
 //!
 //! Per connection, the reader splits the byte stream into requests (`protocol::Decoder`), answers control
-//! requests itself and queues the rest as jobs for the main thread; it hands the writer an ordered list of
-//! pending replies, so replies leave in request order whatever finishes first. The writer serialises each
-//! reply once and writes it with a single `write_all` (Nagle is off).
+//! requests itself and queues the rest as jobs for the main thread. The writer waits for every job of its
+//! connection at once (their outcomes arrive on one completion channel) and for their deadlines: replies
+//! to plain requests leave in request order, replies to framed requests (with an id) as soon as they are
+//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script. Each reply is serialised once
+//! and written with a single `write_all` (Nagle is off). See docs/PROTOCOL.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,16 +19,28 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Select, Sender};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{json, Map, Value};
 
-use crate::jobs::{not_run, Job, JobQueue, JobState, Msg, SubmitError, Ticket};
+use crate::jobs::{
+    not_run, timed_out_not_run, timed_out_running, Completion, Expiry, Job, JobQueue, JobState,
+    Msg, SubmitError,
+};
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
 const MAX_PIPELINED: usize = 4096;
+/// After an error that ends a connection, how long to keep discarding what the client still sends so
+/// the error reply is not destroyed by a reset.
+const LINGER: Duration = Duration::from_secs(2);
+/// On stop, how long connections get to flush the replies they owe before their sockets are shut.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Default deadline of a request that carries no `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time a request may take to arrive, from its first byte to its last.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
 #[derive(Debug, Clone)]
@@ -39,8 +53,11 @@ pub struct Config {
     pub max_depth: usize,
     pub max_connections: usize,
     pub queue_capacity: usize,
-    /// Close a connection that sends nothing for this long (`None`: never).
+    /// Close a connection that sends nothing between requests for this long (`None`: never, the default:
+    /// existing clients keep one connection open and idle for hours; see docs/PROTOCOL.md).
     pub idle_timeout: Option<Duration>,
+    /// A request must arrive completely within this time of its first byte (slow-client protection).
+    pub request_read_timeout: Duration,
     /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
     pub default_timeout: Option<Duration>,
     /// A client that does not read its replies for this long is disconnected.
@@ -64,7 +81,8 @@ impl Default for Config {
             max_connections: 256,
             queue_capacity: 4096,
             idle_timeout: None,
-            default_timeout: None,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
+            default_timeout: Some(DEFAULT_TIMEOUT),
             write_timeout: Duration::from_secs(30),
             mode: "background".into(),
             main_thread_commands: Vec::new(),
@@ -102,6 +120,7 @@ impl std::error::Error for StartError {}
 /// The job currently running on the main thread, for `get_status`.
 #[derive(Debug, Clone)]
 struct Running {
+    seq: u64,
     command: String,
     since: Instant,
 }
@@ -124,6 +143,7 @@ pub struct Shared {
     active_conns: AtomicUsize,
     next_seq: AtomicU64,
     served: AtomicU64,
+    auth_failures: AtomicU64,
     persist: Mutex<HashMap<String, Value>>,
     running: Mutex<Option<Running>>,
     started: Instant,
@@ -185,6 +205,7 @@ impl Server {
             active_conns: AtomicUsize::new(0),
             next_seq: AtomicU64::new(1),
             served: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
             persist: Mutex::new(HashMap::new()),
             running: Mutex::new(None),
             started: Instant::now(),
@@ -237,6 +258,16 @@ impl Server {
         }
         for job in self.shared.queue.drain() {
             job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+        // Writers flush what they owe; one stuck on a client that does not read is cut off after a grace.
+        let grace_end = Instant::now() + STOP_GRACE;
+        while conns.iter().any(|c| !c.thread.is_finished()) && Instant::now() < grace_end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for c in &conns {
+            if !c.thread.is_finished() {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
         }
         for c in conns {
             let _ = c.thread.join();
@@ -300,6 +331,7 @@ impl Shared {
     pub fn begin(&self, job: &Job) -> Result<(), Outcome> {
         job.begin()?;
         *self.running.lock() = Some(Running {
+            seq: job.seq,
             command: job.command.clone(),
             since: Instant::now(),
         });
@@ -339,8 +371,19 @@ impl Shared {
             "auth": self.config.token.is_some(),
             "running_job": running.map(|r| json!({
                 "command": r.command,
+                "seq": r.seq,
                 "seconds": r.since.elapsed().as_secs_f64(),
             })),
+            "auth_failures": self.auth_failures.load(Ordering::Relaxed),
+            "limits": {
+                "max_request_bytes": self.config.max_request_bytes,
+                "max_depth": self.config.max_depth,
+                "max_connections": self.config.max_connections,
+                "queue_capacity": self.queue.capacity(),
+                "idle_timeout": self.config.idle_timeout.map(|d| d.as_secs_f64()),
+                "request_read_timeout": self.config.request_read_timeout.as_secs_f64(),
+                "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),
+            },
             "version": env!("CARGO_PKG_VERSION"),
         });
         if let Value::Object(m) = &mut v {
@@ -370,9 +413,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         if shared.is_stopping() {
             break;
         }
-        let stream = if let Ok(s) = incoming {
-            s
-        } else {
+        let Ok(stream) = incoming else {
             // EMFILE and friends: back off briefly rather than spin.
             std::thread::sleep(Duration::from_millis(10));
             continue;
@@ -398,7 +439,6 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(shared.config.idle_timeout);
         let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
         let Ok(handle_stream) = stream.try_clone() else {
             drop(conns);
@@ -417,7 +457,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             conns.push(Conn {
                 stream: handle_stream,
                 thread,
-            })
+            });
         } else {
             drop(conns);
             refuse_connection(
@@ -443,199 +483,6 @@ enum Shape {
     },
     /// blender-remote's `{"code": ...}` form: `{"response": "OK"|"FAILED", "message", "output"}`.
     Legacy,
-}
-
-enum Pending {
-    Ready(Vec<u8>),
-    Job {
-        ticket: Ticket,
-        id: Option<Value>,
-        shape: Shape,
-        deadline: Option<Instant>,
-    },
-    /// Stop after the replies before it: the stream could not be decoded further.
-    Close,
-}
-
-/// The reader half. Runs on the connection's thread; spawns and joins the writer.
-fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
-    let Ok(write_stream) = stream.try_clone() else {
-        return;
-    };
-    let (tx, rx) = crossbeam_channel::bounded::<Pending>(MAX_PIPELINED);
-    let writer_shared = Arc::clone(shared);
-    let writer = std::thread::Builder::new()
-        .name("bld_remote-writer".into())
-        .spawn(move || {
-            let _ = catch_unwind(AssertUnwindSafe(|| {
-                write_loop(&writer_shared, write_stream, &rx)
-            }));
-        });
-    let Ok(writer) = writer else {
-        refuse_connection(stream, "cannot serve this connection (out of threads)");
-        return;
-    };
-    let _ = catch_unwind(AssertUnwindSafe(|| read_loop(shared, stream, &tx)));
-    drop(tx);
-    let _ = writer.join();
-}
-
-fn read_loop(shared: &Arc<Shared>, mut stream: TcpStream, tx: &Sender<Pending>) {
-    let mut decoder = Decoder::new(shared.config.max_request_bytes, shared.config.max_depth);
-    let mut buf = vec![0u8; READ_CHUNK];
-    // Jobs of this connection by request id, for `cancel`.
-    let mut by_id: HashMap<String, Arc<JobState>> = HashMap::new();
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                let _ = tx.send(Pending::Ready(protocol::encode_reply(
-                    None,
-                    &Outcome::error("idle timeout: closing the connection"),
-                )));
-                let _ = tx.send(Pending::Close);
-                return;
-            }
-            Err(_) => return,
-        };
-        decoder.feed(&buf[..n]);
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    let pending = handle_frame(shared, &frame, &mut by_id);
-                    drop(frame);
-                    if tx.send(pending).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let bytes = match e {
-                        StreamError::Http => http_refusal(),
-                        other => protocol::encode_reply(None, &Outcome::error(other.to_string())),
-                    };
-                    let _ = tx.send(Pending::Ready(bytes));
-                    let _ = tx.send(Pending::Close);
-                    return;
-                }
-            }
-        }
-        if by_id.len() > 1024 {
-            by_id.retain(|_, s| !s.finished());
-        }
-    }
-}
-
-fn http_refusal() -> Vec<u8> {
-    let body = "{\"status\":\"error\",\"message\":\"this port speaks JSON over TCP, not HTTP\"}\n";
-    format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-fn id_key(id: &Value) -> String {
-    id.to_string()
-}
-
-/// Turn one frame into what the writer must send for it.
-fn handle_frame(
-    shared: &Arc<Shared>,
-    frame: &[u8],
-    by_id: &mut HashMap<String, Arc<JobState>>,
-) -> Pending {
-    let request = match protocol::parse_request(frame) {
-        Ok(r) => r,
-        Err(bad) => {
-            return Pending::Ready(protocol::encode_reply(
-                bad.id.as_ref(),
-                &Outcome::error(bad.message),
-            ))
-        }
-    };
-    let read_at = Instant::now();
-    let id = request.id.clone();
-    let ready = |outcome: Outcome| Pending::Ready(protocol::encode_reply(id.as_ref(), &outcome));
-    if let Some(expected) = shared.config.token.as_deref() {
-        let given = request.token.as_deref().unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return ready(Outcome::error(if given.is_empty() {
-                "authentication required: this service needs a token (add \"token\" to the request)"
-            } else {
-                "authentication failed: wrong token"
-            }));
-        }
-    }
-    if let Some(outcome) = control(shared, &request, by_id) {
-        shared.served.fetch_add(1, Ordering::Relaxed);
-        return ready(outcome);
-    }
-    if !shared
-        .config
-        .main_thread_commands
-        .iter()
-        .any(|c| c == &request.command)
-    {
-        return ready(Outcome::error(format!(
-            "Unknown command type: {}",
-            request.command
-        )));
-    }
-    let Request {
-        command,
-        mut params,
-        timeout,
-        legacy,
-        ..
-    } = request;
-    let shape = if legacy {
-        Shape::Legacy
-    } else if command == "execute_code" {
-        match prepare_execute_code(&mut params) {
-            Ok(shape) => shape,
-            Err(message) => return ready(Outcome::error(message)),
-        }
-    } else {
-        Shape::Plain
-    };
-    let timeout = timeout
-        .map(Duration::from_secs_f64)
-        .or(shared.config.default_timeout);
-    let deadline = timeout.and_then(|t| read_at.checked_add(t));
-    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-    let (job, ticket) = Job::new(seq, command, params, deadline);
-    let state = Arc::clone(&ticket.state);
-    let submitted = {
-        let stopping = shared.gate.read();
-        if *stopping {
-            Err(SubmitError::Stopped)
-        } else {
-            shared.queue.submit(job)
-        }
-    };
-    match submitted {
-        Ok(()) => {
-            if let Some(id) = &id {
-                by_id.insert(id_key(id), state);
-            }
-            Pending::Job {
-                ticket,
-                id,
-                shape,
-                deadline,
-            }
-        }
-        Err(SubmitError::Busy) => ready(not_run(&format!(
-            "busy: {} requests are already queued for Blender's main thread; try again later",
-            shared.queue.capacity()
-        ))),
-        Err(SubmitError::Stopped) => {
-            ready(not_run("the service is stopping; the request was not run"))
-        }
-    }
 }
 
 /// Validate `execute_code` params and decode base64 code here, off the main thread.
@@ -763,75 +610,506 @@ fn control(
     Some(outcome)
 }
 
-/// The writer half: replies in request order, one write each.
-fn write_loop(shared: &Arc<Shared>, mut stream: TcpStream, rx: &Receiver<Pending>) {
-    let mut dead = false;
-    for pending in rx {
-        let bytes = match pending {
-            Pending::Ready(b) => b,
-            Pending::Close => {
-                let _ = stream.flush();
-                let _ = stream.shutdown(Shutdown::Both);
-                dead = true;
-                continue;
-            }
-            Pending::Job {
-                ticket,
-                id,
-                shape,
-                deadline,
-            } => {
-                if dead {
-                    // Nobody will read this reply: make sure queued work for it never runs.
-                    ticket.state.cancel();
-                    continue;
-                }
-                let outcome = wait_for(&ticket, deadline);
-                shape_reply(id.as_ref(), shape, outcome)
-            }
-        };
-        if dead {
-            continue;
-        }
-        if stream.write_all(&bytes).is_err() {
-            dead = true;
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-    let _ = shared;
+/// What the reader hands the writer, in request order.
+enum ToWriter {
+    /// A reply that is ready now (control commands, errors). `framed` replies (the request had an id)
+    /// may leave before replies to earlier requests.
+    Ready { bytes: Vec<u8>, framed: bool },
+    /// A job the reader is about to queue for the main thread; its outcome arrives as a `Completion`.
+    Job(InFlight),
+    /// The stream cannot be decoded further: send what is owed, then close the sending side.
+    Close,
 }
 
-fn wait_for(ticket: &Ticket, deadline: Option<Instant>) -> Outcome {
-    let received = match deadline {
-        None => ticket.reply.recv().ok(),
-        Some(d) => ticket.reply.recv_deadline(d).ok(),
+/// A job whose reply this connection owes.
+struct InFlight {
+    seq: u64,
+    id: Option<Value>,
+    shape: Shape,
+    deadline: Option<Instant>,
+    state: Arc<JobState>,
+}
+
+/// The reader half. Runs on the connection's thread; spawns and joins the writer.
+fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
+    let Ok(write_stream) = stream.try_clone() else {
+        return;
     };
-    if let Some(outcome) = received {
-        return outcome;
+    let (tx, rx) = crossbeam_channel::bounded::<ToWriter>(MAX_PIPELINED);
+    // Unbounded so the main thread never blocks completing a job; at most MAX_PIPELINED are in flight.
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
+    let writer = std::thread::Builder::new()
+        .name("bld_remote-writer".into())
+        .spawn(move || {
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                Writer::new(write_stream).run(&rx, &done_rx);
+            }));
+        });
+    let Ok(writer) = writer else {
+        refuse_connection(stream, "cannot serve this connection (out of threads)");
+        return;
+    };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        read_loop(shared, &stream, &tx, &done_tx);
+    }));
+    drop(tx);
+    let _ = writer.join();
+}
+
+/// Why the reader stopped reading requests.
+enum ReadEnd {
+    /// The client closed its side, or the service is stopping: replies still go out.
+    Eof,
+    /// A reply could not be handed to the writer (it gave up on a dead client).
+    WriterGone,
+    /// The stream is unusable: this error reply is sent, then the connection closes.
+    Error(Vec<u8>),
+}
+
+fn read_loop(
+    shared: &Arc<Shared>,
+    mut stream: &TcpStream,
+    tx: &Sender<ToWriter>,
+    done_tx: &Sender<Completion>,
+) {
+    let config = &shared.config;
+    let mut decoder = Decoder::new(config.max_request_bytes, config.max_depth);
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Jobs of this connection by request id, for `cancel`.
+    let mut by_id: HashMap<String, Arc<JobState>> = HashMap::new();
+    // When the request being received began (its first read), for `request_read_timeout`.
+    let mut request_began: Option<Instant> = None;
+    let mut socket_timeout: Option<Option<Duration>> = None;
+    let end = loop {
+        let wanted = match request_began {
+            Some(began) => {
+                let left = config.request_read_timeout.saturating_sub(began.elapsed());
+                if left.is_zero() {
+                    break ReadEnd::Error(slow_request_reply(config));
+                }
+                Some(left)
+            }
+            None => config.idle_timeout,
+        };
+        if socket_timeout != Some(wanted) {
+            let _ = stream.set_read_timeout(wanted);
+            socket_timeout = Some(wanted);
+        }
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break ReadEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if request_began.is_some() {
+                    break ReadEnd::Error(slow_request_reply(config));
+                }
+                break ReadEnd::Error(protocol::encode_reply(
+                    None,
+                    &Outcome::error(format!(
+                        "idle timeout: nothing received for {} s; closing the connection",
+                        config.idle_timeout.map_or(0.0, |d| d.as_secs_f64())
+                    )),
+                ));
+            }
+            Err(_) => break ReadEnd::Eof,
+        };
+        decoder.feed(&buf[..n]);
+        let mut writer_gone = false;
+        let stream_error = loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    request_began = None;
+                    let msg = handle_frame(shared, &frame, &mut by_id, done_tx);
+                    drop(frame);
+                    if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
+                        // Nobody will send this reply: queued work for it must never run.
+                        if let ToWriter::Job(f) = msg {
+                            f.state.cancel();
+                        }
+                        writer_gone = true;
+                    }
+                    if writer_gone {
+                        break None;
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        if writer_gone {
+            break ReadEnd::WriterGone;
+        }
+        if let Some(e) = stream_error {
+            break ReadEnd::Error(match e {
+                StreamError::Http => http_refusal(),
+                other => protocol::encode_reply(None, &Outcome::error(other.to_string())),
+            });
+        }
+        if decoder.in_request() {
+            request_began.get_or_insert_with(Instant::now);
+        } else {
+            request_began = None;
+        }
+        if by_id.len() > 1024 {
+            by_id.retain(|_, s| !s.finished());
+        }
+    };
+    if let ReadEnd::Error(bytes) = end {
+        let _ = tx.send(ToWriter::Ready {
+            bytes,
+            framed: false,
+        });
+        let _ = tx.send(ToWriter::Close);
+        linger(stream);
     }
-    if deadline.is_none() {
-        return not_run("the service stopped before the request ran");
+}
+
+fn slow_request_reply(config: &Config) -> Vec<u8> {
+    protocol::encode_reply(
+        None,
+        &Outcome::error(format!(
+            "request not received in time: a request must arrive completely within {} s of its first \
+             byte; closing the connection",
+            config.request_read_timeout.as_secs_f64()
+        )),
+    )
+}
+
+/// After an error reply that ends the connection, read and discard what the client is still sending for
+/// a short while, so that closing does not reset the connection (a reset can destroy the error reply
+/// before the client reads it). Bounded in time; discarded bytes are never stored.
+fn linger(mut stream: &TcpStream) {
+    let until = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 64 * 1024];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
-    if ticket.state.cancel() {
-        not_run("timed out while queued: the request was not run and never will be")
+}
+
+fn http_refusal() -> Vec<u8> {
+    let body = "{\"status\":\"error\",\"message\":\"this port speaks JSON over TCP, not HTTP\"}\n";
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+/// Turn one frame into what the writer must send for it.
+fn handle_frame(
+    shared: &Arc<Shared>,
+    frame: &[u8],
+    by_id: &mut HashMap<String, Arc<JobState>>,
+    done_tx: &Sender<Completion>,
+) -> ToWriter {
+    let request = match protocol::parse_request(frame) {
+        Ok(r) => r,
+        Err(bad) => {
+            return ToWriter::Ready {
+                framed: bad.id.is_some(),
+                bytes: protocol::encode_reply(bad.id.as_ref(), &Outcome::error(bad.message)),
+            }
+        }
+    };
+    let read_at = Instant::now();
+    let id = request.id.clone();
+    let ready = |outcome: Outcome| ToWriter::Ready {
+        framed: id.is_some(),
+        bytes: protocol::encode_reply(id.as_ref(), &outcome),
+    };
+    if let Some(expected) = shared.config.token.as_deref() {
+        let given = request.token.as_deref().unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            shared.auth_failures.fetch_add(1, Ordering::Relaxed);
+            let mut extra = Map::new();
+            extra.insert("ran".into(), Value::Bool(false));
+            extra.insert("auth".into(), Value::Bool(false));
+            return ready(Outcome::error_with(
+                if given.is_empty() {
+                    "authentication required: this service needs a token (add \"token\" to the request)"
+                } else {
+                    "authentication failed: wrong token"
+                },
+                extra,
+            ));
+        }
+    }
+    if let Some(outcome) = control(shared, &request, by_id) {
+        shared.served.fetch_add(1, Ordering::Relaxed);
+        return ready(outcome);
+    }
+    if !shared
+        .config
+        .main_thread_commands
+        .iter()
+        .any(|c| c == &request.command)
+    {
+        return ready(Outcome::error(format!(
+            "Unknown command type: {}",
+            request.command
+        )));
+    }
+    let Request {
+        command,
+        mut params,
+        timeout,
+        legacy,
+        ..
+    } = request;
+    let shape = if legacy {
+        Shape::Legacy
+    } else if command == "execute_code" {
+        match prepare_execute_code(&mut params) {
+            Ok(shape) => shape,
+            Err(message) => return ready(Outcome::error(message)),
+        }
     } else {
-        let mut extra = Map::new();
-        extra.insert("ran".into(), Value::from("unknown"));
-        extra.insert("timeout".into(), Value::Bool(true));
-        Outcome::error_with(
-            "timed out: the request started in Blender and may still be running; its result will be discarded",
-            extra,
-        )
+        Shape::Plain
+    };
+    let timeout = timeout
+        .map(Duration::from_secs_f64)
+        .or(shared.config.default_timeout);
+    let deadline = timeout.and_then(|t| read_at.checked_add(t));
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    let (job, state) = Job::new(seq, command, params, deadline, done_tx.clone());
+    if let Some(id) = &id {
+        by_id.insert(id_key(id), Arc::clone(&state));
+    }
+    let in_flight = ToWriter::Job(InFlight {
+        seq,
+        id,
+        shape,
+        deadline,
+        state,
+    });
+    let submitted = {
+        let stopping = shared.gate.read();
+        if *stopping {
+            Err((SubmitError::Stopped, job))
+        } else {
+            shared.queue.submit(job)
+        }
+    };
+    // A refused job completes through the same channel as any other, with its reason.
+    match submitted {
+        Ok(()) => {}
+        Err((SubmitError::Busy, job)) => job.refuse(not_run(&format!(
+            "busy: {} requests are already queued for Blender's main thread; try again later",
+            shared.queue.capacity()
+        ))),
+        Err((SubmitError::Stopped, job)) => {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+    }
+    // The completion may reach the writer before this message does; the writer keeps it until then.
+    in_flight
+}
+
+/// The writer half: one per connection. Writes each reply with a single `write_all`. Replies to requests
+/// without an id leave in request order (plain clients match replies by order); replies to framed
+/// requests leave as soon as they are ready. Enforces deadlines: at a job's deadline it answers with a
+/// timeout reply that says whether the work ran.
+struct Writer {
+    stream: TcpStream,
+    in_flight: HashMap<u64, InFlight>,
+    /// Deadlines of in-flight jobs, earliest first.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Replies owed to plain (id-less) requests, in request order: ready bytes, or a job's seq.
+    ordered: VecDeque<Owed>,
+    /// Plain replies that are ready but wait behind earlier ones, by seq.
+    parked: HashMap<u64, Vec<u8>>,
+    /// Completions that arrived before the reader's message about their job.
+    early: HashMap<u64, Outcome>,
+    /// Jobs answered at their deadline whose completion has not arrived yet (it is discarded).
+    expired: HashSet<u64>,
+    dead: bool,
+}
+
+enum Owed {
+    Bytes(Vec<u8>),
+    Job(u64),
+}
+
+impl Writer {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            in_flight: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            ordered: VecDeque::new(),
+            parked: HashMap::new(),
+            early: HashMap::new(),
+            expired: HashSet::new(),
+            dead: false,
+        }
+    }
+
+    fn run(mut self, rx: &Receiver<ToWriter>, done: &Receiver<Completion>) {
+        let mut reader_open = true;
+        while !self.dead && (reader_open || !self.in_flight.is_empty() || !self.ordered.is_empty())
+        {
+            let mut sel = Select::new();
+            // Backpressure: with too many replies owed, stop taking requests; the reader then blocks,
+            // stops reading, and TCP slows the client down.
+            let take_requests = reader_open && self.in_flight.len() < MAX_PIPELINED;
+            let rx_index = take_requests.then(|| sel.recv(rx));
+            let done_index = sel.recv(done);
+            let selected = match self.deadlines.first() {
+                Some(&(deadline, _)) => sel.select_deadline(deadline).ok(),
+                None => Some(sel.select()),
+            };
+            let Some(op) = selected else {
+                self.expire_due();
+                continue;
+            };
+            if Some(op.index()) == rx_index {
+                match op.recv(rx) {
+                    Ok(ToWriter::Ready { bytes, framed }) => {
+                        if framed {
+                            self.write(&bytes);
+                        } else {
+                            self.ordered.push_back(Owed::Bytes(bytes));
+                            self.flush_ordered();
+                        }
+                    }
+                    Ok(ToWriter::Job(job)) => self.track(job),
+                    Ok(ToWriter::Close) | Err(_) => reader_open = false,
+                }
+            } else if op.index() == done_index {
+                if let Ok(c) = op.recv(done) {
+                    self.complete(c.seq, c.outcome);
+                }
+            }
+        }
+        if self.dead {
+            // Nobody will read these replies: queued work for them must never run.
+            for job in self.in_flight.values() {
+                job.state.cancel();
+            }
+            let _ = self.stream.shutdown(Shutdown::Both);
+            return;
+        }
+        // Everything owed is sent. Closing our sending side tells a client that half-closed (or whose
+        // stream failed) that no more replies come.
+        let _ = self.stream.flush();
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    fn track(&mut self, job: InFlight) {
+        let seq = job.seq;
+        if job.id.is_none() {
+            self.ordered.push_back(Owed::Job(seq));
+        }
+        if let Some(d) = job.deadline {
+            self.deadlines.insert((d, seq));
+        }
+        self.in_flight.insert(seq, job);
+        if let Some(outcome) = self.early.remove(&seq) {
+            self.complete(seq, outcome);
+        }
+    }
+
+    fn complete(&mut self, seq: u64, outcome: Outcome) {
+        let Some(job) = self.in_flight.remove(&seq) else {
+            // Either its deadline already answered it (the result is discarded), or the reader's message
+            // about it has not arrived yet.
+            if !self.expired.remove(&seq) {
+                self.early.insert(seq, outcome);
+            }
+            return;
+        };
+        if let Some(d) = job.deadline {
+            self.deadlines.remove(&(d, seq));
+        }
+        let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
+        if job.id.is_some() {
+            self.write(&bytes);
+        } else {
+            self.parked.insert(seq, bytes);
+            self.flush_ordered();
+        }
+    }
+
+    fn expire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, seq)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.remove(&(deadline, seq));
+            let Some(job) = self.in_flight.get(&seq) else {
+                continue;
+            };
+            let outcome = match job.state.expire() {
+                Expiry::NotRun => timed_out_not_run(
+                    "timed out while queued: the request was not run and never will be",
+                ),
+                Expiry::Running => timed_out_running(),
+                // Finished or skipped just now: its completion (with the real outcome) is on its way.
+                Expiry::Settled => continue,
+            };
+            if let Some(job) = self.in_flight.remove(&seq) {
+                self.expired.insert(seq);
+                let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
+                if job.id.is_some() {
+                    self.write(&bytes);
+                } else {
+                    self.parked.insert(seq, bytes);
+                    self.flush_ordered();
+                }
+            }
+        }
+    }
+
+    fn flush_ordered(&mut self) {
+        while let Some(front) = self.ordered.front() {
+            let bytes = match front {
+                Owed::Bytes(_) => match self.ordered.pop_front() {
+                    Some(Owed::Bytes(b)) => b,
+                    _ => continue,
+                },
+                Owed::Job(seq) => match self.parked.remove(seq) {
+                    Some(b) => {
+                        self.ordered.pop_front();
+                        b
+                    }
+                    None => return,
+                },
+            };
+            self.write(&bytes);
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.dead {
+            return;
+        }
+        if self.stream.write_all(bytes).is_err() {
+            self.dead = true;
+        }
     }
 }
 
 fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
     match (shape, outcome) {
-        (Shape::Plain, o) => protocol::encode_reply(id, &o),
+        (Shape::Plain | Shape::ExecuteCode { .. }, o @ Outcome::Error { .. })
+        | (Shape::Plain, o @ Outcome::Success(_)) => protocol::encode_reply(id, &o),
         (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => {
             protocol::encode_reply(id, &Outcome::Success(execute_code_result(v, base64)))
         }
-        (Shape::ExecuteCode { .. }, o) => protocol::encode_reply(id, &o),
         (Shape::Legacy, Outcome::Success(v)) => {
             let stdout = v.get("stdout").cloned().unwrap_or_else(|| Value::from(""));
             let mut r = json!({"response": "OK", "message": "Code executed successfully", "output": stdout});

@@ -66,7 +66,9 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
 }
 
 #[test]
-fn pipelined_replies_keep_request_order_and_ids() {
+fn pipelined_replies_match_ids_and_jobs_keep_their_order() {
+    // Framed replies leave as soon as they are ready: control replies may overtake job replies, but every
+    // reply carries its request's id and jobs (one main thread, FIFO) still finish in request order.
     let mut server = start();
     let (done, main) = pump(&server);
     let (mut w, mut r) = connect(&server);
@@ -81,14 +83,91 @@ fn pipelined_replies_keep_request_order_and_ids() {
     }
     w.write_all(batch.as_bytes())
         .unwrap_or_else(|e| panic!("write: {e}"));
-    for i in 0..200 {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last_job = -1;
+    for _ in 0..200 {
         let v = read_reply(&mut r);
-        assert_eq!(v["id"], json!(i), "{v}");
+        let i = v["id"].as_i64().unwrap_or(-1);
+        assert!(seen.insert(i), "duplicate reply {v}");
         assert_eq!(v["status"], json!("success"), "{v}");
         if i % 3 != 1 {
             assert_eq!(v["result"]["i"], json!(i));
+            assert!(
+                i > last_job,
+                "job replies out of order: {i} after {last_job}"
+            );
+            last_job = i;
         }
     }
+    assert_eq!(seen.len(), 200);
+    done.store(true, Ordering::SeqCst);
+    main.join().ok();
+    server.stop();
+}
+
+#[test]
+fn framed_control_replies_overtake_a_slow_job_plain_ones_wait() {
+    let mut server = start();
+    let (done, main) = pump(&server);
+    let (mut w, mut r) = connect(&server);
+    let t0 = Instant::now();
+    w.write_all(br#"{"type":"sleep","params":{"ms":600},"id":"slow"}{"type":"ping","id":"p"}"#)
+        .ok();
+    assert_eq!(read_reply(&mut r)["id"], json!("p"));
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "ping waited for the job"
+    );
+    assert_eq!(read_reply(&mut r)["id"], json!("slow"));
+    // Without ids, replies stay in request order.
+    let t0 = Instant::now();
+    w.write_all(br#"{"type":"sleep","params":{"ms":300,"n":1}}{"type":"ping"}"#)
+        .ok();
+    assert_eq!(read_reply(&mut r)["result"]["n"], json!(1));
+    assert_eq!(read_reply(&mut r)["result"]["pong"], json!(true));
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    done.store(true, Ordering::SeqCst);
+    main.join().ok();
+    server.stop();
+}
+
+#[test]
+fn deadline_reply_is_not_held_behind_a_slow_job() {
+    // A framed request whose deadline passes while an earlier job runs gets its timeout reply on time,
+    // says it never ran, and indeed never runs.
+    let mut server = start();
+    let (done, main) = pump(&server);
+    let (mut w, mut r) = connect(&server);
+    let t0 = Instant::now();
+    w.write_all(
+        br#"{"type":"sleep","params":{"ms":800},"id":1}{"type":"echo","params":{"x":1},"id":2,"timeout":0.2}"#,
+    )
+    .ok();
+    let v = read_reply(&mut r);
+    assert_eq!(v["id"], json!(2), "{v}");
+    assert_eq!(v["ran"], json!(false), "{v}");
+    assert_eq!(v["timeout"], json!(true), "{v}");
+    assert!(t0.elapsed() < Duration::from_millis(600));
+    assert_eq!(read_reply(&mut r)["id"], json!(1));
+    // A running job past its deadline: "may still be running".
+    w.write_all(br#"{"type":"sleep","params":{"ms":500},"id":3,"timeout":0.1}"#)
+        .ok();
+    let v = read_reply(&mut r);
+    assert_eq!(v["ran"], json!("unknown"), "{v}");
+    assert_eq!(v["state"], json!("running"), "{v}");
+    // Cancel a queued job on the same connection while another runs.
+    w.write_all(
+        br#"{"type":"sleep","params":{"ms":300},"id":4}{"type":"echo","id":5}{"type":"cancel","params":{"id":5},"id":6}"#,
+    )
+    .ok();
+    let v = read_reply(&mut r);
+    assert_eq!(v["id"], json!(6), "{v}");
+    assert_eq!(v["result"]["cancelled"], json!(true), "{v}");
+    let mut rest = [read_reply(&mut r), read_reply(&mut r)];
+    rest.sort_by_key(|v| v["id"].as_i64());
+    assert_eq!(rest[0]["id"], json!(4));
+    assert_eq!(rest[1]["id"], json!(5));
+    assert_eq!(rest[1]["ran"], json!(false), "{}", rest[1]);
     done.store(true, Ordering::SeqCst);
     main.join().ok();
     server.stop();
