@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the core test suite in PyPI `bpy` (Blender as a Python module) for each version given:
+# Runs the core and packaging tests in PyPI `bpy` (Blender as a Python module) for each version given:
 #   bash scripts/test-bpy.sh 4.2.23 4.5.15 5.0.1      (default: 4.5.15, the LTS that CI runs)
 # Each version gets its own venv in .venv-bpy/VERSION (~1 GB each; Python 3.11 is required by bpy 4.2-5.0).
 # The same tests as for Debian's Blender run unchanged: the server process is `python -c "import bpy; ..."`
@@ -23,8 +23,9 @@ for v in "${versions[@]}"; do
     "$PY311" -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "bpy==$v"
   fi
-  echo "==> pytest tests/test_core.py in bpy $v" >&2
-  BLD_REMOTE_TEST_BPY_PYTHON=$PWD/$venv/bin/python python -m pytest tests/test_core.py -p no:cacheprovider -q \
+  echo "==> pytest tests/test_core.py tests/test_packaging.py in bpy $v" >&2
+  BLD_REMOTE_TEST_BPY_PYTHON=$PWD/$venv/bin/python python -m pytest tests/test_core.py tests/test_packaging.py \
+    -p no:cacheprovider -q \
     || status=1
 done
 exit $status

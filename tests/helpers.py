@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -68,6 +69,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+NEUTRAL_CWD = tempfile.mkdtemp(prefix="bld_remote_cwd_")
+
+
 class BlenderProcess:
     """One Blender process; its output is collected on a thread so pipes never fill."""
 
@@ -76,6 +80,7 @@ class BlenderProcess:
         self.proc = subprocess.Popen(
             args,
             env=env,
+            cwd=NEUTRAL_CWD,  # never the source tree: nothing may be imported from it by accident
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -144,7 +149,8 @@ def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
     if BPY_PYTHON:
         if args:
             raise AssertionError(f"Blender command-line arguments {args} do not apply to bpy as a module")
-        return [BPY_PYTHON, "-c", "import bpy\n" + expr]
+        # -P: do not put the working directory first on sys.path (it may be this source tree).
+        return [BPY_PYTHON, "-P", "-c", "import bpy\n" + expr]
     return [blender_binary(), "-b", "--factory-startup", "--python-exit-code", "3", *(args or []),
             "--python-expr", expr]
 

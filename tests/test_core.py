@@ -4,6 +4,7 @@ pipelining with ids, error replies, and a clean exit on server_shutdown, SIGTERM
 from __future__ import annotations
 
 import base64
+import os
 import re
 import json
 import signal
@@ -40,6 +41,12 @@ def test_ping_and_status(served):
     if not BPY_PYTHON:
         assert status["blender_version"].startswith("3.4")  # Debian's package
     assert status["queue_length"] == 0
+
+
+def test_served_from_the_built_wheel_not_the_source_tree(served):
+    code = "import os, bld_remote; print(bld_remote.__file__); print(os.environ['BLENDER_USER_SCRIPTS'])"
+    module_file, user_scripts = ok(call(served.port, "execute_code", code=code))["result"].split()
+    assert module_file == os.path.join(user_scripts, "addons", "bld_remote", "__init__.py")
 
 
 def test_get_scene_info_default_scene(served):
