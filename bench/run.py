@@ -1,0 +1,650 @@
+"""bld_remote benchmarks against a same-run baseline: ``python bench/run.py [--quick] [--json FILE]``.
+
+Starts a real headless Blender serving bld_remote from the built wheel (the newest ``dist/*.whl``, or
+``--wheel``/``$BLD_REMOTE_WHEEL``), and in the same invocation a plain-Python threaded echo server
+(bench/echo_server.py) as the baseline, and an emulation of the reference projects' approach. Every
+measurement runs baseline and subject interleaved (A B A B ...), because this machine is shared and
+noisy: compare the ratios, not the absolute times. Prints Markdown tables (docs/BENCHMARKS.md is made from
+them). ``--quick`` finishes in well under 2 minutes; the default takes about 4.
+
+The client side is Python for both servers (the same code, the same cost), and requests end with a
+newline (harmless to bld_remote; the echo server needs it). Nothing here is part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import BlenderProcess, blender_env, built_wheel, runtime_argv  # noqa: E402
+
+MB = 1 << 20
+# The service plus one bench-only command: a handler that does nothing, so the main thread's cost per
+# request is the service's own (pump, conversion, dispatch) and nothing else.
+SERVE_BENCH = (
+    "import bld_remote\n"
+    "from bld_remote import commands\n"
+    "commands.HANDLERS['bench_noop'] = lambda params: None\n"
+    "bld_remote.start_mcp_service(port=0)\n"
+    "bld_remote.keep_alive()\n"
+)
+
+
+def req(command: str, params: dict | None = None, rid: int | None = None) -> bytes:
+    obj: dict = {"type": command}
+    if params is not None:
+        obj["params"] = params
+    if rid is not None:
+        obj["id"] = rid
+    return json.dumps(obj).encode() + b"\n"
+
+
+PING = req("ping")
+SCENE = req("get_scene_info")
+PASS = req("execute_code", {"code": "pass"})
+NOOP = req("bench_noop")
+
+
+# --- processes under test ------------------------------------------------------------------------
+class Echo:
+    def __init__(self, mode: str = "echo"):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--mode", mode],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if "listening" not in line:
+            raise RuntimeError(f"echo server did not start: {line!r}")
+        self.port = int(line.split(":")[1].split()[0])
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def start_blender(wheel: Path, scripts: Path) -> BlenderProcess:
+    addons = scripts / "addons"
+    addons.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith("bld_remote/"):
+                zf.extract(name, addons)
+    b = BlenderProcess(runtime_argv(SERVE_BENCH), blender_env(scripts))
+    b.wait_ready()
+    return b
+
+
+# --- client primitives ---------------------------------------------------------------------------
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=120)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def roundtrip(s: socket.socket, payload: bytes) -> int:
+    """Send one request, read until its reply's newline (the only raw newline in a JSON line)."""
+    s.sendall(payload)
+    data = s.recv(1 << 16)
+    n = len(data)
+    while not data.endswith(b"\n"):
+        data = s.recv(1 << 22)
+        if not data:
+            raise ConnectionError("closed mid-reply")
+        n += len(data)
+    return n
+
+
+def latency_persistent(port: int, payload: bytes, n: int) -> list[float]:
+    with connect(port) as s:
+        for _ in range(20):
+            roundtrip(s, payload)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            roundtrip(s, payload)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency_per_connection(port: int, payload: bytes, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with connect(port) as s:
+            roundtrip(s, payload)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _tp_worker(port: int, payload: bytes, barrier, duration: float, results) -> None:
+    s = connect(port)
+    for _ in range(5):
+        roundtrip(s, payload)
+    barrier.wait()
+    end = time.perf_counter() + duration
+    count = 0
+    while time.perf_counter() < end:
+        roundtrip(s, payload)
+        count += 1
+    results.put(count)
+    s.close()
+
+
+def throughput(port: int, payload: bytes, clients: int, duration: float) -> float:
+    """Requests/s from `clients` processes, each one request at a time on its own connection."""
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(clients + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_tp_worker, args=(port, payload, barrier, duration, results))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=60)
+    total = sum(results.get(timeout=duration + 60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    return total / duration
+
+
+def pipelined(port: int, command: str, params: dict | None, window: int, duration: float) -> float:
+    """Requests/s on one connection with `window` requests (with ids) in flight."""
+    body = json.dumps({"type": command, **({"params": params} if params else {})})[1:]
+    make = lambda i: b'{"id":%d,' % i + body.encode() + b"\n"  # noqa: E731
+    with connect(port) as s:
+        sent = received = 0
+        s.sendall(b"".join(make(i) for i in range(window)))
+        sent = window
+        t0 = time.perf_counter()
+        end = t0 + duration
+        while received < sent:
+            data = s.recv(1 << 20)
+            if not data:
+                raise ConnectionError("closed")
+            k = data.count(b"\n")
+            received += k
+            if k and time.perf_counter() < end:
+                s.sendall(b"".join(make(sent + i) for i in range(k)))
+                sent += k
+        return received / (time.perf_counter() - t0)
+
+
+def timed_big(port: int, payload: bytes) -> tuple[float, int, bytes]:
+    """Seconds from the first request byte sent to the reply's last byte received; reply size; its ends."""
+    with connect(port) as s:
+        roundtrip(s, PING)
+        t0 = time.perf_counter()
+        s.sendall(payload)
+        total = 0
+        ends = b""
+        while True:
+            chunk = s.recv(1 << 22)
+            if not chunk:
+                raise ConnectionError("closed mid-reply")
+            if not ends:
+                ends = chunk[:300]
+            total += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        return time.perf_counter() - t0, total, ends + b" ... " + chunk[-300:]
+
+
+# --- /proc readings ------------------------------------------------------------------------------
+def thread_runtime_ns(pid: int, tid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
+def thread_switches(pid: int, tid: int) -> tuple[int, int]:
+    vol = nonvol = 0
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches"):
+            vol = int(line.split()[1])
+        elif line.startswith("nonvoluntary_ctxt_switches"):
+            nonvol = int(line.split()[1])
+    return vol, nonvol
+
+
+def process_snapshot(pid: int) -> dict:
+    """CPU ticks of the whole process, and per thread: name, switches."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            threads[int(task.name)] = (name, *thread_switches(pid, int(task.name)))
+        except OSError:
+            pass
+    return {"t": time.monotonic(), "ticks": ticks, "threads": threads}
+
+
+def idle_delta(a: dict, b: dict, pid: int) -> dict:
+    hz = os.sysconf("SC_CLK_TCK")
+    secs = b["t"] - a["t"]
+    per_thread = {}
+    for tid, (name, vol, nonvol) in b["threads"].items():
+        if tid in a["threads"]:
+            _, v0, n0 = a["threads"][tid]
+            if (vol - v0) + (nonvol - n0):
+                per_thread[f"{name}/{tid}"] = (vol - v0) + (nonvol - n0)
+    main = b["threads"].get(pid), a["threads"].get(pid)
+    main_wakeups = (main[0][1] + main[0][2] - main[1][1] - main[1][2]) if all(main) else None
+    return {
+        "seconds": secs,
+        "cpu_percent": 100.0 * (b["ticks"] - a["ticks"]) / hz / secs,
+        "main_thread_wakeups": main_wakeups,
+        "process_wakeups": sum(per_thread.values()),
+        "threads": len(b["threads"]),
+        "waking_threads": per_thread,
+    }
+
+
+def main_thread_cost(pid: int, port: int, payload: bytes, n: int, pipelined_: bool) -> dict:
+    """Main-thread CPU time (schedstat, ns) and wake-ups per request over n requests."""
+    with connect(port) as s:
+        for _ in range(50):
+            roundtrip(s, payload)
+        ns0, sw0 = thread_runtime_ns(pid, pid), sum(thread_switches(pid, pid))
+        t0 = time.perf_counter()
+        if pipelined_:
+            sender = threading.Thread(target=s.sendall, args=(payload * n,))
+            sender.start()
+            got = 0
+            while got < n:
+                data = s.recv(1 << 20)
+                if not data:
+                    raise ConnectionError("closed")
+                got += data.count(b"\n")
+            sender.join()
+        else:
+            for _ in range(n):
+                roundtrip(s, payload)
+        wall = time.perf_counter() - t0
+        ns1, sw1 = thread_runtime_ns(pid, pid), sum(thread_switches(pid, pid))
+    return {
+        "us_per_request": (ns1 - ns0) / n / 1000,
+        "wakeups_per_request": (sw1 - sw0) / n,
+        "requests_per_s": n / wall,
+    }
+
+
+# --- statistics and output -----------------------------------------------------------------------
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.3f}"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.data: dict = {}
+        self.verdicts: list[tuple[str, str, str, str, bool | None, str]] = []
+
+    def p(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.p("| " + " | ".join(header) + " |")
+        self.p("|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            self.p("| " + " | ".join(r) + " |")
+        self.p()
+
+    def verdict(self, target: str, value: str, baseline: str, ratio: str, met: bool | None, note: str = ""):
+        self.verdicts.append((target, value, baseline, ratio, met, note))
+
+
+# --- the sections --------------------------------------------------------------------------------
+def bench_latency(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> None:
+    subjects = [
+        ("echo: ping", echo.port, PING),
+        ("bld_remote: ping", bld.port, PING),
+        ("bld_remote: get_scene_info", bld.port, SCENE),
+        ('bld_remote: execute_code("pass")', bld.port, PASS),
+    ]
+    for mode, fn, n in (
+        ("persistent connection", latency_persistent, cfg["lat_n"]),
+        ("a connection per request", latency_per_connection, cfg["lat_conn_n"]),
+    ):
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in subjects}
+        for r in range(cfg["rounds"]):
+            order = subjects if r % 2 == 0 else list(reversed(subjects))
+            for name, port, payload in order:
+                samples[name] += fn(port, payload, n)
+        base50 = pct(samples["echo: ping"], 0.5)
+        rows = []
+        for name, _, _ in subjects:
+            p50, p99 = pct(samples[name], 0.5), pct(samples[name], 0.99)
+            rows.append([name, ms(p50), ms(p99), f"{p50 / base50:.2f}×", str(len(samples[name]))])
+            rep.data[f"latency/{mode}/{name}"] = {"p50": p50, "p99": p99, "n": len(samples[name])}
+        rep.p(f"### Round trip, {mode} (ms; ratio = p50 / echo ping p50)")
+        rep.p()
+        rep.table(["request", "p50", "p99", "ratio", "samples"], rows)
+        if mode == "persistent connection":
+            for name, limit, label in (
+                ("bld_remote: ping", 1.0, "ping p50 ≤ 1× echo"),
+                ("bld_remote: get_scene_info", 2.0, "get_scene_info p50 ≤ 2× echo ping"),
+                ('bld_remote: execute_code("pass")', 2.0, 'execute_code("pass") p50 ≤ 2× echo ping'),
+            ):
+                p50 = pct(samples[name], 0.5)
+                rep.verdict(label, f"{ms(p50)} ms", f"{ms(base50)} ms", f"{p50 / base50:.2f}×",
+                            p50 / base50 <= limit)
+
+
+def bench_throughput(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> None:
+    subjects = [
+        ("echo: ping", echo.port, PING),
+        ("bld_remote: ping", bld.port, PING),
+        ('bld_remote: execute_code("pass")', bld.port, PASS),
+    ]
+    rows = []
+    for clients in (1, 8, 32):
+        got: dict[str, list[float]] = {name: [] for name, _, _ in subjects}
+        for r in range(cfg["tp_rounds"]):
+            order = subjects if r % 2 == 0 else list(reversed(subjects))
+            for name, port, payload in order:
+                got[name].append(throughput(port, payload, clients, cfg["tp_seconds"]))
+        base = statistics.median(got["echo: ping"])
+        for name, _, _ in subjects:
+            v = statistics.median(got[name])
+            rep.data[f"throughput/{clients}/{name}"] = got[name]
+            rows.append([str(clients), name, f"{v:,.0f}", f"{v / base:.2f}×"])
+        if clients == 8:
+            v = statistics.median(got["bld_remote: ping"])
+            rep.verdict("8 client processes: ping ≥ echo", f"{v:,.0f}/s", f"{base:,.0f}/s",
+                        f"{v / base:.2f}×", v >= base)
+            v = statistics.median(got['bld_remote: execute_code("pass")'])
+            rep.verdict('8 client processes: execute_code("pass") ≥ ⅓ echo', f"{v:,.0f}/s",
+                        f"{base:,.0f}/s", f"{v / base:.2f}×", v >= base / 3)
+    rep.p("### Throughput: N client processes, one request at a time each (requests/s; ratio to echo ping)")
+    rep.p()
+    rep.table(["clients", "request", "req/s (median)", "ratio"], rows)
+
+    rows = []
+    window = 64
+    subjects_p = [
+        ("echo: ping", echo.port, "ping", None),
+        ("bld_remote: ping", bld.port, "ping", None),
+        ('bld_remote: execute_code("pass")', bld.port, "execute_code", {"code": "pass"}),
+        ("bld_remote: get_scene_info", bld.port, "get_scene_info", None),
+    ]
+    got = {name: [] for name, *_ in subjects_p}
+    for r in range(cfg["tp_rounds"]):
+        order = subjects_p if r % 2 == 0 else list(reversed(subjects_p))
+        for name, port, command, params in order:
+            got[name].append(pipelined(port, command, params, window, cfg["tp_seconds"]))
+    base = statistics.median(got["echo: ping"])
+    for name, *_ in subjects_p:
+        v = statistics.median(got[name])
+        rep.data[f"pipelined/{name}"] = got[name]
+        rows.append([name, f"{v:,.0f}", f"{v / base:.2f}×"])
+    rep.p(f"### Pipelined: one connection, {window} requests with ids in flight (requests/s)")
+    rep.p()
+    rep.table(["request", "req/s (median)", "ratio to echo ping"], rows)
+
+
+def bench_payloads(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> None:
+    sizes = cfg["sizes_mb"]
+
+    # Requests are N MB on the wire minus 256 bytes: the default request limit is exactly 64 MiB.
+    def exec_comment(n: int) -> bytes:
+        return req("execute_code", {"code": "#" + "x" * (n - 256)})
+
+    def persist(n: int) -> bytes:
+        return req("put_persist_data", {"key": "bench", "data": "x" * (n - 256)})
+
+    def echo_reply(n: int) -> bytes:
+        return req("blob", {"reply_bytes": n})
+
+    def exec_print(n: int) -> bytes:
+        return req("execute_code", {"code": f"import sys\nsys.stdout.write('x' * {n})"})
+
+    kinds = [
+        ("request", "echo: request (parsed, small reply)", echo.port, exec_comment),
+        ("request", 'bld_remote: execute_code request (code = "#xxx…")', bld.port, exec_comment),
+        ("request", "bld_remote: put_persist_data request (network thread only)", bld.port, persist),
+        ("reply", "echo: reply of N bytes", echo.port, echo_reply),
+        ("reply", "bld_remote: execute_code printing N bytes", bld.port, exec_print),
+    ]
+    times: dict[tuple[str, int], list[float]] = {}
+    wire: dict[tuple[str, int], int] = {}
+    for size in sizes:
+        n = size * MB
+        payloads = {name: make(n) for _, name, _, make in kinds}
+        for r in range(cfg["payload_reps"]):
+            order = kinds if r % 2 == 0 else list(reversed(kinds))
+            for _, name, port, _ in order:
+                t, total, first = timed_big(port, payloads[name])
+                if b'"success"' not in first:
+                    raise RuntimeError(f"{name} {size} MB failed: {first!r}")
+                times.setdefault((name, size), []).append(t)
+                wire[(name, size)] = total
+        del payloads
+    for direction in ("request", "reply"):
+        rows = []
+        base_name = [name for d, name, *_ in kinds if d == direction][0]
+        for _, name, _, _ in [k for k in kinds if k[0] == direction]:
+            for size in sizes:
+                t = statistics.median(times[(name, size)])
+                tb = statistics.median(times[(base_name, size)])
+                rate = size / t
+                rep.data[f"payload/{name}/{size}"] = {"seconds": times[(name, size)], "reply_bytes": wire[(name, size)]}
+                rows.append([name, str(size), f"{t * 1000:,.1f}", f"{rate:,.0f}", f"{(rate / (size / tb)):.2f}×",
+                             f"{wire[(name, size)] / MB:,.1f}"])
+        rep.p(f"### {direction.capitalize()}s of N MB (one connection; time from first byte sent to last byte "
+              "received; MB/s = N / time; ratio = MB/s / echo MB/s)")
+        rep.p()
+        rep.table(["what", "MB", "ms (median)", "MB/s", "ratio", "reply MB on the wire"], rows)
+
+    big, small = max(sizes), 4
+    if big == 64 and small in sizes:
+        name = 'bld_remote: execute_code request (code = "#xxx…")'
+        t, tb = statistics.median(times[(name, 64)]), statistics.median(times[("echo: request (parsed, small reply)", 64)])
+        rep.verdict("64 MB request ingested ≥ echo's speed (execute_code, end to end)", f"{64 / t:,.0f} MB/s",
+                    f"{64 / tb:,.0f} MB/s", f"{tb / t:.2f}×", t <= tb)
+        name_p = "bld_remote: put_persist_data request (network thread only)"
+        tp = statistics.median(times[(name_p, 64)])
+        rep.verdict("64 MB request ingested ≥ echo's speed (put_persist_data: reading + parsing only)",
+                    f"{64 / tp:,.0f} MB/s", f"{64 / tb:,.0f} MB/s", f"{tb / tp:.2f}×", tp <= tb)
+        rname = "bld_remote: execute_code printing N bytes"
+        tr = statistics.median(times[(rname, 64)])
+        te = statistics.median(times[("echo: reply of N bytes", 64)])
+        rep.verdict("64 MB reply ≥ 150 MB/s", f"{64 / tr:,.0f} MB/s", f"echo {64 / te:,.0f} MB/s",
+                    f"{te / tr:.2f}× echo", 64 / tr >= 150)
+        for label, nm in (("request", name), ("reply", rname)):
+            t64, t4 = statistics.median(times[(nm, 64)]), statistics.median(times[(nm, 4)])
+            rep.verdict(f"64 MB {label} ≤ ~16× the 4 MB one (linear)", f"{t64 * 1000:,.0f} ms",
+                        f"4 MB: {t4 * 1000:,.0f} ms", f"{t64 / t4:.1f}×", t64 / t4 <= 16 * 1.15)
+
+
+def bench_main_thread(rep: Report, bld: BlenderProcess, cfg: dict) -> None:
+    n = cfg["mt_n"]
+    rows = []
+    for label, payload in (
+        ("bench_noop (handler does nothing)", NOOP),
+        ('execute_code("pass")', PASS),
+        ("get_scene_info", SCENE),
+    ):
+        for mode, pipe in (("pipelined", True), ("one at a time", False)):
+            k = n if pipe else max(500, n // 5)
+            runs = [main_thread_cost(bld.pid, bld.port, payload, k, pipe) for _ in range(cfg["mt_reps"])]
+            us = statistics.median(r["us_per_request"] for r in runs)
+            wk = statistics.median(r["wakeups_per_request"] for r in runs)
+            rate = statistics.median(r["requests_per_s"] for r in runs)
+            rep.data[f"main_thread/{label}/{mode}"] = runs
+            rows.append([label, mode, f"{us:.1f}", f"{wk:.2f}", f"{rate:,.0f}"])
+            if label.startswith("bench_noop") and pipe:
+                rep.verdict("≤ 20 µs main-thread time per no-op request", f"{us:.1f} µs", "20 µs",
+                            f"{us / 20:.2f}×", us <= 20)
+    rep.p(f"### Main-thread cost per request ({n} requests on one connection; Blender's main thread's "
+          "own CPU time from /proc/PID/task/PID/schedstat)")
+    rep.p()
+    rep.table(["request", "sent", "µs of main-thread CPU / request", "main-thread wake-ups / request",
+               "req/s"], rows)
+
+
+def bench_idle(rep: Report, bld: BlenderProcess, ref: Echo, cfg: dict) -> None:
+    secs = cfg["idle_seconds"]
+    rows = []
+    for label, hold in (("no client connected", False), ("one idle client connection open", True)):
+        conn = connect(bld.port) if hold else None
+        if conn is not None:
+            roundtrip(conn, PING)
+            roundtrip(conn, PASS)
+        time.sleep(1.0)
+        a, ra = process_snapshot(bld.pid), process_snapshot(ref.pid)
+        time.sleep(secs)
+        b, rb = process_snapshot(bld.pid), process_snapshot(ref.pid)
+        if conn is not None:
+            conn.close()
+        d, rd = idle_delta(a, b, bld.pid), idle_delta(ra, rb, ref.pid)
+        rep.data[f"idle/{label}"] = d
+        rep.data[f"idle/reference/{label}"] = rd
+        waking = ", ".join(f"{k}: {v}" for k, v in sorted(d["waking_threads"].items())) or "none"
+        rows.append(["bld_remote in Blender, " + label, f"{d['seconds']:.1f}", f"{d['cpu_percent']:.2f}",
+                     str(d["main_thread_wakeups"]), str(d["process_wakeups"]), waking])
+        if not hold:
+            rows.append(["reference emulation (sleep(0.05) loop)", f"{rd['seconds']:.1f}",
+                         f"{rd['cpu_percent']:.2f}", str(rd["main_thread_wakeups"]), str(rd["process_wakeups"]),
+                         ""])
+            rep.verdict("zero wake-ups idle headless (Blender's main thread)",
+                        f"{d['main_thread_wakeups']} in {d['seconds']:.0f} s",
+                        f"reference: {rd['main_thread_wakeups']}", "", d["main_thread_wakeups"] == 0,
+                        f"whole process: {d['process_wakeups']}")
+    rep.p(f"### Idle, headless ({secs:.0f} s windows; CPU from /proc/PID/stat, wake-ups = voluntary + "
+          "involuntary context switches from /proc/PID/task/TID/status)")
+    rep.p()
+    rep.table(["process", "s", "CPU %", "main-thread wake-ups", "all threads' wake-ups", "which threads woke"],
+              rows)
+
+
+def bench_reference(rep: Report, echo: Echo, ref: Echo, bld: BlenderProcess, cfg: dict) -> None:
+    rows = []
+    n = cfg["ref_n"]
+    for name, port in (("reference emulation", ref.port), ("echo", echo.port), ("bld_remote", bld.port)):
+        s = latency_persistent(port, req("ping") if name != "bld_remote" else SCENE, n)
+        rows.append([f"{name}: {'get_scene_info' if name == 'bld_remote' else 'request'} p50", f"{ms(pct(s, 0.5))} ms"])
+        rep.data[f"reference/latency/{name}"] = pct(s, 0.5)
+    for size in cfg["ref_sizes_mb"]:
+        payload = req("execute_code", {"code": "#" + "x" * (size * MB - 256)}).rstrip(b"\n")
+        for name, port in (("reference emulation", ref.port), ("bld_remote", bld.port)):
+            t, _, first = timed_big(port, payload)
+            rows.append([f"{name}: {size} MB request", f"{t * 1000:,.0f} ms ({size / t:,.1f} MB/s)"])
+            rep.data[f"reference/request/{name}/{size}"] = t
+    rep.p("### The reference projects' approach, emulated (bench/echo_server.py --mode reference: recv(8192) "
+          "and re-parse the whole buffer per chunk; a main loop that sleeps 0.05 s between polls)")
+    rep.p()
+    rep.table(["measurement", "value"], rows)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples; < 2 minutes")
+    ap.add_argument("--wheel", type=Path, help="the bld_remote wheel (default: newest dist/*.whl)")
+    ap.add_argument("--only", default="", help="comma list: latency,throughput,payloads,main,idle,reference")
+    ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = ap.parse_args()
+    quick = args.quick
+    cfg = {
+        "rounds": 2 if quick else 4,
+        "lat_n": 300 if quick else 1500,
+        "lat_conn_n": 100 if quick else 500,
+        "tp_rounds": 2 if quick else 3,
+        "tp_seconds": 1.0 if quick else 2.0,
+        "sizes_mb": [1, 4, 16, 64],
+        "payload_reps": 1 if quick else 3,
+        "mt_n": 5000 if quick else 20000,
+        "mt_reps": 1 if quick else 3,
+        "idle_seconds": 10.0,
+        "ref_n": 10 if quick else 40,
+        "ref_sizes_mb": [1] if quick else [1, 4],
+    }
+    only = set(filter(None, args.only.split(",")))
+    want = lambda s: not only or s in only  # noqa: E731
+    wheel = args.wheel or built_wheel()
+    started = time.monotonic()
+    rep = Report()
+    tmp = Path(tempfile.mkdtemp(prefix="bld_remote_bench_"))
+    echo = ref = bld = None
+    try:
+        echo = Echo("echo")
+        ref = Echo("reference")
+        bld = start_blender(wheel, tmp / "scripts")
+        version = subprocess.run(["blender", "--version"], capture_output=True, text=True).stdout.splitlines()
+        rep.p(f"## Headless results ({'--quick' if quick else 'full run'})")
+        rep.p()
+        rep.p(f"- command: `python bench/run.py{' --quick' if quick else ''}`; date: "
+              f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+        rep.p(f"- machine: {machine()}; {version[0] if version else 'blender ?'} headless (`-b`)")
+        rep.p(f"- wheel: {wheel.name} ({_dt.datetime.fromtimestamp(wheel.stat().st_mtime):%Y-%m-%d %H:%M}); "
+              "baseline: bench/echo_server.py (threaded, one thread per connection) in its own process")
+        rep.p()
+        if want("latency"):
+            bench_latency(rep, echo, bld, cfg)
+        if want("throughput"):
+            bench_throughput(rep, echo, bld, cfg)
+        if want("payloads"):
+            bench_payloads(rep, echo, bld, cfg)
+        if want("main"):
+            bench_main_thread(rep, bld, cfg)
+        if want("reference"):
+            bench_reference(rep, echo, ref, bld, cfg)
+        if want("idle"):
+            bench_idle(rep, bld, ref, cfg)
+        rep.p("### Verdicts")
+        rep.p()
+        rep.table(
+            ["target", "measured", "baseline", "ratio", "verdict", "note"],
+            [[t, v, b, r, "met" if m else ("missed" if m is False else "–"), note]
+             for t, v, b, r, m, note in rep.verdicts],
+        )
+        rep.p(f"(bench took {time.monotonic() - started:.0f} s)")
+    finally:
+        if bld is not None:
+            bld.kill()
+        for e in (echo, ref):
+            if e is not None:
+                e.stop()
+    if args.json:
+        args.json.write_text(json.dumps({"cfg": cfg, "data": rep.data, "verdicts": rep.verdicts}, indent=1,
+                                        default=str))
+
+
+if __name__ == "__main__":
+    main()
