@@ -21,6 +21,13 @@ bl_info = {
     "category": "System",
 }
 
+from ._core import (  # noqa: E402
+    BlenderConnectionError,
+    BlenderTimeoutError,
+    Client,
+    ExecResult,
+    RemoteError,
+)
 from .service import (  # noqa: E402
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -35,7 +42,12 @@ from .service import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlenderConnectionError",
+    "BlenderTimeoutError",
+    "Client",
     "DEFAULT_HOST",
+    "ExecResult",
+    "RemoteError",
     "DEFAULT_PORT",
     "get_status",
     "is_mcp_service_up",

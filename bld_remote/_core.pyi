@@ -34,3 +34,84 @@ def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) 
 
 def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
     """Headless pump: block (GIL released) and run jobs until the service stops."""
+
+# --- client side (src/py_client.rs, src/error.rs) ------------------------------------------------------
+
+class BlenderConnectionError(ConnectionError):
+    """Cannot reach the service (refused, unreachable), or the connection broke before the reply was complete.
+
+    ``address`` is ``"host:port"``; ``reason`` (connect failures only) names the OS error kind."""
+
+    address: str | None
+    reason: str | None
+
+class BlenderTimeoutError(TimeoutError):
+    """No reply in time. ``ran`` is False when the service says the request never ran, else None (unknown)."""
+
+    address: str | None
+    ran: bool | None
+
+class RemoteError(RuntimeError):
+    """The service answered with an error reply (the remote code raised, unknown command, bad parameter...)."""
+
+    message: str
+    exception: str | None
+    """The remote exception's type name, e.g. ``"ZeroDivisionError"``."""
+    traceback: str | None
+    output: dict[str, str] | None
+    """``{"stdout": ..., "stderr": ...}`` printed before the failure (execute_code)."""
+    reply: dict[str, Any]
+
+class ExecResult:
+    """What ``Client.execute`` returns. Also readable as ``r["stdout"]``."""
+
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    @property
+    def result(self) -> Any:
+        """The code's ``result`` variable converted to JSON-like data, or None when it set none."""
+    @property
+    def duration(self) -> float:
+        """Seconds the code ran in Blender."""
+    def __getitem__(self, key: str) -> Any: ...
+
+class Client:
+    """A connection to a running bld_remote service (framed mode: ids, one JSON reply per line).
+
+    Without ``port``, the only running instance (see ``bld-remote ls``); several → BlenderConnectionError.
+    ``timeout`` is per request in seconds (None: no limit). ``token`` defaults to ``$BLD_REMOTE_TOKEN``.
+    Every wait releases the GIL; Ctrl+C interrupts it. Thread-safe; calls are serialised."""
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float | None = 60.0,
+        token: str | None = None,
+    ) -> None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @timeout.setter
+    def timeout(self, value: float | None) -> None: ...
+    def call(self, command: str, /, **params: Any) -> Any:
+        """Send any command and return its ``result``; an error reply raises RemoteError."""
+    def execute(self, code: str) -> ExecResult:
+        """Run Python in Blender; RemoteError (with ``traceback`` and partial ``output``) if it raises."""
+    def scene_info(self) -> dict[str, Any]: ...
+    def object_info(self, name: str) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]: ...
+    def ping(self) -> bool: ...
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the service (a headless Blender then exits) and close this connection."""
+    def close(self) -> None: ...
+    def __enter__(self) -> Client: ...
+    def __exit__(self, *exc: object) -> bool: ...
+
+def cli_main(argv: list[str]) -> int:
+    """Run the ``bld-remote`` command line (``sys.argv``); returns the exit status."""

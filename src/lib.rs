@@ -2,9 +2,15 @@
 //! cdylib; the pure-Rust core (protocol, jobs, server) is usable and tested without Python.
 //! This file is only the manifest of modules and exports.
 
+pub mod blender;
+pub mod cli;
+pub mod client;
+mod error;
+pub mod instances;
 pub mod jobs;
 pub mod protocol;
 mod py;
+mod py_client;
 pub mod server;
 
 use pyo3::prelude::*;
@@ -21,5 +27,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::status, m)?)?;
     m.add_function(wrap_pyfunction!(py::step, m)?)?;
     m.add_function(wrap_pyfunction!(py::serve_forever, m)?)?;
+    m.add_class::<py_client::PyClient>()?;
+    m.add_class::<py_client::ExecResult>()?;
+    m.add_function(wrap_pyfunction!(py_client::cli_main, m)?)?;
+    error::add_to_module(m)?;
     Ok(())
 }

@@ -27,6 +27,8 @@ const MAX_CONVERT_DEPTH: usize = 200;
 struct Service {
     server: Server,
     handler: Py<PyAny>,
+    /// This service's instance descriptor (see `instances`), removed when it stops.
+    descriptor: Option<std::path::PathBuf>,
 }
 
 static SERVICE: std::sync::LazyLock<Mutex<Option<Service>>> =
@@ -128,8 +130,37 @@ pub fn start(
     };
     let server = py.detach(|| Server::start(config)).map_err(start_error)?;
     let addr = server.local_addr();
-    *guard = Some(Service { server, handler });
+    let descriptor = write_descriptor(&server);
+    *guard = Some(Service {
+        server,
+        handler,
+        descriptor,
+    });
     Ok((addr.ip().to_string(), addr.port()))
+}
+
+/// Announce the service in the runtime dir for `bld-remote` and `Client()`. A failure to write only costs
+/// discoverability, so it is reported on stderr and the service runs anyway.
+fn write_descriptor(server: &Server) -> Option<std::path::PathBuf> {
+    let config = server.shared().config();
+    let addr = server.local_addr();
+    let d = crate::instances::Descriptor::for_this_process(
+        &addr.ip().to_string(),
+        addr.port(),
+        &config.mode,
+        config.token.is_some(),
+        &config.info,
+    );
+    match crate::instances::write(&d) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            eprintln!(
+                "bld_remote [WARNING] cannot write the instance descriptor in {}: {e}",
+                crate::instances::runtime_dir().display()
+            );
+            None
+        }
+    }
 }
 
 /// Stop the service and join its threads. Called from inside a job, the stop happens right after that job
@@ -154,10 +185,14 @@ pub fn stop(py: Python<'_>) -> bool {
         Some(Service {
             mut server,
             handler,
+            descriptor,
         }) => {
             py.detach(|| server.stop());
             drop(server);
             drop(handler);
+            if let Some(path) = descriptor {
+                crate::instances::remove(&path);
+            }
             true
         }
         None => false,

@@ -1,0 +1,634 @@
+//! The client that `bld-remote` and `bld_remote.Client` share: one TCP connection to a running service,
+//! speaking the framed mode (every request carries an `id`; replies are one JSON object per line). Pure Rust;
+//! runs on whatever thread calls it (the Python binding calls it with the GIL released).
+//!
+//! Replies of any size: the reader keeps one growing buffer and searches only the bytes that arrived since the
+//! last search for the terminating newline, so a 100 MB reply costs one pass. Long waits are sliced (at most
+//! `POLL` each) so the caller's `interrupted` hook runs often enough for Ctrl+C to work.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+/// Longest single blocking wait, so that an interrupt (Ctrl+C) is noticed quickly.
+const POLL: Duration = Duration::from_millis(100);
+/// Extra time the client waits beyond the deadline it sends, so the service's own "timed out" reply (which
+/// says whether the request ran) normally arrives before the client gives up on its own.
+const GRACE: Duration = Duration::from_secs(2);
+const READ_CHUNK: usize = 1 << 20;
+
+/// Everything that can go wrong talking to a service.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Nothing accepted the connection (no service on that port, or it is not reachable).
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The connection broke or closed before the reply was complete.
+    Lost { addr: String, detail: String },
+    /// No reply within the timeout (client side), or the service says the request timed out.
+    Timeout { addr: String, detail: String },
+    /// The service answered with an error reply (the remote code raised, unknown command, auth...).
+    Remote {
+        message: String,
+        exception: Option<String>,
+        traceback: Option<String>,
+        /// The whole error reply, for fields such as `output` (partial stdout/stderr) or `ran`.
+        reply: Map<String, Value>,
+    },
+    /// Something answered, but not with this protocol.
+    Protocol { addr: String, detail: String },
+    /// The caller's interrupt hook fired (Ctrl+C, SIGTERM) while waiting.
+    Interrupted,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect { addr, source } if source.kind() == ErrorKind::ConnectionRefused => write!(
+                f,
+                "cannot connect to bld_remote at {addr}: connection refused (is Blender running with the \
+                 service started? `bld-remote ls` lists running instances)"
+            ),
+            Self::Connect { addr, source } => {
+                write!(f, "cannot connect to bld_remote at {addr}: {source}")
+            }
+            Self::Lost { addr, detail } => write!(f, "connection to {addr} lost: {detail}"),
+            Self::Timeout { addr, detail } => write!(f, "{addr}: {detail}"),
+            Self::Remote { message, .. } => f.write_str(message),
+            Self::Protocol { addr, detail } => {
+                write!(f, "{addr} does not speak the bld_remote protocol: {detail}")
+            }
+            Self::Interrupted => f.write_str("interrupted"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// What `execute_code` returned, in the shape scripts want.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecOutput {
+    pub stdout: String,
+    pub stderr: String,
+    /// The code's `result` variable (JSON), `None` when it set none.
+    pub result: Option<Value>,
+    /// Seconds the code ran in Blender.
+    pub duration: f64,
+}
+
+/// A connection to one service. Not shared between threads; reconnects on the next call after a failure.
+#[derive(Debug)]
+pub struct Client {
+    host: String,
+    port: u16,
+    /// Per request: how long to wait for the reply. `None`: as long as it takes.
+    timeout: Option<Duration>,
+    token: Option<String>,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+    next_id: u64,
+}
+
+/// A hook polled during waits; returning true abandons the call with [`ClientError::Interrupted`].
+pub type Interrupt<'a> = &'a (dyn Fn() -> bool + Sync);
+
+fn never() -> bool {
+    false
+}
+
+impl Client {
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        timeout: Option<Duration>,
+        token: Option<String>,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            timeout,
+            token: token.filter(|t| !t.is_empty()),
+            stream: None,
+            buf: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    pub fn addr_text(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Close the connection (the next call opens a new one).
+    pub fn close(&mut self) {
+        if let Some(s) = self.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.buf.clear();
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    fn connect(&mut self, deadline: Option<Instant>) -> Result<(), ClientError> {
+        if self.stream.is_some() {
+            return Ok(());
+        }
+        let addr = self.addr_text();
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?
+            .collect();
+        let connect_timeout = deadline
+            .map_or(Duration::from_secs(10), |d| {
+                d.saturating_duration_since(Instant::now())
+            })
+            .clamp(Duration::from_millis(1), Duration::from_secs(10));
+        let mut last =
+            std::io::Error::new(ErrorKind::NotFound, "the host name resolved to nothing");
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, connect_timeout) {
+                Ok(s) => {
+                    // One write per request; without this a small request can sit 40 ms in Nagle's buffer.
+                    let _ = s.set_nodelay(true);
+                    self.stream = Some(s);
+                    self.buf.clear();
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        if last.kind() == ErrorKind::TimedOut {
+            return Err(ClientError::Timeout {
+                addr,
+                detail: "timed out connecting".into(),
+            });
+        }
+        Err(ClientError::Connect { addr, source: last })
+    }
+
+    /// Send one request and wait for its reply. Returns the `result` of a success reply.
+    pub fn call(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+    ) -> Result<Value, ClientError> {
+        self.call_with(command, params, &never)
+    }
+
+    /// [`Client::call`], polling `interrupted` at least every 100 ms while waiting.
+    pub fn call_with(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Value, ClientError> {
+        let started = Instant::now();
+        let deadline = self.timeout.and_then(|t| started.checked_add(t + GRACE));
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({"type": command, "params": Value::Object(params), "id": id});
+        if let Value::Object(m) = &mut request {
+            if let Some(t) = self.timeout {
+                // The service drops the request if it is still queued when this runs out.
+                m.insert("timeout".into(), json!(t.as_secs_f64().max(0.001)));
+            }
+            if let Some(token) = &self.token {
+                m.insert("token".into(), Value::String(token.clone()));
+            }
+        }
+        let mut bytes = serde_json::to_vec(&request).map_err(|e| ClientError::Protocol {
+            addr: self.addr_text(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        bytes.push(b'\n');
+        let result = self.round_trip(&bytes, id, deadline, interrupted);
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, ClientError::Remote { .. }))
+        {
+            // The stream is in an unknown state (half a reply may still arrive): start afresh next time.
+            self.close();
+        }
+        result
+    }
+
+    fn round_trip(
+        &mut self,
+        request: &[u8],
+        id: u64,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Value, ClientError> {
+        let reused = self.stream.is_some();
+        self.connect(deadline)?;
+        if let Err(e) = self.write_request(request) {
+            if !reused {
+                return Err(e);
+            }
+            // The service may have closed an idle connection: retry once on a new one. Safe, because
+            // nothing was read back, and a request the service never fully received never ran.
+            self.close();
+            self.connect(deadline)?;
+            self.write_request(request)?;
+        }
+        let mut may_retry = reused;
+        loop {
+            let line = match self.read_line(deadline, interrupted) {
+                Ok(line) => line,
+                // A reused connection closed with nothing read back: the service dropped it as idle before
+                // reading this request (a service that stops refuses the reconnect). Retry once, afresh.
+                Err(ClientError::Lost { .. }) if may_retry && self.buf.is_empty() => {
+                    may_retry = false;
+                    self.close();
+                    self.connect(deadline)?;
+                    self.write_request(request)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            may_retry = false;
+            let value: Value =
+                serde_json::from_slice(&line).map_err(|e| ClientError::Protocol {
+                    addr: self.addr_text(),
+                    detail: format!("reply is not JSON: {e}"),
+                })?;
+            let Value::Object(mut reply) = value else {
+                return Err(ClientError::Protocol {
+                    addr: self.addr_text(),
+                    detail: "reply is not a JSON object".into(),
+                });
+            };
+            match reply.get("id") {
+                Some(v) if v.as_u64() == Some(id) => {}
+                // A stray reply to an earlier, abandoned request, or an id-less error about the stream.
+                Some(_) => continue,
+                None if reply.contains_key("status") => {}
+                None => continue,
+            }
+            if reply.contains_key("progress") && !reply.contains_key("status") {
+                continue;
+            }
+            return self.interpret(&mut reply);
+        }
+    }
+
+    fn interpret(&self, reply: &mut Map<String, Value>) -> Result<Value, ClientError> {
+        match reply.get("status").and_then(Value::as_str) {
+            Some("success") => Ok(reply.remove("result").unwrap_or(Value::Null)),
+            Some("error") => {
+                let message = reply
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the service replied with an error and no message")
+                    .to_string();
+                if reply.get("timeout").and_then(Value::as_bool) == Some(true)
+                    || (reply.get("ran").and_then(Value::as_bool) == Some(false)
+                        && message.starts_with("timed out"))
+                {
+                    return Err(ClientError::Timeout {
+                        addr: self.addr_text(),
+                        detail: message,
+                    });
+                }
+                let text = |k: &str| reply.get(k).and_then(Value::as_str).map(str::to_string);
+                Err(ClientError::Remote {
+                    exception: text("exception"),
+                    traceback: text("traceback"),
+                    message,
+                    reply: std::mem::take(reply),
+                })
+            }
+            _ => Err(ClientError::Protocol {
+                addr: self.addr_text(),
+                detail: "reply has no 'status'".into(),
+            }),
+        }
+    }
+
+    fn write_request(&mut self, request: &[u8]) -> Result<(), ClientError> {
+        let addr = self.addr_text();
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(ClientError::Lost {
+                addr,
+                detail: "not connected".into(),
+            });
+        };
+        // Large requests can block on a full socket buffer; a write timeout keeps that bounded.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(60)));
+        stream
+            .write_all(request)
+            .and_then(|()| stream.flush())
+            .map_err(|e| ClientError::Lost {
+                addr,
+                detail: format!("sending the request failed: {e}"),
+            })
+    }
+
+    /// One reply line (without its newline), however many reads it takes.
+    fn read_line(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let addr = self.addr_text();
+        let mut searched = 0;
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[searched..]) {
+                let end = searched + pos;
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                line.pop();
+                return Ok(line);
+            }
+            searched = self.buf.len();
+            if interrupted() {
+                return Err(ClientError::Interrupted);
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClientError::Timeout {
+                            addr,
+                            detail: format!(
+                                "no reply within {:.1} s (the request may still be running in Blender)",
+                                self.timeout.map_or(0.0, |t| t.as_secs_f64())
+                            ),
+                        });
+                    }
+                    left.min(POLL)
+                }
+                None => POLL,
+            };
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(ClientError::Lost {
+                    addr,
+                    detail: "not connected".into(),
+                });
+            };
+            let _ = stream.set_read_timeout(Some(wait));
+            let old_len = self.buf.len();
+            // Read straight into the buffer's spare room: no copy of large replies.
+            self.buf.resize(old_len + READ_CHUNK, 0);
+            let got = stream.read(&mut self.buf[old_len..]);
+            match got {
+                Ok(0) => {
+                    self.buf.truncate(old_len);
+                    return Err(ClientError::Lost {
+                        addr,
+                        detail: if old_len == 0 {
+                            "the service closed the connection without replying".into()
+                        } else {
+                            format!("the service closed the connection after {old_len} bytes of a reply")
+                        },
+                    });
+                }
+                Ok(n) => self.buf.truncate(old_len + n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.buf.truncate(old_len);
+                }
+                Err(e) => {
+                    self.buf.truncate(old_len);
+                    return Err(ClientError::Lost {
+                        addr,
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    // --- typed helpers -------------------------------------------------------------------------------
+
+    pub fn ping(&mut self) -> Result<Value, ClientError> {
+        self.call("ping", Map::new())
+    }
+
+    pub fn status(&mut self) -> Result<Value, ClientError> {
+        self.call("get_status", Map::new())
+    }
+
+    /// Run Python in Blender. A failure in the code is [`ClientError::Remote`] with the traceback and the
+    /// output printed before it (`reply["output"]`).
+    pub fn execute_with(
+        &mut self,
+        code: &str,
+        interrupted: Interrupt<'_>,
+    ) -> Result<ExecOutput, ClientError> {
+        let mut params = Map::new();
+        params.insert("code".into(), Value::String(code.to_string()));
+        let r = self.call_with("execute_code", params, interrupted)?;
+        Ok(exec_output(r))
+    }
+
+    pub fn execute(&mut self, code: &str) -> Result<ExecOutput, ClientError> {
+        self.execute_with(code, &never)
+    }
+}
+
+/// The `execute_code` success result → [`ExecOutput`].
+pub fn exec_output(mut r: Value) -> ExecOutput {
+    let take_str = |v: Option<Value>| match v {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let (stdout, stderr) = match r.get_mut("output").map(Value::take) {
+        Some(Value::Object(mut o)) => (take_str(o.remove("stdout")), take_str(o.remove("stderr"))),
+        _ => (
+            take_str(r.get_mut("result").map(Value::take)),
+            String::new(),
+        ),
+    };
+    ExecOutput {
+        stdout,
+        stderr,
+        result: r.get_mut("value").map(Value::take),
+        duration: r.get("duration").and_then(Value::as_f64).unwrap_or(0.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+
+    /// A one-connection fake service: replies to each request line with what `answer` returns.
+    fn fake(answer: impl Fn(Value) -> Vec<u8> + Send + 'static) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        std::thread::spawn(move || {
+            let Ok((s, _)) = l.accept() else { return };
+            let mut w = s.try_clone().unwrap_or_else(|e| panic!("{e}"));
+            for line in std::io::BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if w.write_all(&answer(v)).is_err() {
+                    return;
+                }
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn large_reply_in_many_reads_and_progress_lines_skipped() {
+        let port = fake(|req| {
+            let id = req["id"].clone();
+            let big = "x".repeat(5_000_000);
+            let mut out = serde_json::to_vec(&json!({"id": id, "progress": {"progress": 1}}))
+                .unwrap_or_default();
+            out.push(b'\n');
+            out.extend(
+                serde_json::to_vec(&json!({"id": 999, "status": "success", "result": 0}))
+                    .unwrap_or_default(),
+            );
+            out.push(b'\n');
+            out.extend(
+                serde_json::to_vec(&json!({"id": id, "status": "success", "result": {
+                    "executed": true, "result": big, "output": {"stdout": big, "stderr": "e"},
+                    "value": [1, 2], "duration": 0.5}}))
+                .unwrap_or_default(),
+            );
+            out.push(b'\n');
+            out
+        });
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(10)), None);
+        let r = c.execute("print()").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.stdout.len(), 5_000_000);
+        assert_eq!(r.stderr, "e");
+        assert_eq!(r.result, Some(json!([1, 2])));
+        assert!((r.duration - 0.5).abs() < 1e-9);
+        // The connection is reused.
+        let r = c.execute("print()").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.stdout.len(), 5_000_000);
+    }
+
+    #[test]
+    fn error_reply_is_remote_with_traceback_and_timeout_reply_is_timeout() {
+        let port = fake(|req| {
+            let id = req["id"].clone();
+            let v = if req["type"] == "slow" {
+                json!({"id": id, "status": "error", "message": "timed out while queued", "ran": false})
+            } else {
+                json!({"id": id, "status": "error", "message": "ZeroDivisionError: division by zero",
+                       "exception": "ZeroDivisionError", "traceback": "Traceback...",
+                       "output": {"stdout": "before\n", "stderr": ""}})
+            };
+            let mut out = serde_json::to_vec(&v).unwrap_or_default();
+            out.push(b'\n');
+            out
+        });
+        let mut c = Client::new("127.0.0.1", port, None, None);
+        match c.execute("1/0") {
+            Err(ClientError::Remote {
+                exception,
+                traceback,
+                reply,
+                ..
+            }) => {
+                assert_eq!(exception.as_deref(), Some("ZeroDivisionError"));
+                assert_eq!(traceback.as_deref(), Some("Traceback..."));
+                assert_eq!(reply["output"]["stdout"], json!("before\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.is_connected(), "a remote error keeps the connection");
+        assert!(matches!(
+            c.call("slow", Map::new()),
+            Err(ClientError::Timeout { .. })
+        ));
+    }
+
+    #[test]
+    fn refused_and_silent_and_closing_services() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            l.local_addr().map_or(0, |a| a.port())
+        };
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_millis(200)), None);
+        let e = c.ping().err();
+        assert!(
+            matches!(&e, Some(ClientError::Connect { source, .. }) if source.kind() == ErrorKind::ConnectionRefused),
+            "{e:?}"
+        );
+
+        // Accepts, never answers: a client-side timeout (timeout + grace).
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_millis(100)), None);
+        let t0 = Instant::now();
+        assert!(matches!(c.ping(), Err(ClientError::Timeout { .. })));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(!c.is_connected());
+        drop(l);
+
+        // Closes mid-reply: lost.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = l.accept() {
+                let mut r = std::io::BufReader::new(s);
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let _ = r.get_mut().write_all(b"{\"id\":1,\"status\":\"succ");
+            }
+        });
+        let mut c = Client::new("127.0.0.1", port, None, None);
+        let e = c.ping().err();
+        assert!(matches!(e, Some(ClientError::Lost { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn interrupt_hook_ends_a_wait() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let port = l.local_addr().map_or(0, |a| a.port());
+        let mut c = Client::new("127.0.0.1", port, None, None);
+        let t0 = Instant::now();
+        let stop = || t0.elapsed() > Duration::from_millis(300);
+        assert!(matches!(
+            c.call_with("ping", Map::new(), &stop),
+            Err(ClientError::Interrupted)
+        ));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn not_our_protocol() {
+        let port = fake(|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(5)), None);
+        assert!(matches!(c.ping(), Err(ClientError::Protocol { .. })));
+    }
+}

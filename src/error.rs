@@ -1,0 +1,107 @@
+//! The one seam where Rust errors become Python exceptions. Each exception subclasses the closest builtin, so
+//! `except ConnectionError` / `except TimeoutError` / `except RuntimeError` in user code catch ours too.
+//!
+//! Runs on the calling Python thread (with the GIL).
+
+use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyTimeoutError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use serde_json::Value;
+
+use crate::client::ClientError;
+use crate::py::json_to_py;
+
+pyo3::create_exception!(
+    bld_remote,
+    BlenderConnectionError,
+    PyConnectionError,
+    "Cannot reach the bld_remote service, or the connection broke before the reply was complete."
+);
+pyo3::create_exception!(
+    bld_remote,
+    BlenderTimeoutError,
+    PyTimeoutError,
+    "No reply in time. ``ran`` says whether the request had started in Blender (True/False/None: unknown)."
+);
+pyo3::create_exception!(
+    bld_remote,
+    RemoteError,
+    PyRuntimeError,
+    "The service answered with an error: the remote code raised, an unknown command, a bad parameter...\n\n\
+     Attributes: ``message``, ``exception`` (the remote exception's type name or None), ``traceback`` (str or \
+     None), ``output`` (``{'stdout', 'stderr'}`` printed before the failure, or None), ``reply`` (the whole \
+     error reply as a dict)."
+);
+
+/// Convert a client error into the matching Python exception, with its details as attributes.
+pub fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
+    let text = e.to_string();
+    match e {
+        ClientError::Connect { addr, source } => {
+            let err = BlenderConnectionError::new_err(text);
+            set(py, &err, "address", Some(addr.as_str()));
+            set(
+                py,
+                &err,
+                "reason",
+                Some(format!("{:?}", source.kind()).as_str()),
+            );
+            err
+        }
+        ClientError::Lost { addr, .. } | ClientError::Protocol { addr, .. } => {
+            let err = BlenderConnectionError::new_err(text);
+            set(py, &err, "address", Some(addr.as_str()));
+            err
+        }
+        ClientError::Timeout { addr, detail } => {
+            let err = BlenderTimeoutError::new_err(text);
+            set(py, &err, "address", Some(addr.as_str()));
+            let ran = if detail.contains("was not run") {
+                Some(false)
+            } else {
+                None
+            };
+            let _ = err.value(py).setattr("ran", ran);
+            err
+        }
+        ClientError::Remote {
+            message,
+            exception,
+            traceback,
+            reply,
+        } => {
+            let err = RemoteError::new_err(message.clone());
+            let v = err.value(py);
+            let _ = v.setattr("message", message);
+            let _ = v.setattr("exception", exception);
+            let _ = v.setattr("traceback", traceback);
+            let output = reply
+                .get("output")
+                .and_then(|o| json_to_py(py, o).ok())
+                .map(Bound::unbind);
+            let _ = v.setattr("output", output);
+            let dict = json_to_py(py, &Value::Object(reply))
+                .ok()
+                .map_or_else(|| PyDict::new(py).into_any().unbind(), Bound::unbind);
+            let _ = v.setattr("reply", dict);
+            err
+        }
+        ClientError::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err(text),
+    }
+}
+
+fn set(py: Python<'_>, err: &PyErr, name: &str, value: Option<&str>) {
+    let _ = err.value(py).setattr(name, value);
+}
+
+/// Register the exception classes on the module.
+pub fn add_to_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add(
+        "BlenderConnectionError",
+        py.get_type::<BlenderConnectionError>(),
+    )?;
+    m.add("BlenderTimeoutError", py.get_type::<BlenderTimeoutError>())?;
+    m.add("RemoteError", py.get_type::<RemoteError>())?;
+    Ok(())
+}

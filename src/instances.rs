@@ -1,0 +1,350 @@
+//! Instance descriptors: each running service writes one small JSON file (pid, host, port, Blender version,
+//! open .blend, start time) into the user's runtime directory and removes it when it stops, so that
+//! `bld-remote` and `bld_remote.Client()` can find "the" running Blender without being told a port.
+//! Pure Rust. Written and removed on the thread that starts/stops the service (Blender's main thread);
+//! read by the CLI and the client.
+//!
+//! Directory: `$BLD_REMOTE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/bld_remote`, else a per-user folder in the
+//! temp dir. The folder is 0700 and each file 0600 on Unix (a descriptor is not a secret, but which ports run
+//! code in whose Blender is nobody else's business). A file whose process died without cleaning up (crash,
+//! SIGKILL) is "stale": [`live`] skips it and, asked to, deletes it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::client::{Client, ClientError};
+
+const PREFIX: &str = "bld_remote-";
+const SUFFIX: &str = ".json";
+
+/// One running service, as its descriptor file records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub pid: u32,
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub blender_version: Option<String>,
+    #[serde(default)]
+    pub blend_file: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub started_at: f64,
+    /// The same instant as ISO 8601 (UTC), for humans.
+    #[serde(default)]
+    pub started: String,
+    /// `background` or `gui`.
+    #[serde(default)]
+    pub mode: String,
+    /// Whether requests need a token (the token itself is never written here).
+    #[serde(default)]
+    pub auth: bool,
+    /// The bld_remote version serving.
+    #[serde(default)]
+    pub version: String,
+}
+
+impl Descriptor {
+    /// A descriptor for a service of this process.
+    pub fn for_this_process(
+        host: &str,
+        port: u16,
+        mode: &str,
+        auth: bool,
+        info: &serde_json::Map<String, Value>,
+    ) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let text = |k: &str| {
+            info.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        Self {
+            pid: std::process::id(),
+            host: host.to_string(),
+            port,
+            blender_version: text("blender_version"),
+            blend_file: text("blend_file"),
+            started_at: now.as_secs_f64(),
+            started: iso8601_utc(now.as_secs()),
+            mode: mode.to_string(),
+            auth,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    pub fn addr_text(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn file_name(&self) -> String {
+        format!("{PREFIX}{}-{}{SUFFIX}", self.pid, self.port)
+    }
+}
+
+/// Where descriptors live (not created by this call).
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BLD_REMOTE_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        if d.is_dir() {
+            return d.join("bld_remote");
+        }
+    }
+    // /tmp is shared: a per-user name, and 0700 below.
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "user".into());
+    let user: String = user
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    std::env::temp_dir().join(format!("bld_remote-{user}"))
+}
+
+fn ensure_dir() -> std::io::Result<PathBuf> {
+    let dir = runtime_dir();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+        }
+        let meta = std::fs::metadata(&dir)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            // Fails (and so refuses to write) when the folder belongs to someone else.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Write the descriptor (atomically: a temp file renamed into place). Returns its path.
+pub fn write(d: &Descriptor) -> std::io::Result<PathBuf> {
+    let dir = ensure_dir()?;
+    let path = dir.join(d.file_name());
+    let tmp = dir.join(format!(".{}.tmp", d.file_name()));
+    let bytes = serde_json::to_vec_pretty(d).map_err(std::io::Error::other)?;
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.write_all(b"\n")?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Remove a descriptor written by [`write`]; missing is fine.
+pub fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// Every descriptor file in the runtime directory, parsed (unreadable ones as `Err`).
+pub fn all() -> Vec<(PathBuf, Result<Descriptor, String>)> {
+    let Ok(entries) = std::fs::read_dir(runtime_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(SUFFIX))
+        })
+        .map(|p| {
+            let parsed = std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Descriptor>(&b).map_err(|e| e.to_string()));
+            (p, parsed)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Why a descriptor is not a live instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    Unreadable(String),
+    ProcessGone,
+    NotAnswering(String),
+    OtherProcess(u64),
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreadable(e) => write!(f, "unreadable: {e}"),
+            Self::ProcessGone => f.write_str("its process is gone"),
+            Self::NotAnswering(e) => write!(f, "its port does not answer: {e}"),
+            Self::OtherProcess(pid) => {
+                write!(f, "its port is served by another process (pid {pid})")
+            }
+        }
+    }
+}
+
+fn process_gone(pid: u32) -> bool {
+    // Linux: cheap and certain. Elsewhere the port check below decides.
+    let proc_root = Path::new("/proc/self");
+    proc_root.exists() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Is this descriptor's service alive? Asks its port for `get_status` (answered on the service's network
+/// threads, so a busy Blender still answers at once) and checks the pid.
+pub fn check(d: &Descriptor, timeout: Duration) -> Result<(), Stale> {
+    if process_gone(d.pid) {
+        return Err(Stale::ProcessGone);
+    }
+    let mut c = Client::new(d.host.clone(), d.port, Some(timeout), None);
+    match c.status() {
+        Ok(status) => match status.get("pid").and_then(Value::as_u64) {
+            Some(pid) if pid != u64::from(d.pid) => Err(Stale::OtherProcess(pid)),
+            _ => Ok(()),
+        },
+        // It answered, just not to us (a token is required): it is alive.
+        Err(ClientError::Remote { .. }) => Ok(()),
+        Err(e) => Err(Stale::NotAnswering(e.to_string())),
+    }
+}
+
+/// The live instances; with `clean`, stale descriptor files are deleted. Returns (live, removed stale).
+pub fn live(clean: bool) -> (Vec<Descriptor>, Vec<(PathBuf, Stale)>) {
+    let mut alive = Vec::new();
+    let mut stale = Vec::new();
+    for (path, parsed) in all() {
+        let verdict = match parsed {
+            Ok(d) => check(&d, Duration::from_secs(2)).map(|()| d),
+            Err(e) => Err(Stale::Unreadable(e)),
+        };
+        match verdict {
+            Ok(d) => alive.push(d),
+            Err(why) => {
+                if clean {
+                    remove(&path);
+                }
+                stale.push((path, why));
+            }
+        }
+    }
+    alive.sort_by(|a, b| a.started_at.total_cmp(&b.started_at));
+    (alive, stale)
+}
+
+/// The service to talk to: `port` when given (on `host`, default 127.0.0.1); else the only live instance
+/// (on `host`, when given). Several live instances and no port: an error listing them; never a guess.
+pub fn pick(host: Option<&str>, port: Option<u16>) -> Result<(String, u16), String> {
+    if let Some(port) = port {
+        return Ok((host.unwrap_or("127.0.0.1").to_string(), port));
+    }
+    let (alive, _) = live(true);
+    let alive: Vec<Descriptor> = alive
+        .into_iter()
+        .filter(|d| host.is_none_or(|h| h == d.host))
+        .collect();
+    match alive.as_slice() {
+        [one] => Ok((one.host.clone(), one.port)),
+        [] => Err(format!(
+            "no running bld_remote instance found (descriptors in {}); start one with `bld-remote start`, \
+             or pass --port",
+            runtime_dir().display()
+        )),
+        several => {
+            let list: Vec<String> = several
+                .iter()
+                .map(|d| {
+                    format!(
+                        "  --port {:<6} pid {} ({}{})",
+                        d.port,
+                        d.pid,
+                        d.blender_version.as_deref().unwrap_or("Blender"),
+                        d.blend_file.as_deref().map(|f| format!(", {f}")).unwrap_or_default()
+                    )
+                })
+                .collect();
+            Err(format!(
+                "{} bld_remote instances are running; say which with --port:\n{}",
+                several.len(),
+                list.join("\n")
+            ))
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (proleptic Gregorian; Howard Hinnant's civil-from-days).
+pub fn iso8601_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601_utc(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn descriptor_round_trips_and_tolerates_missing_optional_fields() {
+        let d = Descriptor::for_this_process(
+            "127.0.0.1",
+            7000,
+            "background",
+            false,
+            &serde_json::Map::new(),
+        );
+        let text = serde_json::to_string(&d).unwrap_or_default();
+        let back: Descriptor = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, d);
+        let minimal: Descriptor =
+            serde_json::from_str(r#"{"pid": 1, "host": "127.0.0.1", "port": 2, "started_at": 0}"#)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(minimal.port, 2);
+        assert!(minimal.blend_file.is_none());
+    }
+}

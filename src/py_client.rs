@@ -1,0 +1,292 @@
+//! Python bindings of the client side: `bld_remote.Client` (a pyclass over [`crate::client::Client`]),
+//! `ExecResult`, and `cli_main`, the body of the `bld-remote` command. Runs on the calling Python thread;
+//! every network wait and the whole CLI run with the GIL released (`py.detach`), coming back only to let
+//! Python run its signal handlers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use serde_json::{Map, Value};
+
+use crate::client::{exec_output, Client, ClientError};
+use crate::error::{client_error, BlenderConnectionError};
+use crate::py::{json_to_py, py_to_json};
+use crate::{cli, instances};
+
+/// Default per-request timeout of `bld_remote.Client`, in seconds.
+const DEFAULT_TIMEOUT: f64 = 60.0;
+
+/// A connection to a running bld_remote service.
+///
+/// Thread-safe (calls are serialised); one connection, reused across calls and reopened after a failure.
+#[pyclass(module = "bld_remote", name = "Client")]
+pub struct PyClient {
+    inner: Mutex<Client>,
+}
+
+/// What `Client.execute` returns: ``stdout``, ``stderr``, ``result`` (the code's ``result`` variable, or
+/// None) and ``duration`` (seconds the code ran). Also readable as ``r["stdout"]``.
+#[pyclass(module = "bld_remote", name = "ExecResult", frozen, get_all)]
+pub struct ExecResult {
+    stdout: String,
+    stderr: String,
+    result: Py<PyAny>,
+    duration: f64,
+}
+
+#[pymethods]
+impl ExecResult {
+    fn __getitem__(&self, py: Python<'_>, key: &str) -> PyResult<Py<PyAny>> {
+        Ok(match key {
+            "stdout" => self.stdout.clone().into_pyobject(py)?.into_any().unbind(),
+            "stderr" => self.stderr.clone().into_pyobject(py)?.into_any().unbind(),
+            "result" => self.result.clone_ref(py),
+            "duration" => self.duration.into_pyobject(py)?.into_any().unbind(),
+            _ => return Err(pyo3::exceptions::PyKeyError::new_err(key.to_string())),
+        })
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let cut = |s: &str| {
+            if s.len() > 60 {
+                let mut end = 60;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("{:?}... ({} chars)", &s[..end], s.chars().count())
+            } else {
+                format!("{s:?}")
+            }
+        };
+        let result = self
+            .result
+            .bind(py)
+            .repr()
+            .map_or_else(|_| "?".into(), |r| r.to_string());
+        format!(
+            "ExecResult(stdout={}, stderr={}, result={}, duration={:.6})",
+            cut(&self.stdout),
+            cut(&self.stderr),
+            result,
+            self.duration
+        )
+    }
+}
+
+fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t > 0.0 && t.is_finite() => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a positive number of seconds or None, got {t}"
+        ))),
+    }
+}
+
+impl PyClient {
+    /// One request with the GIL released; Python signal handlers run every 100 ms (Ctrl+C works).
+    fn request(
+        &self,
+        py: Python<'_>,
+        command: &str,
+        params: Map<String, Value>,
+    ) -> PyResult<Value> {
+        let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+        let interrupted = || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    *raised.lock() = Some(e);
+                    true
+                }
+            })
+        };
+        let result = py.detach(|| self.inner.lock().call_with(command, params, &interrupted));
+        match result {
+            Ok(v) => Ok(v),
+            Err(ClientError::Interrupted) => Err(raised
+                .lock()
+                .take()
+                .unwrap_or_else(|| client_error(py, ClientError::Interrupted))),
+            Err(e) => Err(client_error(py, e)),
+        }
+    }
+}
+
+#[pymethods]
+impl PyClient {
+    /// Connect lazily to ``host:port``. Without ``port``: the only running instance (``bld-remote ls``);
+    /// several → ``BlenderConnectionError``, never a guess. ``timeout``: seconds per request (None: no
+    /// limit); the service also drops a request still queued when it runs out. ``token``: for services that
+    /// require one (default ``$BLD_REMOTE_TOKEN``).
+    #[new]
+    #[pyo3(signature = (host=None, port=None, timeout=Some(DEFAULT_TIMEOUT), token=None))]
+    fn new(
+        py: Python<'_>,
+        host: Option<String>,
+        port: Option<u16>,
+        timeout: Option<f64>,
+        token: Option<String>,
+    ) -> PyResult<Self> {
+        let timeout = seconds(timeout)?;
+        let host_ref = host.as_deref();
+        let (h, p) = if let Some(p) = port {
+            (host_ref.unwrap_or("127.0.0.1").to_string(), p)
+        } else {
+            py.detach(|| instances::pick(host_ref, None))
+                .map_err(BlenderConnectionError::new_err)?
+        };
+        let token = token.or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok());
+        Ok(Self {
+            inner: Mutex::new(Client::new(h, p, timeout, token)),
+        })
+    }
+
+    #[getter]
+    fn host(&self) -> String {
+        self.inner.lock().host().to_string()
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.inner.lock().port()
+    }
+
+    #[getter]
+    fn get_timeout(&self) -> Option<f64> {
+        self.inner.lock().timeout().map(|t| t.as_secs_f64())
+    }
+
+    #[setter]
+    fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
+        let t = seconds(timeout)?;
+        self.inner.lock().set_timeout(t);
+        Ok(())
+    }
+
+    /// Send any command; return its ``result``. Raises ``RemoteError`` for an error reply.
+    #[pyo3(signature = (command, /, **params))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        command: &str,
+        params: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let params = match params {
+            Some(d) => match py_to_json(d.as_any(), 0) {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+            None => Map::new(),
+        };
+        let v = self.request(py, command, params)?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// Run Python in Blender. Returns an ``ExecResult``; raises ``RemoteError`` (with ``traceback`` and the
+    /// partial ``output``) when the code raises.
+    fn execute(&self, py: Python<'_>, code: &str) -> PyResult<ExecResult> {
+        let mut params = Map::new();
+        params.insert("code".into(), Value::String(code.to_string()));
+        let v = self.request(py, "execute_code", params)?;
+        let r = py.detach(|| exec_output(v));
+        let result = match &r.result {
+            Some(v) => json_to_py(py, v)?.unbind(),
+            None => py.None(),
+        };
+        Ok(ExecResult {
+            stdout: r.stdout,
+            stderr: r.stderr,
+            result,
+            duration: r.duration,
+        })
+    }
+
+    /// ``get_scene_info``: the scene's name, every object, frame range...
+    fn scene_info(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let v = self.request(py, "get_scene_info", Map::new())?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// ``get_object_info``: location, rotation, scale, dimensions, materials, mesh counts.
+    fn object_info(&self, py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
+        let mut params = Map::new();
+        params.insert("name".into(), Value::String(name.to_string()));
+        let v = self.request(py, "get_object_info", params)?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// ``get_status`` (answered without waiting for Blender's main thread).
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let v = self.request(py, "get_status", Map::new())?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// ``ping``: True when the service answers.
+    fn ping(&self, py: Python<'_>) -> PyResult<bool> {
+        self.request(py, "ping", Map::new()).map(|_| true)
+    }
+
+    /// ``server_shutdown``: the service stops (a headless Blender then exits). Closes this connection.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let v = self.request(py, "server_shutdown", Map::new())?;
+        self.inner.lock().close();
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// Close the connection (the next call reconnects).
+    fn close(&self) {
+        self.inner.lock().close();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.lock();
+        format!(
+            "Client(host={:?}, port={}, timeout={})",
+            c.host(),
+            c.port(),
+            c.timeout()
+                .map_or_else(|| "None".into(), |t| t.as_secs_f64().to_string())
+        )
+    }
+}
+
+/// The `bld-remote` command: parse `argv` (``sys.argv``) and run; returns the exit status.
+#[pyfunction]
+pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
+    let file: String = py.import("bld_remote")?.getattr("__file__")?.extract()?;
+    let package_dir = PathBuf::from(file)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let interrupted = || Python::attach(|py| py.check_signals().is_err());
+    let terminate = |pid: u32| {
+        Python::attach(|py| -> PyResult<()> {
+            let signal = py.import("signal")?;
+            py.import("os")?
+                .call_method1("kill", (pid, signal.getattr("SIGTERM")?))?;
+            Ok(())
+        })
+        .is_ok()
+    };
+    let host = cli::Host {
+        package_dir,
+        interrupted: &interrupted,
+        terminate: &terminate,
+    };
+    Ok(py.detach(|| cli::run(argv, &host)))
+}
