@@ -160,6 +160,11 @@ def blender_env(user_scripts: Path, **extra: str) -> dict[str, str]:
     # editable install would make Blender import the source tree instead of the wheel under test.
     drop = {"VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_") and k not in drop}
+    # Blender's embedded Python also finds a venv through PATH (sys.executable is looked up there, and a
+    # pyvenv.cfg beside it turns the venv on): keep venv bin folders out of PATH too.
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and not Path(p, "..", "pyvenv.cfg").exists()
+    )
     env["BLENDER_USER_SCRIPTS"] = str(user_scripts)
     if BPY_PYTHON:
         env["PYTHONPATH"] = str(user_scripts / "addons")
