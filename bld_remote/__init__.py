@@ -61,14 +61,16 @@ __all__ = [
 
 
 def register() -> None:
-    """Blender add-on entry point: starts the service when ``BLD_REMOTE_MCP_START_NOW`` is set."""
-    from . import service
+    """Blender add-on entry point: preferences, operators, and the service when set to start automatically
+    (the "Start automatically" preference, or ``BLD_REMOTE_MCP_START_NOW``)."""
+    from . import gui
 
-    service.register()
+    gui.register()
 
 
 def unregister() -> None:
-    """Undo everything ``register()`` and ``start_mcp_service()`` did: stop the service, remove timers."""
-    from . import service
+    """Undo everything ``register()`` and ``start_mcp_service()`` did: end the keeper, stop the service (its
+    threads joined, its port freed), remove the timer and handler, unregister the classes."""
+    from . import gui
 
-    service.unregister()
+    gui.unregister()

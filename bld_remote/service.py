@@ -1,8 +1,9 @@
-"""Starting and stopping the service, and the main-thread pumps that run its jobs.
+"""Starting and stopping the service, and the headless main-thread pump that runs its jobs.
 
-Runs on Blender's main thread. The pumps: ``keep_alive()`` blocks headless (``blender --background`` or
-``bpy`` as a module, where timers never fire); in the GUI a persistent ``bpy.app.timers`` callback drains
-the job channel. Both call into ``_core``, which releases the GIL whenever it waits.
+Runs on Blender's main thread. ``keep_alive()`` is the pump headless (``blender --background`` or ``bpy`` as
+a module, where timers never fire); in the GUI, ``gui`` drives the same ``_core.step`` from a persistent
+``bpy.app.timers`` callback or the keeper modal operator. All call into ``_core``, which releases the GIL
+whenever it waits.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6688
 _TRUTHY = {"1", "true", "yes", "on"}
 _LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
-
-# GUI timer: run jobs for at most this long per tick so the UI stays responsive under a flood.
-_TICK_BUDGET = 0.05
-_BUSY_INTERVAL = 0.0
-_IDLE_INTERVAL = 0.02
 
 
 def _log(level: str, message: str) -> None:
@@ -130,7 +126,9 @@ def start_mcp_service(
     global _token
     _token = token
     if mode == "gui":
-        _ensure_timer()
+        from . import gui
+
+        gui.ensure_pump()
     # The ready line: tools (and `bld-remote start`) wait for exactly this.
     print(f"bld_remote listening on {bound_host}:{bound_port} (pid {os.getpid()})", flush=True)
     return get_status()
@@ -169,7 +167,7 @@ def stop_mcp_service() -> bool:
     """
     was_running = _core.stop()
     if not _core.is_running():
-        _remove_timer()
+        _remove_gui_pump()
     return was_running
 
 
@@ -235,66 +233,12 @@ def _on_signal(signum: int, _frame: Any) -> None:
     _core.request_stop()
 
 
-# GUI pump: one persistent timer. It must never raise (Blender drops a timer that raises, for good).
-def _timer() -> float | None:
-    try:
-        if not _core.is_running():
-            return None
-        ran = _core.step(256, 0.0, _TICK_BUDGET)
-        if not _core.is_running():
-            return None
-        return _BUSY_INTERVAL if ran else _IDLE_INTERVAL
-    except BaseException as exc:  # noqa: BLE001 - a raising timer is silently removed by Blender
-        try:
-            _log("ERROR", f"pump error: {exc!r}")
-        except BaseException:  # noqa: BLE001
-            pass
-        return 0.1
-
-
-def _ensure_timer() -> None:
-    import bpy
-
-    if not bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
-    if _on_load_post not in bpy.app.handlers.load_post:
-        # persistent: otherwise Blender drops the handler itself on the next file load.
-        bpy.app.handlers.load_post.append(bpy.app.handlers.persistent(_on_load_post))
-
-
-def _remove_timer() -> None:
+def _remove_gui_pump() -> None:
     try:
         import bpy
     except ImportError:
         return
-    if bpy.app.background:
-        return
-    if bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.unregister(_timer)
-    if _on_load_post in bpy.app.handlers.load_post:
-        bpy.app.handlers.load_post.remove(_on_load_post)
+    if not bpy.app.background:
+        from . import gui
 
-
-def _on_load_post(*_args: Any) -> None:
-    # Loading factory settings wipes timers, persistent or not: re-arm.
-    try:
-        if _core.is_running():
-            import bpy
-
-            if not bpy.app.timers.is_registered(_timer):
-                bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
-    except BaseException as exc:  # noqa: BLE001
-        _log("ERROR", f"could not re-arm the pump after load: {exc!r}")
-
-
-def register() -> None:
-    if os.environ.get("BLD_REMOTE_MCP_START_NOW", "").strip().lower() in _TRUTHY:
-        try:
-            start_mcp_service()
-        except Exception as exc:  # noqa: BLE001 - never break Blender's add-on loading
-            _log("ERROR", f"could not start on register: {exc}")
-
-
-def unregister() -> None:
-    stop_mcp_service()
-    _remove_timer()
+        gui.remove_pump()

@@ -1,0 +1,340 @@
+"""GUI mode: the timer pump, the keeper modal operator, the add-on preferences and the Start/Stop operators.
+
+Runs on Blender's main thread, and needs ``bpy``: ``service`` imports this module only inside Blender. In an
+interactive Blender two drivers can run the service's jobs, both through ``_core.step`` with a time budget:
+
+- the **timer pump**, one persistent ``bpy.app.timers`` callback (the default). It never raises (Blender drops a
+  raising timer for good), re-arms itself from a persistent ``load_post`` handler (loading factory settings
+  wipes even persistent timers), and backs off when idle;
+- the **keeper**, ``bpy.ops.wm.bld_remote_keeper('INVOKE_DEFAULT')``, a modal operator that runs the jobs on its
+  TIMER events. While it runs the timer pump pauses; when it ends (``request_keeper_shutdown()``, the service
+  stopping, a file load, ``unregister()``) the timer pump takes over again. In background mode it refuses:
+  no modal operator can run there, ``bld_remote.keep_alive()`` is the pump to use.
+
+``register()``/``unregister()`` here are the add-on's, strictly symmetric: ``unregister()`` ends the keeper,
+stops the service (joining its threads, freeing the port), removes the timer and the handler, and
+unregisters the classes in reverse order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import bpy
+
+from . import _core, service
+
+# The add-on's module name: "bld_remote", or "bl_ext.<repo>.bld_remote" when installed as a 4.2+ extension.
+ADDON_ID = __package__ or "bld_remote"
+
+# Jobs run for at most this long per pump tick, so the UI stays responsive while a client floods the service.
+TICK_BUDGET = 0.05
+MAX_JOBS_PER_TICK = 256
+# Timer interval (s): 0 = every pass of Blender's event loop (which itself sleeps ~5 ms when idle). Right after
+# activity the pump stays at 0; after ACTIVE_WINDOW seconds without a job it backs off to IDLE_INTERVAL, so an
+# idle Blender runs the callback ~50 times a second instead of ~200 (bench/gui_roundtrip.py measures both).
+ACTIVE_INTERVAL = 0.0
+ACTIVE_WINDOW = 2.0
+IDLE_INTERVAL = 0.02
+# The keeper's window timer: TIMER events this often while it runs.
+KEEPER_INTERVAL = 0.01
+
+BACKGROUND_REFUSAL = (
+    "bld_remote keeper: a modal operator cannot run in background mode (there is no event loop to drive it). "
+    "In `blender --background` (or bpy as a module) serve with bld_remote.keep_alive() instead: "
+    "bld_remote.start_mcp_service(); bld_remote.keep_alive()"
+)
+
+_last_activity = 0.0
+
+
+# --- the timer pump -------------------------------------------------------------------------------------
+
+
+def _pump() -> float | None:
+    """The persistent timer callback: run ready jobs within the budget; never raises."""
+    global _last_activity
+    try:
+        if not _core.is_running():
+            return None
+        ran = _core.step(MAX_JOBS_PER_TICK, 0.0, TICK_BUDGET)
+        if not _core.is_running():
+            return None
+        now = time.monotonic()
+        if ran:
+            _last_activity = now
+            return ACTIVE_INTERVAL
+        return ACTIVE_INTERVAL if now - _last_activity < ACTIVE_WINDOW else IDLE_INTERVAL
+    except BaseException as exc:  # noqa: BLE001 - a raising timer is silently removed by Blender
+        try:
+            service._log("ERROR", f"pump error: {exc!r}")
+        except BaseException:  # noqa: BLE001
+            pass
+        return 0.1
+
+
+def pump_is_armed() -> bool:
+    return bpy.app.timers.is_registered(_pump)
+
+
+def ensure_pump() -> None:
+    """Make sure something drives the service: the keeper if it runs, else the timer pump. Idempotent."""
+    global _last_activity
+    if not KEEPER.active and not bpy.app.timers.is_registered(_pump):
+        _last_activity = time.monotonic()
+        bpy.app.timers.register(_pump, first_interval=0.0, persistent=True)
+    if not any(_is_ours(h) for h in bpy.app.handlers.load_post):
+        bpy.app.handlers.load_post.append(_on_load_post)
+
+
+def remove_pump() -> None:
+    """Remove the timer and the load_post handler (also copies left by an earlier load of this module)."""
+    if bpy.app.timers.is_registered(_pump):
+        bpy.app.timers.unregister(_pump)
+    for h in [h for h in bpy.app.handlers.load_post if _is_ours(h)]:
+        bpy.app.handlers.load_post.remove(h)
+
+
+def _is_ours(handler: Any) -> bool:
+    return getattr(handler, "_bld_remote_handler", False)
+
+
+@bpy.app.handlers.persistent
+def _on_load_post(*_args: Any) -> None:
+    # File > Open keeps persistent timers; loading factory settings wipes them. A file load also frees every
+    # window handler, so a running keeper is gone: let the timer pump take over.
+    try:
+        if KEEPER.active:
+            _end_keeper(bpy.context.window_manager)
+        if _core.is_running():
+            ensure_pump()
+    except BaseException as exc:  # noqa: BLE001
+        service._log("ERROR", f"could not re-arm the pump after loading a file: {exc!r}")
+
+
+_on_load_post._bld_remote_handler = True  # type: ignore[attr-defined]
+
+
+# --- the keeper modal operator --------------------------------------------------------------------------
+
+
+def request_keeper_shutdown() -> bool:
+    """End a running keeper at its next event (the timer pump takes over). Returns whether one was running."""
+    KEEPER.shutdown = True
+    return KEEPER.active
+
+
+def _end_keeper(wm: Any) -> None:
+    timer, KEEPER.event_timer = KEEPER.event_timer, None
+    KEEPER.active = False
+    if timer is not None:
+        try:
+            wm.event_timer_remove(timer)
+        except BaseException as exc:  # noqa: BLE001
+            service._log("WARNING", f"could not remove the keeper's timer: {exc!r}")
+    if _core.is_running():
+        ensure_pump()
+
+
+class BLD_REMOTE_OT_keeper(bpy.types.Operator):
+    """Serve bld_remote requests from a modal operator (GUI only; in background use bld_remote.keep_alive())"""
+
+    bl_idname = "wm.bld_remote_keeper"
+    bl_label = "bld_remote: Keep Serving"
+
+    # Class-level state: at most one keeper runs. Setting ``shutdown`` ends it at its next event.
+    active = False
+    shutdown = False
+    event_timer = None
+
+    def execute(self, context: Any) -> set[str]:
+        # Background mode never calls invoke() (and INVOKE_DEFAULT falls back to execute()): refuse clearly.
+        if bpy.app.background:
+            self.report({"ERROR"}, BACKGROUND_REFUSAL)
+            return {"CANCELLED"}
+        return self._begin(context)
+
+    def invoke(self, context: Any, _event: Any) -> set[str]:
+        return self.execute(context)
+
+    def _begin(self, context: Any) -> set[str]:
+        if KEEPER.active:
+            self.report({"INFO"}, "bld_remote keeper is already running")
+            return {"CANCELLED"}
+        if not _core.is_running():
+            try:
+                start_from_preferences()
+            except Exception as exc:  # noqa: BLE001
+                self.report({"ERROR"}, f"bld_remote could not start: {exc}")
+                return {"CANCELLED"}
+        window = context.window or (context.window_manager.windows[0] if context.window_manager.windows else None)
+        if window is None:
+            self.report({"ERROR"}, "bld_remote keeper needs a window")
+            return {"CANCELLED"}
+        wm = context.window_manager
+        KEEPER.shutdown = False
+        KEEPER.event_timer = wm.event_timer_add(KEEPER_INTERVAL, window=window)
+        wm.modal_handler_add(self)
+        KEEPER.active = True
+        # The keeper drives the service now; the timer pump resumes when it ends.
+        if bpy.app.timers.is_registered(_pump):
+            bpy.app.timers.unregister(_pump)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        try:
+            if KEEPER.shutdown or not _core.is_running() or not KEEPER.active:
+                _end_keeper(context.window_manager)
+                return {"FINISHED"}
+            if event.type == "TIMER":
+                _core.step(MAX_JOBS_PER_TICK, 0.0, TICK_BUDGET)
+                if not _core.is_running():
+                    _end_keeper(context.window_manager)
+                    return {"FINISHED"}
+        except BaseException as exc:  # noqa: BLE001 - never take the UI down with us
+            service._log("ERROR", f"keeper error: {exc!r}")
+        return {"PASS_THROUGH"}
+
+    def cancel(self, context: Any) -> None:
+        # Blender calls this when it frees the handler (a file load, the window closing).
+        try:
+            _end_keeper(context.window_manager)
+        except BaseException as exc:  # noqa: BLE001
+            service._log("ERROR", f"keeper cancel: {exc!r}")
+
+
+KEEPER = BLD_REMOTE_OT_keeper
+
+
+# --- preferences and Start/Stop -------------------------------------------------------------------------
+
+
+def preferences() -> Any:
+    """This add-on's preferences, or None when it is not enabled as an add-on."""
+    addon = bpy.context.preferences.addons.get(ADDON_ID)
+    return addon.preferences if addon is not None else None
+
+
+def start_from_preferences(*, use_env_port: bool = False) -> dict[str, Any]:
+    """Start with the host and port from the preferences (defaults when not an add-on). Returns the status."""
+    prefs = preferences()
+    host = prefs.host if prefs is not None and prefs.host.strip() else service.DEFAULT_HOST
+    port = prefs.port if prefs is not None else service.DEFAULT_PORT
+    if use_env_port and os.environ.get("BLD_REMOTE_MCP_PORT", "").strip():
+        port = service._env_port()
+    return service.start_mcp_service(port=port, host=host.strip())
+
+
+def status_line(status: dict[str, Any]) -> str:
+    if not status.get("running"):
+        return "Stopped"
+    clients = status.get("connections", 0)
+    return (
+        f"Running on {status.get('host')}:{status.get('port')} · {clients} client{'s' if clients != 1 else ''}"
+        f" · {status.get('requests_served', 0)} requests served"
+    )
+
+
+class BLD_REMOTE_OT_start(bpy.types.Operator):
+    """Start the bld_remote service with the host and port set in the preferences"""
+
+    bl_idname = "bld_remote.start_service"
+    bl_label = "Start"
+
+    def execute(self, context: Any) -> set[str]:
+        try:
+            status = start_from_preferences()
+        except Exception as exc:  # noqa: BLE001
+            self.report({"ERROR"}, f"bld_remote could not start: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"bld_remote listening on {status['host']}:{status['port']}")
+        return {"FINISHED"}
+
+
+class BLD_REMOTE_OT_stop(bpy.types.Operator):
+    """Stop the bld_remote service: close every connection and free the port"""
+
+    bl_idname = "bld_remote.stop_service"
+    bl_label = "Stop"
+
+    def execute(self, context: Any) -> set[str]:
+        request_keeper_shutdown()
+        service.stop_mcp_service()
+        self.report({"INFO"}, "bld_remote stopped")
+        return {"FINISHED"}
+
+
+class BLD_REMOTE_AddonPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    host: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Host",
+        description="Address to listen on. Anything but loopback requires a token (BLD_REMOTE_TOKEN)",
+        default=service.DEFAULT_HOST,
+    )
+    port: bpy.props.IntProperty(  # type: ignore[valid-type]
+        name="Port",
+        description="TCP port (0 picks a free one). BLD_REMOTE_MCP_PORT overrides it for automatic start",
+        default=service.DEFAULT_PORT,
+        min=0,
+        max=65535,
+    )
+    auto_start: bpy.props.BoolProperty(  # type: ignore[valid-type]
+        name="Start automatically",
+        description="Start the service when the add-on is enabled (also at Blender start-up once preferences "
+        "are saved). BLD_REMOTE_MCP_START_NOW=1 does the same for one run",
+        default=False,
+    )
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        row = layout.row()
+        row.prop(self, "host")
+        row.prop(self, "port")
+        layout.prop(self, "auto_start")
+        status = service.get_status()
+        box = layout.box()
+        row = box.row()
+        row.label(text=status_line(status), icon="CHECKMARK" if status.get("running") else "CANCEL")
+        if status.get("running"):
+            row.operator(BLD_REMOTE_OT_stop.bl_idname, icon="PAUSE")
+        else:
+            row.operator(BLD_REMOTE_OT_start.bl_idname, icon="PLAY")
+
+
+classes = (
+    BLD_REMOTE_AddonPreferences,
+    BLD_REMOTE_OT_start,
+    BLD_REMOTE_OT_stop,
+    BLD_REMOTE_OT_keeper,
+)
+
+
+def _should_auto_start() -> bool:
+    if os.environ.get("BLD_REMOTE_MCP_START_NOW", "").strip().lower() in service._TRUTHY:
+        return True
+    prefs = preferences()
+    return bool(prefs is not None and prefs.auto_start)
+
+
+def register() -> None:
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    if _should_auto_start():
+        try:
+            start_from_preferences(use_env_port=True)
+        except Exception as exc:  # noqa: BLE001 - never break Blender's add-on loading
+            service._log("ERROR", f"could not start on register: {exc}")
+
+
+def unregister() -> None:
+    # The keeper's handler is freed by Blender when its class goes; its window timer is ours to remove.
+    KEEPER.shutdown = True
+    if KEEPER.active:
+        _end_keeper(bpy.context.window_manager)
+    service.stop_mcp_service()
+    remove_pump()
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)
