@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// Default cap on JSON nesting depth (objects plus arrays, the request object itself counting as 1).
 pub const DEFAULT_MAX_DEPTH: usize = 100;
-/// The deepest nesting that can be configured: serde_json refuses 128 levels and more with its own,
+/// The deepest nesting that can be configured: `serde_json` refuses 128 levels and more with its own,
 /// less helpful "recursion limit exceeded", so the decoder stops below that with a clear message.
 pub const MAX_SUPPORTED_DEPTH: usize = 127;
 
@@ -412,28 +412,63 @@ impl Outcome {
     }
 }
 
-/// Serialise a reply as one JSON object plus `\n`, ready for a single write.
+/// Serialise a reply as one JSON object plus `\n`, ready for a single write. The outcome is serialised in
+/// place, never cloned: a result can be tens of megabytes.
 pub fn encode_reply(id: Option<&Value>, outcome: &Outcome) -> Vec<u8> {
-    let mut obj = Map::new();
-    if let Some(id) = id {
-        obj.insert("id".into(), id.clone());
-    }
+    let mut out = Vec::with_capacity(128);
     match outcome {
         Outcome::Success(result) => {
-            obj.insert("status".into(), Value::from("success"));
-            obj.insert("result".into(), result.clone());
+            begin_success_reply(&mut out, id);
+            write_json(&mut out, result);
         }
         Outcome::Error { message, extra } => {
-            obj.insert("status".into(), Value::from("error"));
-            obj.insert("message".into(), Value::from(message.as_str()));
+            out.push(b'{');
+            if let Some(id) = id {
+                out.extend_from_slice(b"\"id\":");
+                write_json(&mut out, id);
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"status\":\"error\",\"message\":");
+            write_json(&mut out, message.as_str());
             for (k, v) in extra {
                 if k != "status" && k != "message" && k != "id" {
-                    obj.insert(k.clone(), v.clone());
+                    write_field(&mut out, k, v);
                 }
             }
         }
     }
-    encode_value(&Value::Object(obj))
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+/// Start a success reply: `{"id":...,"status":"success","result":` (the caller writes the result, then
+/// `}\n`). For replies shaped straight into bytes (see `server::execute_code_reply`).
+pub fn begin_success_reply(out: &mut Vec<u8>, id: Option<&Value>) {
+    out.push(b'{');
+    if let Some(id) = id {
+        out.extend_from_slice(b"\"id\":");
+        write_json(out, id);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"status\":\"success\",\"result\":");
+}
+
+/// Append `,"key":value`.
+pub fn write_field<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, key: &str, value: &T) {
+    out.push(b',');
+    write_json(out, key);
+    out.push(b':');
+    write_json(out, value);
+}
+
+/// Append `value` as JSON. Unreachable failure (a `Value` or `str` always serialises) writes `null`, so a
+/// network thread never panics and the reply stays valid JSON.
+pub fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mark = out.len();
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.truncate(mark);
+        out.extend_from_slice(b"null");
+    }
 }
 
 /// Serialise any JSON value plus `\n`.

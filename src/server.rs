@@ -483,6 +483,11 @@ enum Shape {
     },
     /// blender-remote's `{"code": ...}` form: `{"response": "OK"|"FAILED", "message", "output"}`.
     Legacy,
+    /// `get_viewport_screenshot`: the main thread writes the file; the image is read and base64-encoded
+    /// here, on the network thread (unless the request says `"inline": false`).
+    Screenshot {
+        inline: bool,
+    },
 }
 
 /// Validate `execute_code` params and decode base64 code here, off the main thread.
@@ -531,11 +536,51 @@ fn str_param<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, 
     }
 }
 
-/// Commands answered on the network thread: they never wait for Blender's main thread.
+/// `cancel` of one job: the reply to the `cancel` request, and the reply the cancelled job gets right now
+/// (its later outcome, if any, is discarded).
+fn cancel(state: &JobState) -> (Outcome, Option<Outcome>) {
+    if state.cancel() {
+        return (
+            Outcome::Success(json!({"cancelled": true, "state": "queued", "ran": false})),
+            Some(not_run(
+                "cancelled: the request was not run and never will be",
+            )),
+        );
+    }
+    match state.phase_name() {
+        "running" => {
+            let mut extra = Map::new();
+            extra.insert("ran".into(), Value::from("unknown"));
+            extra.insert("state".into(), Value::from("running"));
+            extra.insert("cancelled".into(), Value::Bool(true));
+            (
+                Outcome::Success(json!({
+                    "cancelled": true,
+                    "state": "running",
+                    "ran": "unknown",
+                    "message": "the request is already running in Blender and cannot be stopped; \
+                                its result will be discarded",
+                })),
+                Some(Outcome::error_with(
+                    "cancelled while running: it may still be running; its result will be discarded",
+                    extra,
+                )),
+            )
+        }
+        phase => (
+            Outcome::Success(json!({"cancelled": false, "state": phase})),
+            None,
+        ),
+    }
+}
+
+/// Commands answered on the network thread: they never wait for Blender's main thread. A `cancel` may
+/// also settle a job now (`settle_out`: its seq and the reply it gets).
 fn control(
     shared: &Arc<Shared>,
     req: &Request,
-    by_id: &mut HashMap<String, Arc<JobState>>,
+    by_id: &HashMap<String, (u64, Arc<JobState>)>,
+    settle_out: &mut Option<(u64, Outcome)>,
 ) -> Option<Outcome> {
     if req.legacy {
         return None;
@@ -585,21 +630,12 @@ fn control(
         }
         "cancel" => match p.get("id") {
             Some(id @ (Value::Number(_) | Value::String(_))) => match by_id.get(&id_key(id)) {
-                Some(state) if state.finished() => {
-                    Outcome::Success(json!({"cancelled": false, "state": "finished"}))
-                }
-                Some(state) => {
-                    if state.cancel() {
-                        Outcome::Success(
-                            json!({"cancelled": true, "state": "queued", "ran": false}),
-                        )
-                    } else {
-                        Outcome::Success(json!({
-                            "cancelled": false,
-                            "state": "running",
-                            "message": "the request is already running; its result will be discarded",
-                        }))
+                Some((seq, state)) => {
+                    let (outcome, settle) = cancel(state);
+                    if let Some(reply) = settle {
+                        *settle_out = Some((*seq, reply));
                     }
+                    outcome
                 }
                 None => Outcome::Success(json!({"cancelled": false, "state": "unknown"})),
             },
@@ -614,7 +650,12 @@ fn control(
 enum ToWriter {
     /// A reply that is ready now (control commands, errors). `framed` replies (the request had an id)
     /// may leave before replies to earlier requests.
-    Ready { bytes: Vec<u8>, framed: bool },
+    Ready {
+        bytes: Vec<u8>,
+        framed: bool,
+        /// Answer this in-flight job now with this outcome first (a `cancel`).
+        settle: Option<(u64, Outcome)>,
+    },
     /// A job the reader is about to queue for the main thread; its outcome arrives as a `Completion`.
     Job(InFlight),
     /// The stream cannot be decoded further: send what is owed, then close the sending side.
@@ -676,7 +717,7 @@ fn read_loop(
     let mut decoder = Decoder::new(config.max_request_bytes, config.max_depth);
     let mut buf = vec![0u8; READ_CHUNK];
     // Jobs of this connection by request id, for `cancel`.
-    let mut by_id: HashMap<String, Arc<JobState>> = HashMap::new();
+    let mut by_id: HashMap<String, (u64, Arc<JobState>)> = HashMap::new();
     // When the request being received began (its first read), for `request_read_timeout`.
     let mut request_began: Option<Instant> = None;
     let mut socket_timeout: Option<Option<Duration>> = None;
@@ -751,13 +792,14 @@ fn read_loop(
             request_began = None;
         }
         if by_id.len() > 1024 {
-            by_id.retain(|_, s| !s.finished());
+            by_id.retain(|_, (_, s)| matches!(s.phase_name(), "queued" | "running"));
         }
     };
     if let ReadEnd::Error(bytes) = end {
         let _ = tx.send(ToWriter::Ready {
             bytes,
             framed: false,
+            settle: None,
         });
         let _ = tx.send(ToWriter::Close);
         linger(stream);
@@ -809,10 +851,11 @@ fn id_key(id: &Value) -> String {
 }
 
 /// Turn one frame into what the writer must send for it.
+#[allow(clippy::too_many_lines)] // one linear path: parse, auth, control, validate, queue
 fn handle_frame(
     shared: &Arc<Shared>,
     frame: &[u8],
-    by_id: &mut HashMap<String, Arc<JobState>>,
+    by_id: &mut HashMap<String, (u64, Arc<JobState>)>,
     done_tx: &Sender<Completion>,
 ) -> ToWriter {
     let request = match protocol::parse_request(frame) {
@@ -821,6 +864,7 @@ fn handle_frame(
             return ToWriter::Ready {
                 framed: bad.id.is_some(),
                 bytes: protocol::encode_reply(bad.id.as_ref(), &Outcome::error(bad.message)),
+                settle: None,
             }
         }
     };
@@ -829,6 +873,7 @@ fn handle_frame(
     let ready = |outcome: Outcome| ToWriter::Ready {
         framed: id.is_some(),
         bytes: protocol::encode_reply(id.as_ref(), &outcome),
+        settle: None,
     };
     if let Some(expected) = shared.config.token.as_deref() {
         let given = request.token.as_deref().unwrap_or("");
@@ -847,9 +892,14 @@ fn handle_frame(
             ));
         }
     }
-    if let Some(outcome) = control(shared, &request, by_id) {
+    let mut settle = None;
+    if let Some(outcome) = control(shared, &request, by_id, &mut settle) {
         shared.served.fetch_add(1, Ordering::Relaxed);
-        return ready(outcome);
+        return ToWriter::Ready {
+            framed: id.is_some(),
+            bytes: protocol::encode_reply(id.as_ref(), &outcome),
+            settle,
+        };
     }
     if !shared
         .config
@@ -876,6 +926,10 @@ fn handle_frame(
             Ok(shape) => shape,
             Err(message) => return ready(Outcome::error(message)),
         }
+    } else if command == "get_viewport_screenshot" {
+        Shape::Screenshot {
+            inline: params.get("inline").is_none_or(truthy),
+        }
     } else {
         Shape::Plain
     };
@@ -886,7 +940,7 @@ fn handle_frame(
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
     let (job, state) = Job::new(seq, command, params, deadline, done_tx.clone());
     if let Some(id) = &id {
-        by_id.insert(id_key(id), Arc::clone(&state));
+        by_id.insert(id_key(id), (seq, Arc::clone(&state)));
     }
     let in_flight = ToWriter::Job(InFlight {
         seq,
@@ -977,7 +1031,14 @@ impl Writer {
             };
             if Some(op.index()) == rx_index {
                 match op.recv(rx) {
-                    Ok(ToWriter::Ready { bytes, framed }) => {
+                    Ok(ToWriter::Ready {
+                        bytes,
+                        framed,
+                        settle,
+                    }) => {
+                        if let Some((seq, outcome)) = settle {
+                            self.settle(seq, outcome);
+                        }
                         if framed {
                             self.write(&bytes);
                         } else {
@@ -1061,16 +1122,25 @@ impl Writer {
                 // Finished or skipped just now: its completion (with the real outcome) is on its way.
                 Expiry::Settled => continue,
             };
-            if let Some(job) = self.in_flight.remove(&seq) {
-                self.expired.insert(seq);
-                let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
-                if job.id.is_some() {
-                    self.write(&bytes);
-                } else {
-                    self.parked.insert(seq, bytes);
-                    self.flush_ordered();
-                }
-            }
+            self.settle(seq, outcome);
+        }
+    }
+
+    /// Answer an in-flight job now (deadline, cancel); its later completion is discarded.
+    fn settle(&mut self, seq: u64, outcome: Outcome) {
+        let Some(job) = self.in_flight.remove(&seq) else {
+            return;
+        };
+        if let Some(d) = job.deadline {
+            self.deadlines.remove(&(d, seq));
+        }
+        self.expired.insert(seq);
+        let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
+        if job.id.is_some() {
+            self.write(&bytes);
+        } else {
+            self.parked.insert(seq, bytes);
+            self.flush_ordered();
         }
     }
 
@@ -1105,11 +1175,17 @@ impl Writer {
 
 fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
     match (shape, outcome) {
-        (Shape::Plain | Shape::ExecuteCode { .. }, o @ Outcome::Error { .. })
-        | (Shape::Plain, o @ Outcome::Success(_)) => protocol::encode_reply(id, &o),
-        (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => {
-            protocol::encode_reply(id, &Outcome::Success(execute_code_result(v, base64)))
+        (
+            Shape::Plain | Shape::ExecuteCode { .. } | Shape::Screenshot { .. },
+            o @ Outcome::Error { .. },
+        )
+        | (Shape::Plain | Shape::Screenshot { inline: false }, o @ Outcome::Success(_)) => {
+            protocol::encode_reply(id, &o)
         }
+        (Shape::Screenshot { inline: true }, Outcome::Success(v)) => {
+            protocol::encode_reply(id, &Outcome::Success(screenshot_result(v)))
+        }
+        (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => execute_code_reply(id, v, base64),
         (Shape::Legacy, Outcome::Success(v)) => {
             let stdout = v.get("stdout").cloned().unwrap_or_else(|| Value::from(""));
             let mut r = json!({"response": "OK", "message": "Code executed successfully", "output": stdout});
@@ -1138,30 +1214,80 @@ fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
     }
 }
 
-/// `{"stdout", "stderr", "value"?, "duration"}` from the main thread → the shape clients read.
-fn execute_code_result(v: Value, base64: bool) -> Value {
+/// Largest screenshot file sent inline; bigger ones are only on disk (`filepath`).
+const MAX_INLINE_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Add the image file written by the main thread to the reply as base64 (`data`), off the main thread.
+fn screenshot_result(v: Value) -> Value {
     let Value::Object(mut m) = v else { return v };
+    let Some(path) = m.get("filepath").and_then(Value::as_str).map(str::to_owned) else {
+        return Value::Object(m);
+    };
+    let read = std::fs::metadata(&path).and_then(|meta| {
+        if meta.len() > MAX_INLINE_IMAGE_BYTES {
+            Err(std::io::Error::other(format!(
+                "{} bytes is more than the {MAX_INLINE_IMAGE_BYTES} sent inline",
+                meta.len()
+            )))
+        } else {
+            std::fs::read(&path)
+        }
+    });
+    match read {
+        Ok(bytes) => {
+            m.insert(
+                "data".into(),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
+            m.insert("encoding".into(), Value::from("base64"));
+        }
+        Err(e) => {
+            m.insert(
+                "data_error".into(),
+                Value::String(format!("image not inlined: {e}")),
+            );
+        }
+    }
+    Value::Object(m)
+}
+
+/// `{"stdout", "stderr", "value"?, "duration"}` from the main thread → the reply clients read:
+/// `{"executed": true, "result": <stdout>, "output": {"stdout", "stderr"}, "duration", "value"?}`.
+/// Written straight to bytes: clients read the captured stdout both as `result` and as `output.stdout`
+/// (COMPAT.md), so it is escaped once and the escaped bytes copied, never cloned as a `Value` (a reply can
+/// be tens of megabytes).
+fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Vec<u8> {
+    let Value::Object(mut m) = v else {
+        return protocol::encode_reply(id, &Outcome::Success(v));
+    };
     let stdout = match m.remove("stdout") {
         Some(Value::String(s)) => s,
         _ => String::new(),
     };
     let stderr = m.remove("stderr").unwrap_or_else(|| Value::from(""));
-    let mut out = Map::new();
-    out.insert("executed".into(), Value::Bool(true));
+    let mut out = Vec::with_capacity(2 * stdout.len() + stdout.len() / 3 + 256);
+    protocol::begin_success_reply(&mut out, id);
+    out.extend_from_slice(b"{\"executed\":true,\"output\":{\"stdout\":");
+    let escaped = out.len();
+    protocol::write_json(&mut out, stdout.as_str());
+    let escaped = escaped..out.len();
+    protocol::write_field(&mut out, "stderr", &stderr);
+    out.extend_from_slice(b"},\"result\":");
     if base64 {
-        out.insert(
-            "result".into(),
-            Value::String(base64::engine::general_purpose::STANDARD.encode(&stdout)),
-        );
-        out.insert("result_is_base64".into(), Value::Bool(true));
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&stdout);
+        protocol::write_json(&mut out, encoded.as_str());
+        out.extend_from_slice(b",\"result_is_base64\":true");
     } else {
-        out.insert("result".into(), Value::String(stdout.clone()));
+        out.extend_from_within(escaped);
     }
-    out.insert("output".into(), json!({"stdout": stdout, "stderr": stderr}));
-    for (k, val) in m {
-        out.entry(k).or_insert(val);
+    drop(stdout);
+    for (k, val) in &m {
+        if !matches!(k.as_str(), "executed" | "result" | "output" | "result_is_base64") {
+            protocol::write_field(&mut out, k, val);
+        }
     }
-    Value::Object(out)
+    out.extend_from_slice(b"}}\n");
+    out
 }
 
 #[cfg(test)]
@@ -1186,18 +1312,47 @@ mod tests {
     }
 
     #[test]
-    fn execute_code_result_shapes() {
-        let v = execute_code_result(
-            json!({"stdout": "hi\n", "stderr": "", "value": 3, "duration": 0.1}),
+    fn execute_code_reply_shapes() {
+        let parse = |bytes: Vec<u8>| -> Value {
+            assert_eq!(memchr::memchr_iter(b'\n', &bytes).count(), 1);
+            assert_eq!(bytes.last(), Some(&b'\n'));
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        let r = parse(execute_code_reply(
+            Some(&json!(4)),
+            json!({"stdout": "h\"i\n", "stderr": "w", "value": {"a": [1]}, "duration": 0.1}),
             false,
+        ));
+        assert_eq!(
+            r,
+            json!({"id": 4, "status": "success", "result": {
+                "executed": true, "result": "h\"i\n", "output": {"stdout": "h\"i\n", "stderr": "w"},
+                "value": {"a": [1]}, "duration": 0.1,
+            }})
         );
-        assert_eq!(v["executed"], json!(true));
-        assert_eq!(v["result"], json!("hi\n"));
-        assert_eq!(v["output"]["stdout"], json!("hi\n"));
-        assert_eq!(v["value"], json!(3));
-        let v = execute_code_result(json!({"stdout": "hi\n", "stderr": ""}), true);
-        assert_eq!(v["result"], json!("aGkK"));
-        assert_eq!(v["result_is_base64"], json!(true));
+        let r = parse(execute_code_reply(
+            None,
+            json!({"stdout": "hi\n", "stderr": ""}),
+            true,
+        ));
+        assert_eq!(r["result"]["result"], json!("aGkK"));
+        assert_eq!(r["result"]["result_is_base64"], json!(true));
+        assert_eq!(r["result"]["output"]["stdout"], json!("hi\n"));
+        assert!(r.get("id").is_none());
+    }
+
+    #[test]
+    fn screenshot_reply_gets_the_file_inline() {
+        let path =
+            std::env::temp_dir().join(format!("bld_remote_shot_test_{}.png", std::process::id()));
+        std::fs::write(&path, b"\x89PNG").unwrap_or_default();
+        let v = screenshot_result(json!({"filepath": path.to_string_lossy(), "width": 1}));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(v["data"], json!("iVBORw=="));
+        assert_eq!(v["encoding"], json!("base64"));
+        let v = screenshot_result(json!({"filepath": "/nonexistent/x.png"}));
+        assert!(v["data_error"].is_string());
+        assert!(v.get("data").is_none());
     }
 
     #[test]
