@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BlenderProcess, Conn, blender_env, call, port_is_free, runtime_argv
+from helpers import BlenderProcess, Conn, blender_binary, blender_env, call, port_is_free
+
+try:
+    from helpers import runtime_argv  # also runs the suite in PyPI bpy when configured
+except ImportError:  # pragma: no cover - older helpers
+
+    def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
+        return [blender_binary(), "-b", "--factory-startup", *(args or []), "--python-expr", expr]
 
 RESULTS: dict[str, dict] = {}
 
