@@ -62,6 +62,9 @@ pub struct Decoder {
     /// Offset in `buf` of the current object's `{`, if one has started.
     start: Option<usize>,
     depth: usize,
+    /// Which opener is at each open level (bit set: `{`, clear: `[`), innermost in bit 0. Depth never
+    /// exceeds `MAX_SUPPORTED_DEPTH` (127), so 128 bits hold every level.
+    openers: u128,
     in_string: bool,
     escaped: bool,
     /// Bytes consumed before `buf[0]`, for error messages.
@@ -91,6 +94,7 @@ impl Decoder {
             scanned: 0,
             start: None,
             depth: 0,
+            openers: 0,
             in_string: false,
             escaped: false,
             consumed: 0,
@@ -204,6 +208,7 @@ impl Decoder {
                     b'{' => {
                         self.start = Some(i);
                         self.depth = 1;
+                        self.openers = 1;
                     }
                     _ => {
                         let rest = &buf[i..];
@@ -236,10 +241,18 @@ impl Decoder {
                             limit: self.max_depth,
                         });
                     }
+                    self.openers = (self.openers << 1) | u128::from(b == b'{');
                 }
                 b'}' | b']' => {
+                    let matches = (self.openers & 1 == 1) == (b == b'}');
+                    self.openers >>= 1;
                     self.depth = self.depth.saturating_sub(1);
-                    if self.depth == 0 {
+                    // A closer of the wrong kind (`{"a":[1}`) ends the request here: it is answered
+                    // as malformed JSON and the next request starts clean, instead of swallowing what
+                    // follows until the counts happen to balance.
+                    if self.depth == 0 || !matches {
+                        self.depth = 0;
+                        self.openers = 0;
                         self.scanned = i + 1;
                         return Ok(Some(i + 1));
                     }
@@ -269,6 +282,7 @@ impl Decoder {
     fn take_frame(&mut self, end: usize) -> Vec<u8> {
         let start = self.start.take().unwrap_or(0);
         self.depth = 0;
+        self.openers = 0;
         if start == 0 && end == self.buf.len() {
             // The common case for large requests: hand over the buffer without copying it.
             self.consumed += end as u64;
@@ -481,6 +495,88 @@ pub fn encode_value(v: &Value) -> Vec<u8> {
     out
 }
 
+/// The decoder's invariants, checked on arbitrary input: used by the `cargo fuzz` target
+/// (fuzz/fuzz_targets/decoder.rs) and by a randomized `cargo test`. Panics when an invariant breaks;
+/// never called on a client's path.
+///
+/// The first two bytes of `data` pick the read sizes; the rest is the byte stream. Checked: feeding the
+/// stream whole and in pieces yields the same frames and the same final error (the decoder's state
+/// survives read boundaries); every frame is a balanced `{...}` within the size limit; the decoder holds
+/// no more than it was fed; after an error it yields nothing; parsing a frame and encoding a reply for it
+/// never panic and give one line of valid JSON.
+#[doc(hidden)]
+pub fn fuzz_check_decoder(data: &[u8]) {
+    const MAX_BYTES: usize = 4096;
+    const MAX_DEPTH: usize = 16;
+    let (sizes, stream) = match data {
+        [a, b, rest @ ..] => ([usize::from(*a) % 64 + 1, usize::from(*b) % 7 + 1], rest),
+        _ => ([1, 1], data),
+    };
+    let run = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+        let mut d = Decoder::new(MAX_BYTES, MAX_DEPTH);
+        let mut events: Vec<Result<Vec<u8>, StreamError>> = Vec::new();
+        let mut fed = 0usize;
+        'outer: for piece in pieces {
+            d.feed(piece);
+            fed += piece.len();
+            loop {
+                match d.next_frame() {
+                    Ok(Some(frame)) => events.push(Ok(frame)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        events.push(Err(e));
+                        break 'outer;
+                    }
+                }
+            }
+            assert!(d.pending_bytes() <= fed, "decoder holds more than it was fed");
+        }
+        if events.last().is_some_and(Result::is_err) {
+            d.feed(b"{\"type\":\"ping\"}");
+            assert_eq!(d.next_frame(), Ok(None), "decoder yielded after a stream error");
+        }
+        events
+    };
+    let whole = run(&mut std::iter::once(stream));
+    // Alternate two read sizes, so boundaries fall everywhere.
+    let mut at = 0usize;
+    let mut turn = 0usize;
+    let mut pieces = std::iter::from_fn(|| {
+        if at >= stream.len() {
+            return None;
+        }
+        let n = sizes[turn % 2].min(stream.len() - at);
+        turn += 1;
+        at += n;
+        Some(&stream[at - n..at])
+    });
+    let split = run(&mut pieces);
+    // A stream error can be found at a different point when the input stops mid-way, but the frames
+    // before it and the error kind must agree.
+    assert_eq!(whole, split, "reads of different sizes gave different results");
+    for event in &whole {
+        let Ok(frame) = event else { continue };
+        assert!(frame.len() <= MAX_BYTES, "frame over the size limit");
+        assert_eq!(frame.first(), Some(&b'{'));
+        assert!(matches!(frame.last(), Some(b'}' | b']')));
+        let outcome = match parse_request(frame) {
+            Ok(req) => {
+                assert!(!req.command.is_empty() || !req.legacy);
+                (req.id, Outcome::Success(Value::Object(req.params)))
+            }
+            Err(bad) => (bad.id, Outcome::error(bad.message)),
+        };
+        let reply = encode_reply(outcome.0.as_ref(), &outcome.1);
+        assert_eq!(reply.last(), Some(&b'\n'));
+        assert_eq!(memchr::memchr_iter(b'\n', &reply).count(), 1, "a reply must be one line");
+        // serde_json refuses nesting of 128 and more; params may be 16 deep here.
+        assert!(
+            serde_json::from_slice::<Value>(&reply).is_ok_and(|v| v.is_object()),
+            "reply is not a JSON object"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,6 +758,25 @@ mod tests {
     }
 
     #[test]
+    fn a_mismatched_closer_ends_the_request_and_the_next_one_parses() {
+        let mut d = decoder();
+        d.feed(br#"{"a":[1}{"type":"ping"}{"b":{"c":2]]}"#);
+        let mut got = Vec::new();
+        let err = loop {
+            match d.next_frame() {
+                Ok(Some(f)) => got.push(String::from_utf8(f).unwrap_or_default()),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        assert_eq!(got, vec![r#"{"a":[1}"#, r#"{"type":"ping"}"#, r#"{"b":{"c":2]"#]);
+        assert!(parse_request(got[0].as_bytes()).is_err());
+        assert!(parse_request(got[1].as_bytes()).is_ok());
+        // What follows a mismatch outside any object is garbage: error, then close.
+        assert!(matches!(err, Some(StreamError::Garbage { byte: b']', .. })));
+    }
+
+    #[test]
     fn idle_whitespace_is_not_retained() {
         let mut d = decoder();
         d.feed(&[b'\n'; 4096]);
@@ -723,5 +838,59 @@ mod tests {
             v,
             json!({"status": "error", "message": "boom", "traceback": "tb"})
         );
+    }
+
+    /// A libFuzzer-free stand-in for the fuzz target (fuzz/): random and mutated requests through the
+    /// same invariant checker, so plain `cargo test` exercises it everywhere.
+    #[test]
+    fn randomized_streams_keep_the_decoder_invariants() {
+        let seeds: [&[u8]; 8] = [
+            br#"{"type":"ping","id":1}"#,
+            br#"{"type":"execute_code","params":{"code":"print('}{\"')"},"id":"x","timeout":2}"#,
+            br#"{"code":"print(1)","message":"m"}"#,
+            b"{\"a\":[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}",
+            b"GET / HTTP/1.1\r\n\r\n",
+            "{\"type\":\"x\",\"params\":{\"s\":\"\u{1F600}\u{e9}\\u00e9\"}}".as_bytes(),
+            b" \n\t{\"type\":\"get_status\",\"token\":\"t\"}\n{}",
+            b"{\"type\":\"\xff\"}",
+        ];
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let iterations = std::env::var("BLD_REMOTE_FUZZ_ITERATIONS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20_000u64);
+        for _ in 0..iterations {
+            let mut data = vec![(next() & 0xff) as u8, (next() & 0xff) as u8];
+            for _ in 0..(next() % 4 + 1) {
+                let seed = seeds[(next() % seeds.len() as u64) as usize];
+                data.extend_from_slice(seed);
+            }
+            for _ in 0..(next() % 6) {
+                let i = (next() % data.len() as u64) as usize;
+                match next() % 4 {
+                    0 => data[i] = (next() & 0xff) as u8,
+                    1 => data.insert(i, b"{}[]\"\\ "[(next() % 7) as usize]),
+                    2 => {
+                        data.remove(i);
+                    }
+                    _ => data.truncate(i.max(2)),
+                }
+                if data.len() < 2 {
+                    data.extend_from_slice(b"{}");
+                }
+            }
+            fuzz_check_decoder(&data);
+        }
+        // Plain random bytes too.
+        for _ in 0..2_000 {
+            let data: Vec<u8> = (0..(next() % 300)).map(|_| (next() & 0xff) as u8).collect();
+            fuzz_check_decoder(&data);
+        }
     }
 }
