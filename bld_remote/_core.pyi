@@ -46,7 +46,7 @@ class BlenderConnectionError(ConnectionError):
     reason: str | None
 
 class BlenderTimeoutError(TimeoutError):
-    """No reply in time. ``ran`` is False when the service says the request never ran, else None (unknown)."""
+    """No reply in time. ``ran``: True if the request had started in Blender, False if it never ran, None: unknown."""
 
     address: str | None
     ran: bool | None

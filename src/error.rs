@@ -21,7 +21,7 @@ pyo3::create_exception!(
     bld_remote,
     BlenderTimeoutError,
     PyTimeoutError,
-    "No reply in time. ``ran`` says whether the request had started in Blender (True/False/None: unknown)."
+    "No reply in time. ``ran``: True if the request had started in Blender, False if it never ran, None: unknown."
 );
 pyo3::create_exception!(
     bld_remote,
@@ -56,8 +56,12 @@ pub fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
         ClientError::Timeout { addr, detail } => {
             let err = BlenderTimeoutError::new_err(text);
             set(py, &err, "address", Some(addr.as_str()));
+            // The service's own timeout replies say whether the request had started; a client-side
+            // timeout cannot know.
             let ran = if detail.contains("was not run") {
                 Some(false)
+            } else if detail.contains("started in Blender") {
+                Some(true)
             } else {
                 None
             };

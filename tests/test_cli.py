@@ -1,0 +1,400 @@
+"""`bld-remote` as installed from the built wheel (its console script in a fresh venv), against real headless
+Blender 3.4.1: start + ready line + exec, graceful stop on SIGTERM/SIGINT, instance descriptors and `ls`,
+refusing to guess between instances, busy port, Blender not found, install/uninstall into isolated user
+folders. Every Blender started here is killed by its PID, even when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import READY, blender_binary, blender_env, built_wheel, call, free_port, port_is_free
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv with only the built wheel installed: returns its bin/ folder (bld-remote, python)."""
+    venv = tmp_path_factory.mktemp("cli_venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+         str(built_wheel())],
+        check=True,
+    )
+    assert (venv / "bin" / "bld-remote").exists()
+    return venv / "bin"
+
+
+@pytest.fixture
+def runtime_dir(tmp_path) -> Path:
+    d = tmp_path / "runtime"
+    d.mkdir()
+    return d
+
+
+def cli_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_")}
+    env["BLD_REMOTE_RUNTIME_DIR"] = str(runtime_dir)
+    env.update(extra)
+    return env
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+class Started:
+    """`bld-remote start ...` running in the background; its stdout collected line by line."""
+
+    def __init__(self, bindir: Path, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [str(bindir / "bld-remote"), "start", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        self.lines: list[str] = []
+        self.err: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, False), daemon=True).start()
+        self.blender_pids: set[int] = set()
+        self.port: int | None = None
+        self.pid: int | None = None
+
+    def _pump(self, stream, sink: list[str], notify: bool) -> None:
+        for line in stream:
+            sink.append(line)
+            if notify:
+                self._q.put(line)
+        if notify:
+            self._q.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines) + "\n--- stderr ---\n" + "".join(self.err)
+
+    def wait_ready(self, timeout: float = 90) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.blender_pids.update(children_of(self.proc.pid))
+            try:
+                line = self._q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"bld-remote start exited ({self.proc.wait()}) before ready:\n{self.output}")
+            m = READY.search(line)
+            if m:
+                self.port, self.pid = int(m["port"]), int(m["pid"])
+                self.blender_pids.add(self.pid)
+                return self.port
+        raise AssertionError(f"no ready line within {timeout}s:\n{self.output}")
+
+    def kill(self) -> None:
+        self.blender_pids.update(children_of(self.proc.pid))
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for pid in self.blender_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def start(installed, runtime_dir):
+    """start(*args, env=None) -> Started (ready). Kills every CLI and Blender it started, by PID."""
+    started: list[Started] = []
+
+    def run(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Started:
+        s = Started(installed, list(args), env or cli_env(runtime_dir))
+        started.append(s)
+        if wait:
+            s.wait_ready()
+        return s
+
+    yield run
+    for s in started:
+        s.kill()
+
+
+def cli(installed: Path, *args: str, env: dict[str, str], input: str | None = None, timeout: float = 120):
+    return subprocess.run(
+        [str(installed / "bld-remote"), *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def descriptors(runtime_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(runtime_dir.glob("bld_remote-*.json"))]
+
+
+# --- start, exec, status, ls ------------------------------------------------------------------------------
+
+
+def test_start_prints_one_ready_line_then_exec_runs_code(installed, runtime_dir, start, tmp_path):
+    env = cli_env(runtime_dir)
+    s = start("--background", "--port", "0")
+    assert s.port and s.port != 0
+    # The descriptor: this instance, owner-only.
+    [d] = descriptors(runtime_dir)
+    assert (d["pid"], d["port"], d["host"]) == (s.pid, s.port, "127.0.0.1")
+    assert d["blender_version"].startswith("3.4") and d["mode"] == "background"
+    [path] = runtime_dir.glob("bld_remote-*.json")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    r = cli(installed, "exec", "-c", "import sys\nprint('hello from', bpy.app.version_string)\n"
+            "print('to stderr', file=sys.stderr)", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from 3.4.1\n"
+    assert r.stderr == "to stderr\n"
+
+    script = tmp_path / "job.py"
+    script.write_text("result = len(bpy.data.objects)\nprint('file ok')\n")
+    r = cli(installed, "exec", str(script), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["stdout"] == "file ok\n" and out["result"] == 3 and out["duration"] >= 0
+
+    r = cli(installed, "exec", "-", "--port", str(s.port), env=env, input="print('from stdin')")
+    assert (r.returncode, r.stdout) == (0, "from stdin\n"), r.stderr
+
+    r = cli(installed, "exec", "-c", "print('partial')\n1/0", env=env)
+    assert r.returncode == 1
+    assert r.stdout == "partial\n"
+    assert "Traceback" in r.stderr and "ZeroDivisionError: division by zero" in r.stderr
+
+    r = cli(installed, "status", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["port"] == s.port and st["pid"] == s.pid and st["running"] is True
+
+    r = cli(installed, "ls", env=env)
+    assert r.returncode == 0 and f"127.0.0.1:{s.port}" in r.stdout and str(s.pid) in r.stdout
+
+    r = cli(installed, "shutdown", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"127.0.0.1:{s.port} (pid {s.pid}) shut down" in r.stdout
+    assert s.proc.wait(timeout=30) == 0, s.output
+    assert not pid_alive(s.pid)
+    assert port_is_free(s.port)
+    assert descriptors(runtime_dir) == []
+    ready_lines = [line for line in s.lines if READY.search(line)]
+    assert ready_lines == [f"bld_remote listening on 127.0.0.1:{s.port} (pid {s.pid})\n"], s.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_cli_stops_blender_gracefully(installed, runtime_dir, start, sig):
+    env = cli_env(runtime_dir)
+    s = start("--background", "--port", "0")
+    # A request in flight when the signal arrives must still be answered.
+    inflight = subprocess.Popen(
+        [str(installed / "bld-remote"), "exec", "-c", "import time; time.sleep(1.0); print('answered')"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.4)
+    t0 = time.monotonic()
+    s.proc.send_signal(sig)
+    out, err = inflight.communicate(timeout=30)
+    assert (inflight.returncode, out) == (0, "answered\n"), err
+    assert s.proc.wait(timeout=30) == 0, s.output
+    assert time.monotonic() - t0 < 10
+    assert not pid_alive(s.pid)
+    assert port_is_free(s.port)
+    assert descriptors(runtime_dir) == []
+    assert "Blender quit" in s.output
+
+
+def test_two_instances_exec_refuses_to_guess(installed, runtime_dir, start, tmp_path):
+    env = cli_env(runtime_dir)
+    a = start("--background", "--port", "0")
+    blend = tmp_path / "scene.blend"
+    r = cli(installed, "exec", "-c", f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})", env=env)
+    assert r.returncode == 0 and blend.exists(), r.stderr
+    # The second one opens that file and gets extra Blender args, and script args after a second `--`.
+    b = start("--background", "--port", "0", "--scene", str(blend), "--", "--factory-startup", "--",
+              "my-arg")
+    assert {d["port"] for d in descriptors(runtime_dir)} == {a.port, b.port}
+    assert [d["blend_file"] for d in descriptors(runtime_dir) if d["port"] == b.port] == [str(blend)]
+
+    r = cli(installed, "exec", "-c", "print(1)", env=env)
+    assert r.returncode == 3
+    assert "2 bld_remote instances are running" in r.stderr
+    assert f"--port {a.port}" in r.stderr and f"--port {b.port}" in r.stderr
+    assert r.stdout == ""
+
+    r = cli(installed, "exec", "--port", str(b.port), "-c",
+            "import sys; print(bpy.data.filepath, sys.argv[sys.argv.index('--') + 1:])", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{blend} ['my-arg']\n"
+
+    # The Python client refuses to guess too.
+    code = ("import bld_remote\ntry:\n    bld_remote.Client()\nexcept ConnectionError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    r = subprocess.run([str(installed / "python"), "-P", "-c", code], env=env, capture_output=True, text=True)
+    assert r.stdout.startswith("BlenderConnectionError 2 bld_remote instances are running"), r.stderr
+
+
+def test_ls_removes_stale_descriptors(installed, runtime_dir, start):
+    env = cli_env(runtime_dir)
+    s = start("--background", "--port", "0")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = {
+        "dead.json": {"pid": dead.pid, "host": "127.0.0.1", "port": free_port(), "started_at": 0},
+        # A live process (this one) whose port answers nothing.
+        "mute.json": {"pid": os.getpid(), "host": "127.0.0.1", "port": free_port(), "started_at": 0},
+    }
+    for name, d in stale.items():
+        (runtime_dir / f"bld_remote-{name}").write_text(json.dumps(d))
+    (runtime_dir / "bld_remote-garbage.json").write_text("{not json")
+    r = cli(installed, "ls", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert [(d["pid"], d["port"]) for d in listed] == [(s.pid, s.port)]
+    assert r.stderr.count("removed stale descriptor") == 3, r.stderr
+    assert "its process is gone" in r.stderr and "does not answer" in r.stderr
+    assert [p.name for p in runtime_dir.iterdir()] == [f"bld_remote-{s.pid}-{s.port}.json"]
+    # With only one live instance left, commands find it without --port.
+    assert cli(installed, "exec", "-c", "print(2)", env=env).stdout == "2\n"
+
+
+def test_no_instance_is_a_clear_error(installed, runtime_dir):
+    r = cli(installed, "exec", "-c", "print(1)", env=cli_env(runtime_dir))
+    assert r.returncode == 3
+    assert "no running bld_remote instance found" in r.stderr
+    r = cli(installed, "status", "--port", str(free_port()), env=cli_env(runtime_dir))
+    assert r.returncode == 3 and "connection refused" in r.stderr
+
+
+# --- start failures ------------------------------------------------------------------------------------
+
+
+def test_busy_port_is_a_clear_error(installed, runtime_dir):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        r = cli(installed, "start", "--background", "--port", str(port), env=cli_env(runtime_dir), timeout=60)
+        assert r.returncode == 1
+        assert f"port {port} on 127.0.0.1 is already in use" in r.stderr
+        assert time.monotonic() - t0 < 10
+    finally:
+        holder.close()
+
+
+def test_no_blender_found_lists_what_it_tried(installed, runtime_dir, tmp_path):
+    env = cli_env(runtime_dir, PATH=str(tmp_path), BLD_REMOTE_BLENDER_LOCATIONS=str(tmp_path / "nowhere"))
+    env.pop("BLENDER", None)
+    r = cli(installed, "start", "--background", env=env)
+    assert r.returncode == 1
+    assert "Blender not found. Tried:" in r.stderr
+    assert "$BLENDER (not set)" in r.stderr and "`blender` on PATH" in r.stderr
+    assert str(tmp_path / "nowhere") in r.stderr
+    assert "--blender" in r.stderr
+    r = cli(installed, "install", "--blender", str(tmp_path / "no-blender"), env=env)
+    assert r.returncode == 1 and f"--blender {tmp_path / 'no-blender'}: not an executable" in r.stderr
+    r = cli(installed, "start", env={**env, "BLENDER": "/nonexistent/blender"})
+    assert r.returncode == 1 and "$BLENDER is /nonexistent/blender" in r.stderr
+
+
+# --- install / uninstall ------------------------------------------------------------------------------------
+
+
+def test_install_then_plain_blender_serves_from_saved_prefs(installed, runtime_dir, tmp_path):
+    scripts, config = tmp_path / "scripts", tmp_path / "config"
+    env = cli_env(runtime_dir, BLENDER_USER_SCRIPTS=str(scripts), BLENDER_USER_CONFIG=str(config))
+    for _ in range(2):  # twice: harmless
+        r = cli(installed, "install", "--blender", blender_binary(), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"at {scripts / 'addons' / 'bld_remote'}" in r.stdout
+    addon = scripts / "addons" / "bld_remote"
+    assert (addon / "__init__.py").exists() and list(addon.glob("_core*.so"))
+    assert (config / "userpref.blend").exists()
+    assert [p.name for p in (scripts / "addons").iterdir()] == ["bld_remote"]  # no staging leftovers
+
+    # A plain Blender: the add-on comes from the saved preferences, START_NOW starts the service on
+    # register, and (background mode quits when its scripts end) a keep_alive() keeps it serving.
+    port = free_port()
+    benv = blender_env(scripts, BLENDER_USER_CONFIG=str(config), BLD_REMOTE_MCP_START_NOW="1",
+                       BLD_REMOTE_MCP_PORT=str(port), BLD_REMOTE_RUNTIME_DIR=str(runtime_dir))
+    proc = subprocess.Popen(
+        [blender_binary(), "-b", "--python-expr", "import bld_remote; bld_remote.keep_alive()"],
+        env=benv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if READY.search(line):
+                break
+        assert READY.search(lines[-1]), "".join(lines)
+        r = call(port, "execute_code", code="import bld_remote, os\nprint(os.path.dirname(bld_remote.__file__))")
+        assert r["result"]["result"] == f"{addon}\n"
+        assert call(port, "server_shutdown")["status"] == "success"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    for expected in ("uninstalled bld_remote from", "was not installed"):
+        r = cli(installed, "uninstall", "--blender", blender_binary(), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert expected in r.stdout
+    assert not addon.exists()
+    check = subprocess.run(
+        [blender_binary(), "-b", "--python-expr",
+         "import bpy; print('ENABLED', 'bld_remote' in bpy.context.preferences.addons)"],
+        env=benv, capture_output=True, text=True, timeout=120,
+    )
+    assert "ENABLED False" in check.stdout, check.stdout + check.stderr
+
+
+def test_help_and_usage_errors(installed, runtime_dir):
+    env = cli_env(runtime_dir)
+    r = cli(installed, "--help", env=env)
+    assert r.returncode == 0
+    for sub in ("start", "install", "uninstall", "exec", "status", "shutdown", "ls"):
+        assert sub in r.stdout
+    r = cli(installed, "exec", env=env)
+    assert r.returncode == 2 and "required" in r.stderr
+    r = subprocess.run([str(installed / "python"), "-P", "-m", "bld_remote.cli", "--version"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("bld-remote 0.")
