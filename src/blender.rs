@@ -1,4 +1,4 @@
-//! Finding a Blender executable, the environment to give it, the startup expression that loads bld_remote
+//! Finding a Blender executable, the environment to give it, the startup expression that loads `bld_remote`
 //! from the installed package, and running short Blender jobs (asking it for its user folders, enabling the
 //! add-on). Pure Rust; used by the CLI on its calling thread.
 
@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn versions_sort_numerically() {
-        let mut v = vec![
+        let mut v = [
             PathBuf::from("blender-4.9.1"),
             PathBuf::from("blender-4.10.0"),
             PathBuf::from("blender-3.6.2"),

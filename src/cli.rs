@@ -7,6 +7,7 @@
 //! 2 usage error; 3 no service reachable (refused, lost, no instance, several instances); 4 timeout;
 //! 130 interrupted. `start` exits with Blender's own status once Blender ran.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -77,10 +78,10 @@ struct StartArgs {
     /// Run Blender headless (`blender --background`); the main thread serves until the service stops.
     #[arg(short = 'b', long)]
     background: bool,
-    /// Port to listen on (0: a free one, named in the ready line). Default: $BLD_REMOTE_MCP_PORT, else 6688.
+    /// Port to listen on (0: a free one, named in the ready line). Default: `$BLD_REMOTE_MCP_PORT`, else 6688.
     #[arg(long)]
     port: Option<u16>,
-    /// Address to listen on. Anything but loopback needs a token ($BLD_REMOTE_TOKEN).
+    /// Address to listen on. Anything but loopback needs a token (`$BLD_REMOTE_TOKEN`).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// The Blender executable (or a folder holding it). Default: $BLENDER, PATH, usual install locations.
@@ -112,7 +113,7 @@ struct Target {
     /// The service's address.
     #[arg(long)]
     host: Option<String>,
-    /// Auth token, for services that require one. Default: $BLD_REMOTE_TOKEN.
+    /// Auth token, for services that require one. Default: `$BLD_REMOTE_TOKEN`.
     #[arg(long)]
     token: Option<String>,
     /// Give up waiting for the reply after this many seconds (default: wait as long as it takes).
@@ -360,7 +361,7 @@ fn status(a: &StatusArgs, host: &Host<'_>) -> i32 {
                         Value::Null => "-".into(),
                         other => other.to_string(),
                     };
-                    text.push_str(&format!("{k:<18} {shown}\n"));
+                    let _ = writeln!(text, "{k:<18} {shown}");
                 }
                 out(text.as_bytes());
             } else {
@@ -443,15 +444,16 @@ fn ls(a: &LsArgs) -> i32 {
         "PID", "ADDRESS", "MODE", "BLENDER", "STARTED", "FILE"
     );
     for d in &alive {
-        text.push_str(&format!(
-            "{:<8} {:<22} {:<11} {:<10} {:<21} {}\n",
+        let _ = writeln!(
+            text,
+            "{:<8} {:<22} {:<11} {:<10} {:<21} {}",
             d.pid,
             d.addr_text(),
             d.mode,
             d.blender_version.as_deref().unwrap_or("-"),
             d.started,
             d.blend_file.as_deref().unwrap_or("-"),
-        ));
+        );
     }
     out(text.as_bytes());
     0
@@ -670,31 +672,30 @@ fn port_busy(host: &str, port: u16) -> Option<String> {
         return None;
     }
     match TcpListener::bind((host, port)) {
-        Ok(_) => None,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
             "port {port} on {host} is already in use (another bld_remote? `bld-remote ls` lists them). \
              Choose another with --port N, or --port 0 for a free one"
         )),
         // Other bind errors (e.g. a host name that is not local) are for the service to report.
-        Err(_) => None,
+        _ => None,
     }
 }
 
 fn start(a: StartArgs, host: &Host<'_>) -> i32 {
-    let port = match a.port {
-        Some(p) => p,
-        None => match std::env::var("BLD_REMOTE_MCP_PORT") {
-            Ok(v) if !v.trim().is_empty() => match v.trim().parse() {
-                Ok(p) => p,
-                Err(_) => {
-                    errln(&format!(
-                        "BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {v:?}"
-                    ));
-                    return EXIT_USAGE;
-                }
-            },
-            _ => DEFAULT_PORT,
-        },
+    let env_port = std::env::var("BLD_REMOTE_MCP_PORT").unwrap_or_default();
+    let port = match (a.port, env_port.trim()) {
+        (Some(p), _) => p,
+        (None, "") => DEFAULT_PORT,
+        (None, v) => {
+            if let Ok(p) = v.parse() {
+                p
+            } else {
+                errln(&format!(
+                    "BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {v:?}"
+                ));
+                return EXIT_USAGE;
+            }
+        }
     };
     if !(a.ready_timeout > 0.0 && a.ready_timeout.is_finite()) {
         errln("--ready-timeout must be a positive number of seconds");

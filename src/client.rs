@@ -286,12 +286,14 @@ impl Client {
                     detail: "reply is not a JSON object".into(),
                 });
             };
-            match reply.get("id") {
-                Some(v) if v.as_u64() == Some(id) => {}
-                // A stray reply to an earlier, abandoned request, or an id-less error about the stream.
-                Some(_) => continue,
-                None if reply.contains_key("status") => {}
-                None => continue,
+            // Ours: our id, or an id-less error about the stream itself (malformed, too large...). Anything
+            // else is a stray reply to an earlier, abandoned request.
+            let ours = match reply.get("id") {
+                Some(v) => v.as_u64() == Some(id),
+                None => reply.contains_key("status"),
+            };
+            if !ours {
+                continue;
             }
             if reply.contains_key("progress") && !reply.contains_key("status") {
                 continue;

@@ -42,7 +42,7 @@ pub struct Descriptor {
     /// Whether requests need a token (the token itself is never written here).
     #[serde(default)]
     pub auth: bool,
-    /// The bld_remote version serving.
+    /// The `bld_remote` version serving.
     #[serde(default)]
     pub version: String,
 }
@@ -299,7 +299,7 @@ pub fn pick(host: Option<&str>, port: Option<u16>) -> Result<(String, u16), Stri
 
 /// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (proleptic Gregorian; Howard Hinnant's civil-from-days).
 pub fn iso8601_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

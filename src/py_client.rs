@@ -20,7 +20,7 @@ use crate::{cli, instances};
 /// Default per-request timeout of `bld_remote.Client`, in seconds.
 const DEFAULT_TIMEOUT: f64 = 60.0;
 
-/// A connection to a running bld_remote service.
+/// A connection to a running `bld_remote` service.
 ///
 /// Thread-safe (calls are serialised); one connection, reused across calls and reopened after a failure.
 #[pyclass(module = "bld_remote", name = "Client")]
