@@ -529,11 +529,18 @@ pub fn fuzz_check_decoder(data: &[u8]) {
                     }
                 }
             }
-            assert!(d.pending_bytes() <= fed, "decoder holds more than it was fed");
+            assert!(
+                d.pending_bytes() <= fed,
+                "decoder holds more than it was fed"
+            );
         }
         if events.last().is_some_and(Result::is_err) {
             d.feed(b"{\"type\":\"ping\"}");
-            assert_eq!(d.next_frame(), Ok(None), "decoder yielded after a stream error");
+            assert_eq!(
+                d.next_frame(),
+                Ok(None),
+                "decoder yielded after a stream error"
+            );
         }
         events
     };
@@ -553,7 +560,10 @@ pub fn fuzz_check_decoder(data: &[u8]) {
     let split = run(&mut pieces);
     // A stream error can be found at a different point when the input stops mid-way, but the frames
     // before it and the error kind must agree.
-    assert_eq!(whole, split, "reads of different sizes gave different results");
+    assert_eq!(
+        whole, split,
+        "reads of different sizes gave different results"
+    );
     for event in &whole {
         let Ok(frame) = event else { continue };
         assert!(frame.len() <= MAX_BYTES, "frame over the size limit");
@@ -568,7 +578,11 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         };
         let reply = encode_reply(outcome.0.as_ref(), &outcome.1);
         assert_eq!(reply.last(), Some(&b'\n'));
-        assert_eq!(memchr::memchr_iter(b'\n', &reply).count(), 1, "a reply must be one line");
+        assert_eq!(
+            memchr::memchr_iter(b'\n', &reply).count(),
+            1,
+            "a reply must be one line"
+        );
         // serde_json refuses nesting of 128 and more; params may be 16 deep here.
         assert!(
             serde_json::from_slice::<Value>(&reply).is_ok_and(|v| v.is_object()),
@@ -769,7 +783,10 @@ mod tests {
                 Err(e) => break Some(e),
             }
         };
-        assert_eq!(got, vec![r#"{"a":[1}"#, r#"{"type":"ping"}"#, r#"{"b":{"c":2]"#]);
+        assert_eq!(
+            got,
+            vec![r#"{"a":[1}"#, r#"{"type":"ping"}"#, r#"{"b":{"c":2]"#]
+        );
         assert!(parse_request(got[0].as_bytes()).is_err());
         assert!(parse_request(got[1].as_bytes()).is_ok());
         // What follows a mismatch outside any object is garbage: error, then close.
@@ -867,7 +884,7 @@ mod tests {
             .unwrap_or(20_000u64);
         for _ in 0..iterations {
             let mut data = vec![(next() & 0xff) as u8, (next() & 0xff) as u8];
-            for _ in 0..(next() % 4 + 1) {
+            for _ in 0..=(next() % 4) {
                 let seed = seeds[(next() % seeds.len() as u64) as usize];
                 data.extend_from_slice(seed);
             }
