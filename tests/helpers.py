@@ -179,7 +179,7 @@ class Conn:
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.buf = bytearray()
 
     def send(self, data: bytes | dict) -> None:
         if isinstance(data, dict):
@@ -187,12 +187,16 @@ class Conn:
         self.sock.sendall(data)
 
     def read_line(self) -> bytes:
-        while b"\n" not in self.buf:
+        """One reply line. Linear in its size: only newly received bytes are searched for the newline."""
+        searched = 0
+        while (end := self.buf.find(b"\n", searched)) < 0:
+            searched = len(self.buf)
             chunk = self.sock.recv(1 << 20)
             if not chunk:
-                raise ConnectionError(f"connection closed; unterminated data: {self.buf[:200]!r}")
+                raise ConnectionError(f"connection closed; unterminated data: {bytes(self.buf[:200])!r}")
             self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 1]
         return line
 
     def reply(self) -> dict:
