@@ -25,6 +25,11 @@ const DEFAULT_TIMEOUT: f64 = 60.0;
 /// Thread-safe (calls are serialised); one connection, reused across calls and reopened after a failure.
 #[pyclass(module = "bld_remote", name = "Client")]
 pub struct PyClient {
+    // host, port and timeout live outside the connection's lock: a thread holding the GIL must never wait
+    // for that lock, since its holder (waiting on the network, GIL released) takes the GIL to poll signals.
+    host: String,
+    port: u16,
+    timeout: Mutex<Option<Duration>>,
     inner: Mutex<Client>,
 }
 
@@ -105,7 +110,12 @@ impl PyClient {
                 }
             })
         };
-        let result = py.detach(|| self.inner.lock().call_with(command, params, &interrupted));
+        let timeout = *self.timeout.lock();
+        let result = py.detach(|| {
+            let mut client = self.inner.lock();
+            client.set_timeout(timeout);
+            client.call_with(command, params, &interrupted)
+        });
         match result {
             Ok(v) => Ok(v),
             Err(ClientError::Interrupted) => Err(raised
@@ -142,29 +152,32 @@ impl PyClient {
         };
         let token = token.or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok());
         Ok(Self {
+            host: h.clone(),
+            port: p,
+            timeout: Mutex::new(timeout),
             inner: Mutex::new(Client::new(h, p, timeout, token)),
         })
     }
 
     #[getter]
     fn host(&self) -> String {
-        self.inner.lock().host().to_string()
+        self.host.clone()
     }
 
     #[getter]
     fn port(&self) -> u16 {
-        self.inner.lock().port()
+        self.port
     }
 
     #[getter]
     fn get_timeout(&self) -> Option<f64> {
-        self.inner.lock().timeout().map(|t| t.as_secs_f64())
+        self.timeout.lock().map(|t| t.as_secs_f64())
     }
 
+    /// Applies from the next call on.
     #[setter]
     fn set_timeout(&self, timeout: Option<f64>) -> PyResult<()> {
-        let t = seconds(timeout)?;
-        self.inner.lock().set_timeout(t);
+        *self.timeout.lock() = seconds(timeout)?;
         Ok(())
     }
 
@@ -234,13 +247,13 @@ impl PyClient {
     /// ``server_shutdown``: the service stops (a headless Blender then exits). Closes this connection.
     fn shutdown(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let v = self.request(py, "server_shutdown", Map::new())?;
-        self.inner.lock().close();
+        self.close(py);
         Ok(json_to_py(py, &v)?.unbind())
     }
 
-    /// Close the connection (the next call reconnects).
-    fn close(&self) {
-        self.inner.lock().close();
+    /// Close the connection (the next call reconnects). Waits for a call in progress on another thread.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.lock().close());
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -248,18 +261,18 @@ impl PyClient {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> bool {
-        self.close();
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+        self.close(py);
         false
     }
 
     fn __repr__(&self) -> String {
-        let c = self.inner.lock();
         format!(
             "Client(host={:?}, port={}, timeout={})",
-            c.host(),
-            c.port(),
-            c.timeout()
+            self.host,
+            self.port,
+            self.timeout
+                .lock()
                 .map_or_else(|| "None".into(), |t| t.as_secs_f64().to_string())
         )
     }

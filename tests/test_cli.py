@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -398,3 +399,42 @@ def test_help_and_usage_errors(installed, runtime_dir):
     r = subprocess.run([str(installed / "python"), "-P", "-m", "bld_remote.cli", "--version"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("bld-remote 0.")
+
+
+# --- GUI mode ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not shutil.which("xvfb-run"), reason="xvfb-run not installed (apt-get install xvfb xauth)")
+def test_start_gui_under_xvfb_serves_and_sigterm_quits_blender(installed, runtime_dir):
+    """Without --background: Blender's window opens (Xvfb), the timer pump serves; SIGTERM to the CLI makes
+    Blender quit through its own quit operator: rc 0, port free, descriptor removed."""
+    env = cli_env(runtime_dir)
+    proc = subprocess.Popen(
+        ["xvfb-run", "-a", "-s", "-screen 0 1280x720x24", str(installed / "bld-remote"), "start", "--port", "0",
+         "--", "--factory-startup"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    blender_pid = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if m := READY.search(line):
+                break
+        assert m, "".join(lines) + proc.stderr.read()
+        port, blender_pid = int(m["port"]), int(m["pid"])
+        r = cli(installed, "exec", "-c", "print(bpy.app.background, len(bpy.context.window_manager.windows))",
+                env=env)
+        assert (r.returncode, r.stdout) == (0, "False 1\n"), r.stderr
+        [cli_pid] = [p for p in children_of(proc.pid) if "bld-remote" in Path(f"/proc/{p}/cmdline").read_text()]
+        os.kill(cli_pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0  # xvfb-run exits with the CLI's status, which is Blender's
+        assert not pid_alive(blender_pid)
+        assert port_is_free(port)
+        assert descriptors(runtime_dir) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if blender_pid and pid_alive(blender_pid):
+            os.kill(blender_pid, signal.SIGKILL)

@@ -166,3 +166,21 @@ def test_bad_timeout_is_a_value_error(installed, bad):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1 and "ValueError: timeout must be a positive number" in r.stderr
+
+
+def test_one_client_shared_by_threads(installed, served):
+    """Calls from several threads are serialised; reading host/port/timeout while another thread waits on
+    the network must not deadlock (the waiting thread takes the GIL to poll for signals)."""
+    out = client(installed, (
+        "import threading\n"
+        "res = []\n"
+        "ts = [threading.Thread(target=lambda i=i: res.append(c.execute(f'import time; time.sleep(0.3); print({i})').stdout))\n"
+        "      for i in range(4)]\n"
+        "[t.start() for t in ts]\n"
+        "t0 = time.monotonic(); n = 0\n"
+        "while any(t.is_alive() for t in ts) and time.monotonic() - t0 < 20:\n"
+        "    n += bool(c.port and repr(c) and c.timeout and c.host); time.sleep(0.01)\n"
+        "[t.join() for t in ts]\n"
+        "print(json.dumps([sorted(res), n > 10]))\n"
+    ), served.port)
+    assert out == [["0\n", "1\n", "2\n", "3\n"], True]
