@@ -269,8 +269,27 @@ pub fn command(blender: &Path) -> Command {
     for k in STRIPPED_ENV {
         cmd.env_remove(k);
     }
+    if let Some(path) = path_without_venvs() {
+        cmd.env("PATH", path);
+    }
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// `PATH` without virtual-environment `bin` folders. Blender's embedded Python looks `sys.executable` up on
+/// `PATH`; a `pyvenv.cfg` beside the `python3` it finds switches that venv on, and its site-packages
+/// (another bld_remote among them) would shadow Blender's own. `None`: nothing to remove.
+fn path_without_venvs() -> Option<std::ffi::OsString> {
+    let path = std::env::var_os("PATH")?;
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    let kept: Vec<&PathBuf> = dirs
+        .iter()
+        .filter(|d| !d.parent().is_some_and(|venv| venv.join("pyvenv.cfg").is_file()))
+        .collect();
+    if kept.len() == dirs.len() {
+        return None;
+    }
+    std::env::join_paths(kept).ok()
 }
 
 /// A Python string literal for `s` (JSON string syntax is valid Python).

@@ -236,11 +236,8 @@ fn client_for(t: &Target) -> Result<Client, (i32, String)> {
             ))
         }
     };
-    let token = t
-        .token
-        .clone()
-        .or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok());
     let (h, p) = instances::pick(t.host.as_deref(), t.port).map_err(|e| (EXIT_UNREACHABLE, e))?;
+    let token = instances::resolve_token(t.token.clone(), &h, p);
     Ok(Client::new(h, p, timeout, token))
 }
 
@@ -432,7 +429,15 @@ fn ls(a: &LsArgs) -> i32 {
         .as_bytes());
     }
     if a.json {
-        outln(&serde_json::to_string(&alive).unwrap_or_else(|_| "[]".into()));
+        let shown: Vec<instances::Descriptor> = alive
+            .iter()
+            .cloned()
+            .map(|mut d| {
+                d.token = None;
+                d
+            })
+            .collect();
+        outln(&serde_json::to_string(&shown).unwrap_or_else(|_| "[]".into()));
         return 0;
     }
     if alive.is_empty() {
@@ -829,7 +834,7 @@ fn supervise(child: &mut Child, rx: &mpsc::Receiver<Relay>, a: &StartArgs, host:
 /// first), else with SIGTERM.
 fn request_stop(pid: u32, ready: Option<&(String, u16, u32)>, background: bool, host: &Host<'_>) {
     if let Some((h, p, _)) = ready {
-        let token = std::env::var("BLD_REMOTE_TOKEN").ok();
+        let token = instances::resolve_token(None, h, *p);
         let mut c = Client::new(h.clone(), *p, Some(Duration::from_secs(10)), token);
         let asked = if background {
             c.call("server_shutdown", Map::new()).is_ok()

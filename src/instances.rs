@@ -39,9 +39,13 @@ pub struct Descriptor {
     /// `background` or `gui`.
     #[serde(default)]
     pub mode: String,
-    /// Whether requests need a token (the token itself is never written here).
+    /// Whether requests need a token.
     #[serde(default)]
     pub auth: bool,
+    /// The token itself, so the owner's `bld-remote` and `Client()` can authenticate without being told it
+    /// (the file is 0600 in a 0700 folder, like Jupyter's connection files). Never printed by `ls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The `bld_remote` version serving.
     #[serde(default)]
     pub version: String,
@@ -53,7 +57,7 @@ impl Descriptor {
         host: &str,
         port: u16,
         mode: &str,
-        auth: bool,
+        token: Option<&str>,
         info: &serde_json::Map<String, Value>,
     ) -> Self {
         let now = SystemTime::now()
@@ -74,7 +78,8 @@ impl Descriptor {
             started_at: now.as_secs_f64(),
             started: iso8601_utc(now.as_secs()),
             mode: mode.to_string(),
-            auth,
+            auth: token.is_some(),
+            token: token.map(str::to_string),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -257,6 +262,25 @@ pub fn live(clean: bool) -> (Vec<Descriptor>, Vec<(PathBuf, Stale)>) {
     (alive, stale)
 }
 
+/// The token a client should send to `host:port`: the explicit one, else `$BLD_REMOTE_TOKEN` (unless it is
+/// `auto`, which asks a *service* to generate one), else the one in the service's owner-only descriptor.
+pub fn resolve_token(explicit: Option<String>, host: &str, port: u16) -> Option<String> {
+    explicit
+        .filter(|t| !t.is_empty())
+        .or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok().filter(|t| !t.is_empty() && t != "auto"))
+        .or_else(|| token_for(host, port))
+}
+
+/// The token of the service on `host:port`, from its descriptor (owner-only), when it has one.
+pub fn token_for(host: &str, port: u16) -> Option<String> {
+    let loopback = |h: &str| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    all().into_iter().find_map(|(_, d)| {
+        let d = d.ok()?;
+        let same_host = d.host == host || (loopback(&d.host) && loopback(host));
+        (d.port == port && same_host).then_some(d.token).flatten()
+    })
+}
+
 /// The service to talk to: `port` when given (on `host`, default 127.0.0.1); else the only live instance
 /// (on `host`, when given). Several live instances and no port: an error listing them; never a guess.
 pub fn pick(host: Option<&str>, port: Option<u16>) -> Result<(String, u16), String> {
@@ -335,7 +359,7 @@ mod tests {
             "127.0.0.1",
             7000,
             "background",
-            false,
+            Some("s3cret"),
             &serde_json::Map::new(),
         );
         let text = serde_json::to_string(&d).unwrap_or_default();

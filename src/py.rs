@@ -148,7 +148,7 @@ fn write_descriptor(server: &Server) -> Option<std::path::PathBuf> {
         &addr.ip().to_string(),
         addr.port(),
         &config.mode,
-        config.token.is_some(),
+        config.token.as_deref(),
         &config.info,
     );
     match crate::instances::write(&d) {

@@ -150,7 +150,7 @@ impl PyClient {
             py.detach(|| instances::pick(host_ref, None))
                 .map_err(BlenderConnectionError::new_err)?
         };
-        let token = token.or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok());
+        let token = instances::resolve_token(token, &h, p);
         Ok(Self {
             host: h.clone(),
             port: p,

@@ -438,3 +438,33 @@ def test_start_gui_under_xvfb_serves_and_sigterm_quits_blender(installed, runtim
             proc.wait()
         if blender_pid and pid_alive(blender_pid):
             os.kill(blender_pid, signal.SIGKILL)
+
+
+# --- auth -----------------------------------------------------------------------------------------------
+
+
+def test_generated_token_lives_in_the_owner_only_descriptor_and_clients_use_it(installed, runtime_dir, start):
+    # BLD_REMOTE_TOKEN=auto asks the service to generate a token; for clients "auto" is not a token.
+    env = cli_env(runtime_dir, BLD_REMOTE_TOKEN="auto")
+    s = start("--background", "--port", "0", env=env)
+    [path] = runtime_dir.glob("bld_remote-*.json")
+    assert path.stat().st_mode & 0o777 == 0o600
+    [d] = descriptors(runtime_dir)
+    assert d["auth"] is True and len(d["token"]) >= 32
+
+    # Without the token: refused, and nothing ran.
+    r = call(s.port, "execute_code", code="bpy.context.scene['touched'] = 1")
+    assert r["status"] == "error" and "authentication required" in r["message"], r
+    # The owner's CLI and Client find the token in the descriptor.
+    r = cli(installed, "exec", "-c", "print(bpy.context.scene.get('touched'))", env=env)
+    assert (r.returncode, r.stdout) == (0, "None\n"), r.stderr
+    code = "import bld_remote; print(bld_remote.Client().scene_info()['object_count'])"
+    r = subprocess.run([str(installed / "python"), "-P", "-c", code], env=env, capture_output=True, text=True)
+    assert r.stdout == "3\n", r.stderr
+    # `ls` never prints it.
+    r = cli(installed, "ls", "--json", env=env)
+    assert r.returncode == 0 and d["token"] not in r.stdout and str(s.port) in r.stdout
+    # The graceful stop goes through the authenticated service.
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=30) == 0, s.output
+    assert descriptors(runtime_dir) == []
