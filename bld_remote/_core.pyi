@@ -115,3 +115,6 @@ class Client:
 
 def cli_main(argv: list[str]) -> int:
     """Run the ``bld-remote`` command line (``sys.argv``); returns the exit status."""
+
+def report_progress(progress: float, total: float | None = None, message: str | None = None) -> bool:
+    """Report the running job's progress to its client (framed requests only); False when nobody listens."""

@@ -334,11 +334,214 @@ def get_viewport_screenshot(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- render_image ----------------------------------------------------------------------------------------
+
+# Engine names a client may give → Blender's identifiers, tried in order. EEVEE is BLENDER_EEVEE_NEXT in
+# Blender 4.2-4.x and BLENDER_EEVEE before and after.
+_RENDER_ENGINES = {
+    "WORKBENCH": ("BLENDER_WORKBENCH",),
+    "BLENDER_WORKBENCH": ("BLENDER_WORKBENCH",),
+    "CYCLES": ("CYCLES",),
+    "EEVEE": ("BLENDER_EEVEE_NEXT", "BLENDER_EEVEE"),
+    "BLENDER_EEVEE": ("BLENDER_EEVEE_NEXT", "BLENDER_EEVEE"),
+    "BLENDER_EEVEE_NEXT": ("BLENDER_EEVEE_NEXT", "BLENDER_EEVEE"),
+}
+_RENDER_MAX_SIDE = 8192
+_RENDER_DEFAULT_LONGEST = 1920
+_CYCLES_DEFAULT_SAMPLES = 16
+
+
+def _positive_int(params: dict[str, Any], name: str, limit: int) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise CommandError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
+    return value
+
+
+def _render_size(scene: Any, width: int | None, height: int | None) -> tuple[int, int]:
+    """The requested size; a missing side follows the scene's aspect ratio. Neither: the scene's output size,
+    at most 1920 on its longest side."""
+    r = scene.render
+    sx = max(1, round(r.resolution_x * r.resolution_percentage / 100))
+    sy = max(1, round(r.resolution_y * r.resolution_percentage / 100))
+    if width and height:
+        return width, height
+    if width:
+        return width, max(1, round(width * sy / sx))
+    if height:
+        return max(1, round(height * sx / sy)), height
+    longest = max(sx, sy)
+    if longest > _RENDER_DEFAULT_LONGEST:
+        return max(1, round(sx * _RENDER_DEFAULT_LONGEST / longest)), max(
+            1, round(sy * _RENDER_DEFAULT_LONGEST / longest)
+        )
+    return sx, sy
+
+
+def render_image(params: dict[str, Any]) -> dict[str, Any]:
+    """Render the scene camera to a PNG (works headless): ``width``, ``height``, ``engine`` (WORKBENCH, CYCLES,
+    EEVEE), ``samples``; ``filepath`` (default: a fresh temp file, ``temporary: true``); ``inline`` returns the
+    bytes as ``data`` (base64 on the wire) and removes the file.
+
+    Reports progress (``_core.report_progress``) when the render starts, on each render-stats update (Cycles
+    and EEVEE call these, some from their render threads), when it ends and when the file is written. The
+    scene's render settings are restored afterwards.
+    """
+    bpy = _bpy()
+    from . import _core
+
+    scene = bpy.context.scene
+    if scene.camera is None:
+        raise CommandError(
+            "the scene has no active camera to render from: add one and set it, e.g. "
+            "bpy.ops.object.camera_add(location=(7, -7, 5)); bpy.context.scene.camera = bpy.context.object"
+        )
+    name = str(params.get("engine") or "WORKBENCH").upper()
+    if name not in _RENDER_ENGINES:
+        raise CommandError(f"engine must be WORKBENCH, CYCLES or EEVEE, got {params.get('engine')!r}")
+    width, height = _render_size(
+        scene,
+        _positive_int(params, "width", _RENDER_MAX_SIDE),
+        _positive_int(params, "height", _RENDER_MAX_SIDE),
+    )
+    samples = _positive_int(params, "samples", 1 << 16)
+    inline = bool(params.get("inline", False))
+    filepath = params.get("filepath")
+    if filepath is not None and (not isinstance(filepath, str) or not filepath.strip()):
+        raise CommandError("filepath must be a non-empty string (or left out for a temp file)")
+
+    r = scene.render
+    saved: list[tuple[Any, str, Any]] = []
+
+    def setattr_saved(obj: Any, attr: str, value: Any) -> None:
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    count = [0]
+
+    def report(message: str) -> None:
+        count[0] += 1
+        try:
+            _core.report_progress(float(count[0]), None, message)
+        except BaseException:  # noqa: BLE001 - progress must never break a render
+            pass
+
+    def on_pre(*_args: Any) -> None:
+        report("render started")
+
+    last_stats = [0.0]
+
+    def on_stats(*args: Any) -> None:
+        # Cycles calls this many times a second, from its render thread: pass on at most 5 a second.
+        now = time.monotonic()
+        if now - last_stats[0] < 0.2:
+            return
+        last_stats[0] = now
+        # Some Blender versions pass the stats line; 3.4 passes None.
+        text = next((a for a in args if isinstance(a, str)), None)
+        report(text.rsplit("|", 1)[-1].strip() if text else f"rendering ({time.perf_counter() - started:.1f} s)")
+
+    def on_post(*_args: Any) -> None:
+        report("render finished")
+
+    hooks = [
+        (bpy.app.handlers.render_pre, on_pre),
+        (bpy.app.handlers.render_stats, on_stats),
+        (bpy.app.handlers.render_post, on_post),
+    ]
+    path = ""
+    temporary = False
+    try:
+        engine = None
+        for candidate in _RENDER_ENGINES[name]:
+            try:
+                setattr_saved(r, "engine", candidate)
+                engine = candidate
+                break
+            except TypeError:
+                saved.pop()
+        if engine is None:
+            raise CommandError(f"this Blender has no {name} render engine")
+        setattr_saved(r, "resolution_x", width)
+        setattr_saved(r, "resolution_y", height)
+        setattr_saved(r, "resolution_percentage", 100)
+        if engine == "CYCLES":
+            setattr_saved(scene.cycles, "samples", samples or _CYCLES_DEFAULT_SAMPLES)
+            # Debian's Blender is built without OpenImageDenoise: denoising would fail the render.
+            setattr_saved(scene.cycles, "use_denoising", False)
+            setattr_saved(scene.cycles, "device", "CPU")
+        elif engine.startswith("BLENDER_EEVEE") and samples:
+            setattr_saved(scene.eevee, "taa_render_samples", samples)
+        if filepath is not None:
+            path = os.path.abspath(os.path.expanduser(filepath))
+            if not os.path.isdir(os.path.dirname(path)):
+                raise CommandError(f"the folder for filepath does not exist: {os.path.dirname(path)}")
+        else:
+            fd, path = tempfile.mkstemp(prefix="bld_remote_render_", suffix=".png")
+            os.close(fd)
+            temporary = True
+        report(f"rendering {width}x{height} with {engine}")
+        started = time.perf_counter()
+        for handlers, fn in hooks:
+            handlers.append(fn)
+        bpy.ops.render.render(write_still=False)
+        duration = time.perf_counter() - started
+        result = bpy.data.images.get("Render Result")
+        if result is None:
+            raise CommandError("the render produced no image")
+        settings = r.image_settings
+        setattr_saved(settings, "file_format", "PNG")
+        setattr_saved(settings, "color_mode", "RGBA")
+        setattr_saved(settings, "color_depth", "8")
+        result.save_render(path, scene=scene)
+        report("PNG written")
+        reply: dict[str, Any] = {
+            "width": width,
+            "height": height,
+            "engine": engine,
+            "duration": duration,
+            "format": "png",
+            "mime_type": "image/png",
+            "size": os.path.getsize(path),
+        }
+        if inline:
+            with open(path, "rb") as f:
+                reply["data"] = f.read()  # bytes → base64 on the network thread
+            if temporary:
+                os.remove(path)
+            reply["temporary"] = False
+        else:
+            reply["filepath"] = path
+            reply["temporary"] = temporary
+        return reply
+    except BaseException:
+        if temporary and path:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        for handlers, fn in hooks:
+            while fn in handlers:
+                handlers.remove(fn)
+        for obj, attr, value in reversed(saved):
+            try:
+                setattr(obj, attr, value)
+            except Exception:  # noqa: BLE001 - restore what can be restored
+                pass
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "get_scene_info": get_scene_info,
     "get_object_info": get_object_info,
     "execute_code": execute_code,
     "get_viewport_screenshot": get_viewport_screenshot,
+    "render_image": render_image,
 }
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).

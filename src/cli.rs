@@ -71,6 +71,8 @@ enum Cmd {
     Shutdown(ShutdownArgs),
     /// List running instances (and delete descriptors of dead ones).
     Ls(LsArgs),
+    /// Serve MCP (stdio by default, or Streamable HTTP with --http) for LLM clients, talking to Blender.
+    Mcp(crate::mcp::McpArgs),
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +222,7 @@ pub fn run(argv: Vec<String>, host: &Host<'_>) -> i32 {
         Cmd::Status(a) => status(&a, host),
         Cmd::Shutdown(a) => shutdown(&a, host),
         Cmd::Ls(a) => ls(&a),
+        Cmd::Mcp(a) => crate::mcp::run(a, host.interrupted),
     }
 }
 

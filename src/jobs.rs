@@ -103,6 +103,38 @@ pub struct Job {
     pub deadline: Option<Instant>,
     pub state: Arc<JobState>,
     reply: Option<Sender<Completion>>,
+    /// Where progress reports go while the job runs (framed requests only; see [`Job::with_progress`]).
+    progress: Option<Sender<Progress>>,
+}
+
+/// A progress report from a running job (`{"progress": p, "total": t, "message": m}`), on its
+/// connection's progress channel. The writer sends it as `{"id": N, "progress": {...}}`.
+#[derive(Debug)]
+pub struct Progress {
+    pub seq: u64,
+    pub value: Value,
+}
+
+/// What the main thread (or a render thread of Blender's) holds to report a running job's progress.
+#[derive(Debug, Clone)]
+pub struct ProgressSink {
+    seq: u64,
+    tx: Sender<Progress>,
+    state: Arc<JobState>,
+}
+
+impl ProgressSink {
+    /// Send a report if the job is still running. Never blocks: a full channel drops the report.
+    pub fn report(&self, value: Value) -> bool {
+        self.state.phase.load(Ordering::SeqCst) == RUNNING
+            && self
+                .tx
+                .try_send(Progress {
+                    seq: self.seq,
+                    value,
+                })
+                .is_ok()
+    }
 }
 
 impl Job {
@@ -124,9 +156,26 @@ impl Job {
                 deadline,
                 state: Arc::clone(&state),
                 reply: Some(reply),
+                progress: None,
             },
             state,
         )
+    }
+
+    /// Let the job report progress to `tx` (a bounded channel: reports never block the main thread).
+    #[must_use]
+    pub fn with_progress(mut self, tx: Sender<Progress>) -> Self {
+        self.progress = Some(tx);
+        self
+    }
+
+    /// A handle for reporting this job's progress while it runs; `None` when nobody listens.
+    pub fn progress_sink(&self) -> Option<ProgressSink> {
+        self.progress.as_ref().map(|tx| ProgressSink {
+            seq: self.seq,
+            tx: tx.clone(),
+            state: Arc::clone(&self.state),
+        })
     }
 
     /// Claim the job for running now. `Err` carries the reply to send instead: the job was cancelled or its
@@ -380,6 +429,22 @@ mod tests {
         j.finish(Outcome::Success(Value::Null));
         assert!(done.try_recv().is_ok());
         assert!(done.try_recv().is_err());
+    }
+
+    #[test]
+    fn progress_reaches_the_listener_only_while_the_job_runs() {
+        let (j, _state, _done) = job(5, None);
+        assert!(j.progress_sink().is_none(), "plain jobs have no progress listener");
+        let (ptx, prx) = crossbeam_channel::bounded(4);
+        let j = j.with_progress(ptx);
+        let sink = j.progress_sink();
+        assert!(sink.as_ref().is_some_and(|s| !s.report(json!({"progress": 0}))), "not running yet");
+        assert!(j.begin().is_ok());
+        assert!(sink.as_ref().is_some_and(|s| s.report(json!({"progress": 1}))));
+        let p = prx.try_recv().ok();
+        assert!(matches!(p, Some(Progress { seq: 5, ref value }) if *value == json!({"progress": 1})));
+        j.finish(Outcome::Success(Value::Null));
+        assert!(sink.is_some_and(|s| !s.report(json!({"progress": 2}))), "finished");
     }
 
     #[test]

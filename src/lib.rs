@@ -8,6 +8,7 @@ pub mod client;
 mod error;
 pub mod instances;
 pub mod jobs;
+pub mod mcp;
 pub mod protocol;
 mod py;
 mod py_client;
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::status, m)?)?;
     m.add_function(wrap_pyfunction!(py::step, m)?)?;
     m.add_function(wrap_pyfunction!(py::serve_forever, m)?)?;
+    m.add_function(wrap_pyfunction!(py::report_progress, m)?)?;
     m.add_class::<py_client::PyClient>()?;
     m.add_class::<py_client::ExecResult>()?;
     m.add_function(wrap_pyfunction!(py_client::cli_main, m)?)?;

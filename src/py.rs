@@ -17,7 +17,7 @@ use pyo3::types::{
 };
 use serde_json::{Map, Number, Value};
 
-use crate::jobs::{Job, Msg};
+use crate::jobs::{Job, Msg, ProgressSink};
 use crate::protocol::Outcome;
 use crate::server::{Config, Server, Shared, StartError};
 
@@ -30,6 +30,10 @@ struct Service {
     /// This service's instance descriptor (see `instances`), removed when it stops.
     descriptor: Option<std::path::PathBuf>,
 }
+
+/// The running job's progress listener, for `report_progress`. A global, not a thread-local: Blender calls
+/// some render handlers from its render threads, while the job still runs on the main thread.
+static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 
 static SERVICE: std::sync::LazyLock<Mutex<Option<Service>>> =
     std::sync::LazyLock::new(|| Mutex::new(None));
@@ -422,6 +426,26 @@ impl SignalForwarder {
     }
 }
 
+/// Report progress of the job running now: sent to its client as `{"id": N, "progress": {"progress",
+/// "total", "message"}}` before the reply. Returns False when nobody listens (no job running, or a plain
+/// request without id) or the report was dropped. Never blocks; callable from any thread.
+#[pyfunction]
+#[pyo3(signature = (progress, total=None, message=None))]
+pub fn report_progress(progress: f64, total: Option<f64>, message: Option<String>) -> bool {
+    let Some(sink) = PROGRESS.lock().clone() else {
+        return false;
+    };
+    let mut v = Map::new();
+    v.insert("progress".into(), Number::from_f64(progress).map_or(Value::Null, Value::Number));
+    if let Some(t) = total.and_then(Number::from_f64) {
+        v.insert("total".into(), Value::Number(t));
+    }
+    if let Some(m) = message {
+        v.insert("message".into(), Value::String(m));
+    }
+    sink.report(Value::Object(v))
+}
+
 /// Run one job through the Python handler on this thread and hand its outcome back.
 fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: Job) {
     if let Err(outcome) = shared.begin(&job) {
@@ -433,8 +457,10 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
         Ok(params) => {
             // Save and restore: client code may call step() itself, running a nested job.
             let outer = IN_JOB.with(|c| c.replace(true));
+            let outer_progress = std::mem::replace(&mut *PROGRESS.lock(), job.progress_sink());
             let r = handler.call1(py, (job.command.as_str(), params));
             IN_JOB.with(|c| c.set(outer));
+            *PROGRESS.lock() = outer_progress;
             match r {
                 Ok(obj) => handler_result(obj.bind(py)),
                 Err(e) => exception_outcome(py, &e),

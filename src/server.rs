@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 
 use crate::jobs::{
     not_run, timed_out_not_run, timed_out_running, Completion, Expiry, Job, JobQueue, JobState,
-    Msg, SubmitError,
+    Msg, Progress, SubmitError,
 };
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
@@ -37,6 +37,8 @@ const MAX_PIPELINED: usize = 4096;
 const LINGER: Duration = Duration::from_secs(2);
 /// On stop, how long connections get to flush the replies they owe before their sockets are shut.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Progress reports a connection may have waiting for its writer; more are dropped (never blocking).
+const PROGRESS_BACKLOG: usize = 256;
 /// Default deadline of a request that carries no `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time a request may take to arrive, from its first byte to its last.
@@ -679,11 +681,14 @@ fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
     let (tx, rx) = crossbeam_channel::bounded::<ToWriter>(MAX_PIPELINED);
     // Unbounded so the main thread never blocks completing a job; at most MAX_PIPELINED are in flight.
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
+    // Progress reports of this connection's framed jobs. Bounded: a report that finds it full is dropped,
+    // so reporting never blocks the main thread.
+    let (progress_tx, progress_rx) = crossbeam_channel::bounded::<Progress>(PROGRESS_BACKLOG);
     let writer = std::thread::Builder::new()
         .name("bld_remote-writer".into())
         .spawn(move || {
             let _ = catch_unwind(AssertUnwindSafe(|| {
-                Writer::new(write_stream).run(&rx, &done_rx);
+                Writer::new(write_stream).run(&rx, &done_rx, &progress_rx);
             }));
         });
     let Ok(writer) = writer else {
@@ -691,7 +696,7 @@ fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
         return;
     };
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        read_loop(shared, &stream, &tx, &done_tx);
+        read_loop(shared, &stream, &tx, &done_tx, &progress_tx);
     }));
     drop(tx);
     let _ = writer.join();
@@ -712,6 +717,7 @@ fn read_loop(
     mut stream: &TcpStream,
     tx: &Sender<ToWriter>,
     done_tx: &Sender<Completion>,
+    progress_tx: &Sender<Progress>,
 ) {
     let config = &shared.config;
     let mut decoder = Decoder::new(config.max_request_bytes, config.max_depth);
@@ -760,7 +766,7 @@ fn read_loop(
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     request_began = None;
-                    let msg = handle_frame(shared, &frame, &mut by_id, done_tx);
+                    let msg = handle_frame(shared, &frame, &mut by_id, done_tx, progress_tx);
                     drop(frame);
                     if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
                         // Nobody will send this reply: queued work for it must never run.
@@ -857,6 +863,7 @@ fn handle_frame(
     frame: &[u8],
     by_id: &mut HashMap<String, (u64, Arc<JobState>)>,
     done_tx: &Sender<Completion>,
+    progress_tx: &Sender<Progress>,
 ) -> ToWriter {
     let request = match protocol::parse_request(frame) {
         Ok(r) => r,
@@ -938,7 +945,11 @@ fn handle_frame(
         .or(shared.config.default_timeout);
     let deadline = timeout.and_then(|t| read_at.checked_add(t));
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-    let (job, state) = Job::new(seq, command, params, deadline, done_tx.clone());
+    let (mut job, state) = Job::new(seq, command, params, deadline, done_tx.clone());
+    if id.is_some() {
+        // Framed requests may get progress lines before their reply; plain clients never see any.
+        job = job.with_progress(progress_tx.clone());
+    }
     if let Some(id) = &id {
         by_id.insert(id_key(id), (seq, Arc::clone(&state)));
     }
@@ -989,6 +1000,12 @@ struct Writer {
     early: HashMap<u64, Outcome>,
     /// Jobs answered at their deadline whose completion has not arrived yet (it is discarded).
     expired: HashSet<u64>,
+    /// Highest seq tracked so far. The reader hands jobs over in seq order, after queueing them, so a
+    /// progress report for a higher seq is early (its job is not tracked yet) and one for a lower seq
+    /// whose job is no longer in flight is late (already answered) and dropped.
+    max_tracked: u64,
+    /// Progress reports that arrived before the reader's message about their job.
+    early_progress: HashMap<u64, Vec<Value>>,
     dead: bool,
 }
 
@@ -1007,12 +1024,21 @@ impl Writer {
             parked: HashMap::new(),
             early: HashMap::new(),
             expired: HashSet::new(),
+            max_tracked: 0,
+            early_progress: HashMap::new(),
             dead: false,
         }
     }
 
-    fn run(mut self, rx: &Receiver<ToWriter>, done: &Receiver<Completion>) {
+    fn run(
+        mut self,
+        rx: &Receiver<ToWriter>,
+        done: &Receiver<Completion>,
+        progress: &Receiver<Progress>,
+    ) {
         let mut reader_open = true;
+        // Disconnected once the reader and every job are gone; then it must not be selected (always ready).
+        let mut progress_open = true;
         while !self.dead && (reader_open || !self.in_flight.is_empty() || !self.ordered.is_empty())
         {
             let mut sel = Select::new();
@@ -1021,6 +1047,7 @@ impl Writer {
             let take_requests = reader_open && self.in_flight.len() < MAX_PIPELINED;
             let rx_index = take_requests.then(|| sel.recv(rx));
             let done_index = sel.recv(done);
+            let progress_index = progress_open.then(|| sel.recv(progress));
             let selected = match self.deadlines.first() {
                 Some(&(deadline, _)) => sel.select_deadline(deadline).ok(),
                 None => Some(sel.select()),
@@ -1053,6 +1080,11 @@ impl Writer {
                 if let Ok(c) = op.recv(done) {
                     self.complete(c.seq, c.outcome);
                 }
+            } else if Some(op.index()) == progress_index {
+                match op.recv(progress) {
+                    Ok(p) => self.progress(p),
+                    Err(_) => progress_open = false,
+                }
             }
         }
         if self.dead {
@@ -1069,6 +1101,32 @@ impl Writer {
         let _ = self.stream.shutdown(Shutdown::Write);
     }
 
+    /// `{"id": N, "progress": {...}}` for a framed job still owed a reply (after its reply, or its
+    /// deadline, progress is dropped).
+    fn progress(&mut self, p: Progress) {
+        match self.in_flight.get(&p.seq) {
+            Some(job) => {
+                if let Some(id) = job.id.clone() {
+                    self.write_progress(id, p.value);
+                }
+            }
+            None if p.seq > self.max_tracked => {
+                let held = self.early_progress.entry(p.seq).or_default();
+                if held.len() < 64 {
+                    held.push(p.value);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn write_progress(&mut self, id: Value, value: Value) {
+        let mut line = Map::new();
+        line.insert("id".into(), id);
+        line.insert("progress".into(), value);
+        self.write(&protocol::encode_value(&Value::Object(line)));
+    }
+
     fn track(&mut self, job: InFlight) {
         let seq = job.seq;
         if job.id.is_none() {
@@ -1077,7 +1135,16 @@ impl Writer {
         if let Some(d) = job.deadline {
             self.deadlines.insert((d, seq));
         }
+        self.max_tracked = self.max_tracked.max(seq);
+        let id = job.id.clone();
         self.in_flight.insert(seq, job);
+        if let Some(held) = self.early_progress.remove(&seq) {
+            for value in held {
+                if let Some(id) = id.clone() {
+                    self.write_progress(id, value);
+                }
+            }
+        }
         if let Some(outcome) = self.early.remove(&seq) {
             self.complete(seq, outcome);
         }
@@ -1269,13 +1336,13 @@ fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Vec<u8> {
     protocol::begin_success_reply(&mut out, id);
     out.extend_from_slice(b"{\"executed\":true,\"output\":{\"stdout\":");
     let escaped = out.len();
-    protocol::write_json(&mut out, stdout.as_str());
+    protocol::write_str(&mut out, &stdout);
     let escaped = escaped..out.len();
     protocol::write_field(&mut out, "stderr", &stderr);
     out.extend_from_slice(b"},\"result\":");
     if base64 {
         let encoded = base64::engine::general_purpose::STANDARD.encode(&stdout);
-        protocol::write_json(&mut out, encoded.as_str());
+        protocol::write_str(&mut out, &encoded);
         out.extend_from_slice(b",\"result_is_base64\":true");
     } else {
         out.extend_from_within(escaped);

@@ -1,0 +1,850 @@
+//! `bld-remote mcp`: an MCP server (official Rust SDK `rmcp`) that lets LLM clients drive a running Blender
+//! through the bld_remote service. Transports: stdio (default; stdout carries nothing but MCP, logs go to
+//! stderr) and Streamable HTTP (`--http`, see [`http`]). Runs in the `bld-remote` process on a small tokio
+//! runtime, with the GIL released; it never runs inside Blender.
+//!
+//! Each tool is one request to the service over [`conn::Backend`] (framed mode, one shared connection):
+//! progress lines from the service become MCP progress notifications, an MCP cancellation becomes the
+//! service's `cancel` (a request still queued never runs; a running one has its result discarded), and a
+//! service that is down or goes away becomes a tool error that says so; the next call reconnects.
+
+// Doc comments in this module are user-facing text too (clap help, JSON-schema descriptions the model reads).
+#![allow(clippy::doc_markdown)]
+
+mod conn;
+mod http;
+mod image;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::Args;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ServerCapabilities,
+    ServerConfig,
+};
+use rmcp::schemars::{self, JsonSchema};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler, ServiceExt};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use conn::{Backend, CallError, Target};
+
+/// Default budget for one image in a tool result (PNG bytes, before base64).
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 1024 * 1024;
+
+/// `bld-remote mcp` options.
+#[derive(Args, Debug, Clone)]
+pub struct McpArgs {
+    /// The bld_remote service's port. Default: $BLD_REMOTE_MCP_PORT, else the only running instance
+    /// (`bld-remote ls`), else 6688. Re-resolved on every reconnect.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The bld_remote service's address.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Auth token of the bld_remote service, if it requires one. Default: $BLD_REMOTE_TOKEN.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Seconds a request to Blender may take before the tool call fails (queued requests are then dropped).
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Serve MCP over Streamable HTTP at ADDR (e.g. 127.0.0.1:8000, endpoint /mcp) instead of stdio.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Bearer token HTTP clients must send (`Authorization: Bearer ...`). Default: $BLD_REMOTE_MCP_HTTP_TOKEN.
+    /// Required when --http binds anything but loopback.
+    #[arg(long, value_name = "TOKEN")]
+    pub http_token: Option<String>,
+    /// Extra browser Origin allowed over HTTP (scheme://host[:port|:*]); loopback origins always are.
+    #[arg(long, value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
+    /// Extra Host header value allowed over HTTP (loopback names always are).
+    #[arg(long, value_name = "HOST")]
+    pub allow_host: Vec<String>,
+    /// Largest image (PNG bytes) put in a tool result; larger renders and screenshots are scaled down.
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES")]
+    pub max_image_bytes: usize,
+}
+
+/// Run the server until the client disconnects (stdio) or `interrupted()` turns true. Returns the exit
+/// status.
+pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> i32 {
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        conn::log("--timeout must be a positive number of seconds");
+        return 2;
+    }
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    let backend = Arc::new(Backend::new(
+        Target {
+            host: args.host.clone(),
+            port: args.port,
+            token,
+        },
+        Duration::from_secs_f64(args.timeout),
+    ));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bld-remote-mcp")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            conn::log(&format!("cannot start the async runtime: {e}"));
+            return 1;
+        }
+    };
+    let max_image = args.max_image_bytes.max(1024);
+    let shutdown = CancellationToken::new();
+    let status = runtime.block_on(async {
+        let serve = async {
+            match &args.http {
+                None => serve_stdio(Arc::clone(&backend), max_image, shutdown.clone()).await,
+                Some(addr) => {
+                    http::serve(
+                        &args,
+                        addr,
+                        Arc::clone(&backend),
+                        max_image,
+                        shutdown.clone(),
+                    )
+                    .await
+                }
+            }
+        };
+        tokio::pin!(serve);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = &mut serve => break r,
+                _ = tick.tick() => {
+                    if !shutdown.is_cancelled() && interrupted() {
+                        conn::log("signal received: shutting down");
+                        shutdown.cancel();
+                    }
+                }
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match status {
+        Ok(()) => 0,
+        Err(e) => {
+            conn::log(&e);
+            1
+        }
+    }
+}
+
+async fn serve_stdio(
+    backend: Arc<Backend>,
+    max_image: usize,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let server = BlenderMcp::new(backend, max_image);
+    let running = server
+        .serve_with_ct(rmcp::transport::stdio(), shutdown.child_token())
+        .await
+        .map_err(|e| format!("MCP session failed to start: {e}"))?;
+    running
+        .waiting()
+        .await
+        .map_err(|e| format!("MCP session ended with an error: {e}"))?;
+    Ok(())
+}
+
+// --- tool arguments ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ObjectArgs {
+    /// The object's name, exactly as in get_scene_info (e.g. "Cube").
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct CodeArgs {
+    /// Python code to run in Blender, with `bpy` imported. print() output is returned; assign a variable
+    /// named `result` to return a value (converted to JSON).
+    pub code: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ScreenshotArgs {
+    /// Longest side of the screenshot in pixels (default 800).
+    #[serde(default)]
+    pub max_size: Option<u32>,
+}
+
+/// Render engine.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+pub enum Engine {
+    /// Fast solid shading (seconds).
+    #[serde(rename = "WORKBENCH", alias = "workbench")]
+    Workbench,
+    /// Path tracing on the CPU (slower, realistic).
+    #[serde(rename = "CYCLES", alias = "cycles")]
+    Cycles,
+    /// Rasterised PBR (BLENDER_EEVEE, or BLENDER_EEVEE_NEXT in Blender 4.2-4.x); slow without a GPU.
+    #[serde(rename = "EEVEE", alias = "eevee")]
+    Eevee,
+}
+
+impl Engine {
+    fn wire(self) -> &'static str {
+        match self {
+            Self::Workbench => "WORKBENCH",
+            Self::Cycles => "CYCLES",
+            Self::Eevee => "EEVEE",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct RenderArgs {
+    /// Image width in pixels (default: the scene's output width, at most 1920).
+    #[serde(default)]
+    pub width: Option<u32>,
+    /// Image height in pixels (default: the scene's output height, at most 1920).
+    #[serde(default)]
+    pub height: Option<u32>,
+    /// Render engine (default WORKBENCH, the fastest).
+    #[serde(default)]
+    pub engine: Option<Engine>,
+    /// Samples for CYCLES / EEVEE (default: 16 for CYCLES, the scene's setting for EEVEE).
+    #[serde(default)]
+    pub samples: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PutArgs {
+    /// The key to store the value under.
+    pub key: String,
+    /// Any JSON value.
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct GetArgs {
+    /// The key to look up.
+    pub key: String,
+    /// Returned when the key is not stored (default null).
+    #[serde(default)]
+    pub default: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct KeyArgs {
+    /// The key to remove.
+    pub key: String,
+}
+
+// --- the server -------------------------------------------------------------------------------------------
+
+/// The MCP tools over one [`Backend`]. Cheap to clone: the HTTP transport makes one per session, all
+/// sharing the same connection to Blender.
+#[derive(Clone)]
+pub struct BlenderMcp {
+    backend: Arc<Backend>,
+    max_image: usize,
+    tool_router: ToolRouter<Self>,
+}
+
+const INSTRUCTIONS: &str = "Drive a running Blender. Start with get_scene_info to see the scene; use \
+get_object_info for details of one object; change anything with execute_blender_code (Python with bpy); \
+look at the result with render_image (works headless) or get_viewport_screenshot (needs Blender's UI). \
+check_connection_status tells whether Blender is reachable. The persist data tools keep small JSON values \
+in the service between calls.";
+
+fn text_result(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn error_result(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(text)])
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// A failed call → the tool error the model reads.
+fn call_error_result(e: &CallError) -> CallToolResult {
+    match e {
+        CallError::Remote { message, reply } => {
+            let mut text = format!("Blender reported an error: {message}");
+            if let Some(tb) = reply.get("traceback").and_then(Value::as_str) {
+                text.push_str("\n\n");
+                text.push_str(tb.trim_end());
+            }
+            error_result(text)
+        }
+        CallError::Timeout { message, ran } => error_result(match ran {
+            Some(false) => format!("Timed out: {message} (it did not run)"),
+            _ => format!("Timed out: {message}"),
+        }),
+        CallError::Cancelled => error_result("Cancelled."),
+        CallError::Unreachable(m) | CallError::Lost(m) => error_result(m.clone()),
+    }
+}
+
+fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The `execute_code` reply (success or error) → one text the model can act on.
+fn exec_text(reply: &Value, failed: Option<&str>) -> String {
+    let output = reply.get("output");
+    let stdout = output.map_or_else(|| str_field(reply, "stdout"), |o| str_field(o, "stdout"));
+    let stderr = output.map_or("", |o| str_field(o, "stderr"));
+    let mut parts = Vec::new();
+    if let Some(message) = failed {
+        parts.push(format!("The code raised an exception: {message}"));
+        if let Some(tb) = reply.get("traceback").and_then(Value::as_str) {
+            parts.push(tb.trim_end().to_string());
+        }
+    }
+    if !stdout.is_empty() {
+        parts.push(format!(
+            "stdout{}:\n{}",
+            if failed.is_some() {
+                " (before the error)"
+            } else {
+                ""
+            },
+            stdout.trim_end_matches('\n')
+        ));
+    }
+    if !stderr.is_empty() {
+        parts.push(format!("stderr:\n{}", stderr.trim_end_matches('\n')));
+    }
+    if failed.is_none() {
+        if let Some(v) = reply.get("value") {
+            parts.push(format!(
+                "result = {}",
+                serde_json::to_string(v).unwrap_or_default()
+            ));
+        }
+        if parts.is_empty() {
+            parts.push("Done (no output; assign `result` or print() to return something).".into());
+        }
+        if let Some(d) = reply.get("duration").and_then(Value::as_f64) {
+            parts.push(format!("(ran in {d:.3} s)"));
+        }
+    }
+    parts.join("\n\n")
+}
+
+impl BlenderMcp {
+    pub fn new(backend: Arc<Backend>, max_image: usize) -> Self {
+        Self {
+            backend,
+            max_image,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    async fn simple(
+        &self,
+        command: &str,
+        params: Map<String, Value>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<Value, CallToolResult> {
+        self.backend
+            .call(command, params, None, None, &ctx.ct)
+            .await
+            .map_err(|e| call_error_result(&e))
+    }
+
+    /// A call whose service progress lines become MCP progress notifications (when the client asked for
+    /// them with a progress token).
+    async fn with_progress(
+        &self,
+        command: &str,
+        params: Map<String, Value>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<Value, CallError> {
+        let token = ctx.meta.get_progress_token();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+        let call = self
+            .backend
+            .call(command, params, None, token.as_ref().map(|_| tx), &ctx.ct);
+        tokio::pin!(call);
+        let mut last = f64::NEG_INFINITY;
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                Some(p) = rx.recv() => {
+                    let Some(token) = token.clone() else { continue };
+                    let Some(progress) = p.get("progress").and_then(Value::as_f64) else { continue };
+                    // MCP progress must increase; the service's normally does.
+                    if progress <= last {
+                        continue;
+                    }
+                    last = progress;
+                    let mut n = ProgressNotificationParam::new(token, progress);
+                    if let Some(t) = p.get("total").and_then(Value::as_f64) {
+                        n = n.with_total(t);
+                    }
+                    if let Some(m) = p.get("message").and_then(Value::as_str) {
+                        n = n.with_message(m.to_string());
+                    }
+                    let _ = ctx.peer.notify_progress(n).await;
+                }
+            }
+        }
+    }
+
+    /// PNG bytes from a reply: inline `data` (base64), else the file at `filepath` (removed afterwards when
+    /// `temporary`).
+    async fn image_bytes(reply: &Value) -> Result<Vec<u8>, String> {
+        if let Some(data) = reply.get("data").and_then(Value::as_str) {
+            return base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|e| format!("the image data from Blender is not valid base64: {e}"));
+        }
+        let path = reply
+            .get("filepath")
+            .and_then(Value::as_str)
+            .ok_or_else(|| "Blender returned no image (no data, no filepath)".to_string())?;
+        let bytes = tokio::fs::read(path).await.map_err(|e| {
+            format!("cannot read the image Blender wrote to {path}: {e} (is Blender on another machine?)")
+        })?;
+        if reply.get("temporary").and_then(Value::as_bool) == Some(true) {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        Ok(bytes)
+    }
+
+    /// Image content fitted to the byte budget, plus a caption.
+    async fn image_result(&self, bytes: Vec<u8>, caption: String) -> CallToolResult {
+        let budget = self.max_image;
+        let fitted = tokio::task::spawn_blocking(move || image::fit_png(bytes, budget)).await;
+        match fitted {
+            Ok(Ok(f)) => {
+                let mut caption = caption;
+                if let Some((w, h)) = f.scaled_from {
+                    let _ = write!(
+                        caption,
+                        " (scaled down from {w}x{h} to {}x{} to fit {budget} bytes)",
+                        f.width, f.height
+                    );
+                }
+                CallToolResult::success(vec![
+                    ContentBlock::image(
+                        base64::engine::general_purpose::STANDARD.encode(&f.png),
+                        "image/png",
+                    ),
+                    ContentBlock::text(caption),
+                ])
+            }
+            Ok(Err(e)) => error_result(format!(
+                "Blender produced an image that cannot be used: {e}"
+            )),
+            Err(e) => error_result(format!("image processing failed: {e}")),
+        }
+    }
+}
+
+fn one(key: &str, v: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(key.into(), v);
+    m
+}
+
+#[tool_router]
+impl BlenderMcp {
+    #[tool(
+        description = "Summary of the open Blender scene: its name, every object (name, type, location, \
+                       visibility), material count, frame range, active object and render engine.",
+        annotations(
+            title = "Get scene info",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn get_scene_info(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        Ok(
+            match self.simple("get_scene_info", Map::new(), &ctx).await {
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
+    }
+
+    #[tool(
+        description = "Details of one object by name: type, location, rotation (Euler XYZ, radians), scale, \
+                       dimensions, visibility, materials, parent, collections, and vertex/edge/face counts \
+                       for meshes.",
+        annotations(
+            title = "Get object info",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn get_object_info(
+        &self,
+        Parameters(a): Parameters<ObjectArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        Ok(
+            match self
+                .simple("get_object_info", one("name", Value::String(a.name)), &ctx)
+                .await
+            {
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
+    }
+
+    #[tool(
+        description = "Run Python code inside Blender (the `bpy` module is imported) to create, change or \
+                       delete anything. Returns what the code printed (stdout, stderr) and the value of a \
+                       variable named `result` if the code sets one. If the code raises, the result is an \
+                       error with the traceback and the output printed before it: fix the code and retry. \
+                       Each call runs in a fresh namespace. In Blender's UI each call is one undo step.",
+        annotations(
+            title = "Execute Blender Python code",
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn execute_blender_code(
+        &self,
+        Parameters(a): Parameters<CodeArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let r = self
+            .backend
+            .call(
+                "execute_code",
+                one("code", Value::String(a.code)),
+                None,
+                None,
+                &ctx.ct,
+            )
+            .await;
+        Ok(match r {
+            Ok(v) => text_result(exec_text(&v, None)),
+            Err(CallError::Remote { message, reply })
+                if reply.contains_key("traceback") || reply.contains_key("output") =>
+            {
+                error_result(exec_text(&Value::Object(reply.clone()), Some(&message)))
+            }
+            Err(e) => call_error_result(&e),
+        })
+    }
+
+    #[tool(
+        description = "Screenshot of Blender's largest 3D viewport as an image. Needs Blender running with \
+                       its user interface; a headless (background) Blender has no viewport: use \
+                       render_image there.",
+        annotations(
+            title = "Viewport screenshot",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn get_viewport_screenshot(
+        &self,
+        Parameters(a): Parameters<ScreenshotArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let mut params = Map::new();
+        params.insert("max_size".into(), json!(a.max_size.unwrap_or(800).max(1)));
+        params.insert("format".into(), json!("png"));
+        let r = self
+            .backend
+            .call("get_viewport_screenshot", params, None, None, &ctx.ct)
+            .await;
+        let reply = match r {
+            Ok(v) => v,
+            Err(CallError::Remote { message, .. }) if message.contains("background mode") => {
+                return Ok(error_result(format!(
+                    "No viewport to capture: this Blender runs headless (background mode), without a \
+                     user interface. Use the render_image tool to see the scene instead. ({message})"
+                )));
+            }
+            Err(e) => return Ok(call_error_result(&e)),
+        };
+        let bytes = match Self::image_bytes(&reply).await {
+            Ok(b) => b,
+            Err(e) => return Ok(error_result(e)),
+        };
+        let caption = format!(
+            "Viewport screenshot, {}x{} pixels.",
+            reply.get("width").and_then(Value::as_u64).unwrap_or(0),
+            reply.get("height").and_then(Value::as_u64).unwrap_or(0)
+        );
+        Ok(self.image_result(bytes, caption).await)
+    }
+
+    #[tool(
+        description = "Render the scene from its active camera and return the image (PNG). Works in headless \
+                       Blender too. engine: WORKBENCH (fast, default), CYCLES (realistic, slower) or EEVEE \
+                       (slow without a GPU). Sends progress notifications while rendering. The scene's own \
+                       render settings are restored afterwards.",
+        annotations(
+            title = "Render image",
+            read_only_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn render_image(
+        &self,
+        Parameters(a): Parameters<RenderArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let mut params = Map::new();
+        if let Some(w) = a.width {
+            params.insert("width".into(), json!(w));
+        }
+        if let Some(h) = a.height {
+            params.insert("height".into(), json!(h));
+        }
+        if let Some(s) = a.samples {
+            params.insert("samples".into(), json!(s));
+        }
+        params.insert(
+            "engine".into(),
+            json!(a.engine.unwrap_or(Engine::Workbench).wire()),
+        );
+        // Blender on another machine: its temp file is not readable here, so ask for the bytes inline.
+        let local = self.backend.resolve().map_or(true, |(h, _)| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        params.insert("inline".into(), json!(!local));
+        let reply = match self.with_progress("render_image", params, &ctx).await {
+            Ok(v) => v,
+            Err(e) => return Ok(call_error_result(&e)),
+        };
+        let bytes = match Self::image_bytes(&reply).await {
+            Ok(b) => b,
+            Err(e) => return Ok(error_result(e)),
+        };
+        let caption = format!(
+            "Rendered {}x{} with {} in {:.1} s.",
+            reply.get("width").and_then(Value::as_u64).unwrap_or(0),
+            reply.get("height").and_then(Value::as_u64).unwrap_or(0),
+            str_field(&reply, "engine"),
+            reply.get("duration").and_then(Value::as_f64).unwrap_or(0.0)
+        );
+        Ok(self.image_result(bytes, caption).await)
+    }
+
+    #[tool(
+        description = "Whether Blender is reachable, and what it is: address, Blender version, GUI or \
+                       background mode, open .blend file, queue length, the request running now.",
+        annotations(
+            title = "Check connection",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn check_connection_status(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let r = self
+            .backend
+            .call(
+                "get_status",
+                Map::new(),
+                Some(Duration::from_secs(10)),
+                None,
+                &ctx.ct,
+            )
+            .await;
+        Ok(match r {
+            Ok(s) => {
+                let addr = self.backend.connected_addr().await.unwrap_or_default();
+                let v = json!({
+                    "connected": true,
+                    "address": addr,
+                    "blender_version": s.get("blender_version"),
+                    "mode": s.get("mode"),
+                    "blend_file": s.get("blend_file"),
+                    "pid": s.get("pid"),
+                    "queue_length": s.get("queue_length"),
+                    "running_job": s.get("running_job"),
+                    "requests_served": s.get("requests_served"),
+                    "bld_remote_version": s.get("version"),
+                });
+                text_result(pretty(&v))
+            }
+            Err(CallError::Cancelled) => error_result("Cancelled."),
+            Err(e) => text_result(pretty(
+                &json!({"connected": false, "reason": e.to_string()}),
+            )),
+        })
+    }
+
+    #[tool(
+        description = "Store a JSON value under a key in the bld_remote service (kept while Blender runs, \
+                       shared by all clients; not saved in the .blend file). Overwrites an existing key.",
+        annotations(
+            title = "Put persist data",
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn put_persist_data(
+        &self,
+        Parameters(a): Parameters<PutArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let mut p = one("key", Value::String(a.key));
+        p.insert("data".into(), a.data);
+        Ok(match self.simple("put_persist_data", p, &ctx).await {
+            Ok(Value::String(s)) => text_result(s),
+            Ok(v) => text_result(pretty(&v)),
+            Err(e) => e,
+        })
+    }
+
+    #[tool(
+        description = "Read the JSON value stored under a key (see put_persist_data). Returns \
+                       {\"data\": value, \"found\": true|false}; `default` is returned when the key is absent.",
+        annotations(
+            title = "Get persist data",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn get_persist_data(
+        &self,
+        Parameters(a): Parameters<GetArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let mut p = one("key", Value::String(a.key));
+        p.insert("default".into(), a.default.unwrap_or(Value::Null));
+        Ok(match self.simple("get_persist_data", p, &ctx).await {
+            Ok(v) => text_result(pretty(&v)),
+            Err(e) => e,
+        })
+    }
+
+    #[tool(
+        description = "Remove the value stored under a key. Returns {\"removed\": true|false}.",
+        annotations(
+            title = "Remove persist data",
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn remove_persist_data(
+        &self,
+        Parameters(a): Parameters<KeyArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        Ok(
+            match self
+                .simple(
+                    "remove_persist_data",
+                    one("key", Value::String(a.key)),
+                    &ctx,
+                )
+                .await
+            {
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for BlenderMcp {
+    fn get_info(&self) -> ServerConfig {
+        let mut info = Implementation::new("bld_remote", env!("CARGO_PKG_VERSION"));
+        info.title = Some("Blender (bld_remote)".into());
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(info)
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tool_is_listed_with_a_description_schema_and_annotations() {
+        let tools = BlenderMcp::tool_router().list_all();
+        let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            vec![
+                "check_connection_status",
+                "execute_blender_code",
+                "get_object_info",
+                "get_persist_data",
+                "get_scene_info",
+                "get_viewport_screenshot",
+                "put_persist_data",
+                "remove_persist_data",
+                "render_image",
+            ]
+        );
+        for t in &tools {
+            assert!(
+                t.description.as_ref().is_some_and(|d| d.len() > 20),
+                "{}",
+                t.name
+            );
+            assert!(t.annotations.is_some(), "{}", t.name);
+            assert_eq!(
+                t.input_schema.get("type"),
+                Some(&json!("object")),
+                "{}",
+                t.name
+            );
+        }
+        let code = tools.iter().find(|t| t.name == "execute_blender_code");
+        let a = code.and_then(|t| t.annotations.clone());
+        assert_eq!(a.as_ref().and_then(|a| a.read_only_hint), Some(false));
+        assert_eq!(a.as_ref().and_then(|a| a.destructive_hint), Some(true));
+        let required = code.and_then(|t| t.input_schema.get("required").cloned());
+        assert_eq!(required, Some(json!(["code"])));
+    }
+
+    #[test]
+    fn exec_text_success_and_failure() {
+        let ok = json!({"executed": true, "result": "hi\n", "output": {"stdout": "hi\n", "stderr": ""},
+                        "value": [1, 2], "duration": 0.01});
+        let t = exec_text(&ok, None);
+        assert!(t.contains("stdout:\nhi"));
+        assert!(t.contains("result = [1,2]"));
+        let bad = json!({"status": "error", "traceback": "Traceback (most recent call last):\nZeroDivisionError",
+                         "output": {"stdout": "before\n", "stderr": ""}});
+        let t = exec_text(&bad, Some("ZeroDivisionError: division by zero"));
+        assert!(t.starts_with("The code raised an exception: ZeroDivisionError"));
+        assert!(t.contains("Traceback"));
+        assert!(t.contains("stdout (before the error):\nbefore"));
+    }
+}

@@ -1,0 +1,475 @@
+//! The MCP server's connection to the bld_remote service: one TCP connection in framed mode (every request
+//! carries an `id`), shared by every tool call in flight. Replies are matched to calls by id, progress lines
+//! (`{"id": N, "progress": {...}}`) are routed to the call that asked for them, and a call that is cancelled
+//! or abandoned sends `cancel` for its id on the same connection, so a request still queued in Blender never
+//! runs. Async (tokio); runs inside `bld-remote mcp`, never in Blender.
+//!
+//! Why not `crate::client::Client`: it is blocking and owns its stream for the length of one call, so it
+//! cannot carry several concurrent MCP tool calls on one connection, deliver progress lines, or send
+//! `cancel` for a request while waiting for that request's reply. All three are what MCP needs.
+//!
+//! Reconnects: a lost connection fails the calls in flight with [`CallError::Lost`]; the next call connects
+//! afresh (re-resolving the target through the instance descriptors when no port was given).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// How long connecting may take before Blender counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Extra time granted beyond the deadline sent to the service, so the service's own timeout reply (which
+/// says whether the request ran) normally wins the race.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Where the service is: an explicit port, or "find it" (the single live instance).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub token: Option<String>,
+}
+
+/// Why a call produced no result.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// No service to talk to (not running, refused, several instances...).
+    Unreachable(String),
+    /// The connection broke while the request was in flight: whether it ran is unknown.
+    Lost(String),
+    /// No reply in time. `ran`: whether the request had started in Blender, when known.
+    Timeout { message: String, ran: Option<bool> },
+    /// The service answered with an error reply.
+    Remote {
+        message: String,
+        reply: Map<String, Value>,
+    },
+    /// The MCP client cancelled the call.
+    Cancelled,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(m) | Self::Lost(m) => f.write_str(m),
+            Self::Timeout { message, .. } | Self::Remote { message, .. } => f.write_str(message),
+            Self::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+type Reply = Result<Map<String, Value>, CallError>;
+
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    progress: Option<mpsc::UnboundedSender<Value>>,
+}
+
+/// One live connection: a writer task fed by a channel (so a drop guard can send `cancel` synchronously)
+/// and a reader task that routes replies and progress by id.
+struct Conn {
+    addr: String,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    alive: Arc<AtomicBool>,
+    closed: CancellationToken,
+}
+
+impl Conn {
+    fn send(&self, msg: &Value) -> bool {
+        let mut bytes = serde_json::to_vec(msg).unwrap_or_default();
+        bytes.push(b'\n');
+        self.out.send(bytes).is_ok()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+/// The service as seen by the MCP tools.
+pub struct Backend {
+    target: Target,
+    /// Default deadline for a request (sent to the service as `timeout`).
+    pub timeout: Duration,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+/// Sends `cancel` for a request that is dropped before its reply arrived (the MCP call was cancelled, or
+/// the transport dropped the handler).
+struct CancelOnDrop {
+    conn: Arc<Conn>,
+    id: u64,
+    cancel_id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.conn.pending.lock().remove(&self.id);
+        if self.conn.alive.load(Ordering::SeqCst) {
+            let sent = self.conn.send(&json!({
+                "id": self.cancel_id,
+                "type": "cancel",
+                "params": {"id": self.id},
+            }));
+            if sent {
+                log(&format!("cancel sent for request {}", self.id));
+            }
+        }
+    }
+}
+
+/// One line on stderr (stdout belongs to the MCP transport).
+pub fn log(message: &str) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(e, "bld-remote mcp: {message}");
+}
+
+impl Backend {
+    pub fn new(target: Target, timeout: Duration) -> Self {
+        Self {
+            target,
+            timeout,
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Where the service is now: `--port`, else `BLD_REMOTE_MCP_PORT`, else the single live instance, else
+    /// the default port 6688 (services started by other tools write no descriptor).
+    pub fn resolve(&self) -> Result<(String, u16), String> {
+        if let Some(port) = self.target.port {
+            return Ok((
+                self.target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into()),
+                port,
+            ));
+        }
+        if let Some(port) = std::env::var("BLD_REMOTE_MCP_PORT")
+            .ok()
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .filter(|p| *p != 0)
+        {
+            return Ok((
+                self.target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into()),
+                port,
+            ));
+        }
+        match crate::instances::pick(self.target.host.as_deref(), None) {
+            Ok(hp) => Ok(hp),
+            Err(e) if e.starts_with("no running") => Ok((
+                self.target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into()),
+                crate::cli::DEFAULT_PORT,
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The live connection, or a new one.
+    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.alive.load(Ordering::SeqCst) {
+                return Ok(Arc::clone(c));
+            }
+        }
+        *guard = None;
+        let (host, port) = self.resolve().map_err(CallError::Unreachable)?;
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(CallError::Unreachable(format!(
+                    "Blender is not reachable: cannot connect to the bld_remote service at {addr} ({e}). \
+                     Is Blender running with the service started (`bld-remote start`, or the add-on)?"
+                )))
+            }
+            Err(_) => {
+                return Err(CallError::Unreachable(format!(
+                    "Blender is not reachable: connecting to {addr} timed out after {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (read_half, mut write_half) = stream.into_split();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
+        let alive = Arc::new(AtomicBool::new(true));
+        let closed = CancellationToken::new();
+
+        // Writer: one write per message.
+        {
+            let alive = Arc::clone(&alive);
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        msg = out_rx.recv() => {
+                            let Some(msg) = msg else { break };
+                            if write_half.write_all(&msg).await.is_err() {
+                                alive.store(false, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                        () = closed.cancelled() => break,
+                    }
+                }
+                let _ = write_half.shutdown().await;
+            });
+        }
+        // Reader: route replies and progress lines by id; on EOF fail everything in flight.
+        {
+            let alive = Arc::clone(&alive);
+            let pending = Arc::clone(&pending);
+            let closed = closed.clone();
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::with_capacity(1 << 20, read_half);
+                let mut line = Vec::new();
+                let why = loop {
+                    line.clear();
+                    let n = tokio::select! {
+                        r = reader.read_until(b'\n', &mut line) => r,
+                        () = closed.cancelled() => break "the connection was closed".to_string(),
+                    };
+                    match n {
+                        Ok(0) => break "the service closed the connection".to_string(),
+                        Err(e) => break e.to_string(),
+                        Ok(_) => {}
+                    }
+                    let Ok(Value::Object(msg)) = serde_json::from_slice::<Value>(&line) else {
+                        continue;
+                    };
+                    route(&pending, msg);
+                };
+                alive.store(false, Ordering::SeqCst);
+                let lost: Vec<Pending> = pending.lock().drain().map(|(_, p)| p).collect();
+                for p in lost {
+                    let _ = p.reply.send(Err(CallError::Lost(format!(
+                        "the connection to Blender ({addr}) was lost while the request was in flight ({why}); \
+                         it may or may not have run. Blender may have quit or crashed; the next call \
+                         reconnects"
+                    ))));
+                }
+            });
+        }
+        let conn = Arc::new(Conn {
+            addr,
+            out: out_tx,
+            pending,
+            alive,
+            closed,
+        });
+        *guard = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// The address of the current connection, if one is open.
+    pub async fn connected_addr(&self) -> Option<String> {
+        let g = self.conn.lock().await;
+        g.as_ref()
+            .filter(|c| c.alive.load(Ordering::SeqCst))
+            .map(|c| c.addr.clone())
+    }
+
+    /// Send one request and wait for its result. Progress lines go to `progress` (only framed requests get
+    /// them; ours always are). `ct` cancelled → `cancel` is sent and [`CallError::Cancelled`] returned.
+    pub async fn call(
+        &self,
+        command: &str,
+        params: Map<String, Value>,
+        timeout: Option<Duration>,
+        progress: Option<mpsc::UnboundedSender<Value>>,
+        ct: &CancellationToken,
+    ) -> Result<Value, CallError> {
+        let conn = self.connection().await?;
+        let timeout = timeout.unwrap_or(self.timeout);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().insert(
+            id,
+            Pending {
+                reply: tx,
+                progress,
+            },
+        );
+        let mut request = json!({
+            "id": id,
+            "type": command,
+            "params": Value::Object(params),
+            "timeout": timeout.as_secs_f64().max(0.001),
+        });
+        if let (Some(token), Value::Object(m)) = (&self.target.token, &mut request) {
+            m.insert("token".into(), Value::String(token.clone()));
+        }
+        let mut guard = CancelOnDrop {
+            conn: Arc::clone(&conn),
+            id,
+            cancel_id,
+            armed: true,
+        };
+        if !conn.send(&request) {
+            guard.armed = false;
+            conn.pending.lock().remove(&id);
+            return Err(CallError::Lost(format!(
+                "the connection to Blender ({}) was lost before the request was sent; it did not run",
+                conn.addr
+            )));
+        }
+        let outcome = tokio::select! {
+            r = rx => r.unwrap_or_else(|_| Err(CallError::Lost("the connection to Blender was lost".into()))),
+            () = tokio::time::sleep(timeout + GRACE) => Err(CallError::Timeout {
+                message: format!(
+                    "Blender did not answer within {:.0} s; the request may still be running (it was \
+                     cancelled if it had not started)",
+                    timeout.as_secs_f64()
+                ),
+                ran: None,
+            }),
+            () = ct.cancelled() => Err(CallError::Cancelled),
+        };
+        // A reply (success or error) settles the request; anything else leaves the guard armed to cancel it.
+        let reply = match outcome {
+            Ok(reply) => {
+                guard.armed = false;
+                reply
+            }
+            Err(e) => {
+                if matches!(e, CallError::Lost(_)) {
+                    guard.armed = false;
+                } else {
+                    drop(guard);
+                }
+                return Err(e);
+            }
+        };
+        interpret(reply)
+    }
+}
+
+fn route(pending: &Mutex<HashMap<u64, Pending>>, msg: Map<String, Value>) {
+    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+        // An id-less message is an error about the stream itself; the close that follows fails the calls.
+        if let Some(m) = msg.get("message").and_then(Value::as_str) {
+            log(&format!("service: {m}"));
+        }
+        return;
+    };
+    if !msg.contains_key("status") {
+        if let Some(p) = msg.get("progress") {
+            if let Some(tx) = pending.lock().get(&id).and_then(|p| p.progress.as_ref()) {
+                let _ = tx.send(p.clone());
+            }
+        }
+        return;
+    }
+    if let Some(p) = pending.lock().remove(&id) {
+        let _ = p.reply.send(Ok(msg));
+    }
+}
+
+fn interpret(mut reply: Map<String, Value>) -> Result<Value, CallError> {
+    if reply.get("status").and_then(Value::as_str) == Some("success") {
+        return Ok(reply.remove("result").unwrap_or(Value::Null));
+    }
+    let message = reply
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("the service replied with an error and no message")
+        .to_string();
+    if reply.get("timeout").and_then(Value::as_bool) == Some(true) {
+        let ran = reply.get("ran").and_then(Value::as_bool);
+        return Err(CallError::Timeout { message, ran });
+    }
+    Err(CallError::Remote { message, reply })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpret_success_error_and_timeout() {
+        let ok = json!({"id": 1, "status": "success", "result": {"a": 1}});
+        let Value::Object(ok) = ok else { return };
+        assert_eq!(interpret(ok).ok(), Some(json!({"a": 1})));
+        let Value::Object(e) =
+            json!({"id": 1, "status": "error", "message": "boom", "traceback": "tb"})
+        else {
+            return;
+        };
+        assert!(
+            matches!(interpret(e), Err(CallError::Remote { ref message, .. }) if message == "boom")
+        );
+        let Value::Object(t) = json!({"id": 1, "status": "error", "message": "timed out", "timeout": true,
+                                      "ran": false})
+        else {
+            return;
+        };
+        assert!(matches!(
+            interpret(t),
+            Err(CallError::Timeout {
+                ran: Some(false),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn progress_lines_go_to_their_call_only() {
+        let pending = Mutex::new(HashMap::new());
+        let (tx, mut rx) = oneshot::channel();
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        pending.lock().insert(
+            7,
+            Pending {
+                reply: tx,
+                progress: Some(ptx),
+            },
+        );
+        let Value::Object(p) = json!({"id": 7, "progress": {"progress": 1, "total": 4}}) else {
+            return;
+        };
+        route(&pending, p);
+        assert_eq!(
+            prx.try_recv().ok(),
+            Some(json!({"progress": 1, "total": 4}))
+        );
+        assert!(rx.try_recv().is_err());
+        let Value::Object(r) = json!({"id": 7, "status": "success", "result": 1}) else {
+            return;
+        };
+        route(&pending, r);
+        assert!(rx.try_recv().is_ok_and(|r| r.is_ok()));
+        assert!(pending.lock().is_empty());
+    }
+}
