@@ -81,11 +81,8 @@ pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> i32 {
         conn::log("--timeout must be a positive number of seconds");
         return 2;
     }
-    let token = args
-        .token
-        .clone()
-        .or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok())
-        .filter(|t| !t.is_empty());
+    // Explicit only here; each connection resolves the rest (env, then the instance descriptor).
+    let token = args.token.clone().filter(|t| !t.is_empty());
     let backend = Arc::new(Backend::new(
         Target {
             host: args.host.clone(),

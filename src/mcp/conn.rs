@@ -76,6 +76,9 @@ struct Pending {
 /// and a reader task that routes replies and progress by id.
 struct Conn {
     addr: String,
+    /// The service token for this address: explicit, else `$BLD_REMOTE_TOKEN` (not `auto`), else the
+    /// owner-only instance descriptor's (resolved per connection: the target may change on reconnect).
+    token: Option<String>,
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     alive: Arc<AtomicBool>,
@@ -283,6 +286,7 @@ impl Backend {
         }
         let conn = Arc::new(Conn {
             addr,
+            token: crate::instances::resolve_token(self.target.token.clone(), &host, port),
             out: out_tx,
             pending,
             alive,
@@ -328,7 +332,7 @@ impl Backend {
             "params": Value::Object(params),
             "timeout": timeout.as_secs_f64().max(0.001),
         });
-        if let (Some(token), Value::Object(m)) = (&self.target.token, &mut request) {
+        if let (Some(token), Value::Object(m)) = (&conn.token, &mut request) {
             m.insert("token".into(), Value::String(token.clone()));
         }
         let mut guard = CancelOnDrop {
