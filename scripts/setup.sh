@@ -2,7 +2,7 @@
 # Installs what bld_remote needs on a fresh Debian machine and builds it. Idempotent: quick when done before.
 #   - Debian packages: Blender (3.4.1), Xvfb for GUI tests
 #   - .venv: maturin, pytest and friends (pinned), then the bld_remote wheel built from this checkout
-# Needs: a Rust toolchain (cargo >= 1.85) and Python >= 3.10 with venv.
+# Needs: a Rust toolchain (cargo >= 1.88) and Python >= 3.10 with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-command -v cargo >/dev/null || { echo "error: cargo not found: install a Rust toolchain (>= 1.85)" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "error: cargo not found: install a Rust toolchain (>= 1.88)" >&2; exit 1; }
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
