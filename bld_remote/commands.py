@@ -8,6 +8,7 @@ side on network threads and never reaches this module.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import sys
@@ -36,7 +37,8 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
     if handler is None:
         return False, {"message": f"Unknown command type: {command}"}
     try:
-        return True, handler(params)
+        with _window_context():
+            return True, handler(params)
     except CommandError as exc:
         return False, {"message": exc.message, **exc.extra}
     except BaseException as exc:  # noqa: BLE001 - nothing a client sends may escape into Blender
@@ -48,6 +50,22 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
     finally:
         if command in CHANGES_DATA and params.get("undo", True) is not False:
             _undo_push(command)
+
+
+def _window_context() -> Any:
+    """In the GUI, run each command with a window in the context, as code typed into Blender's Python console
+    has: timer callbacks sometimes get none (e.g. right after a file load), and then many ``bpy.ops`` calls
+    fail their poll ("Missing 'window' in context")."""
+    try:
+        bpy = _bpy()
+    except ImportError:
+        return contextlib.nullcontext()
+    if bpy.app.background or bpy.context.window is not None or not hasattr(bpy.context, "temp_override"):
+        return contextlib.nullcontext()
+    windows = bpy.context.window_manager.windows
+    if not windows:
+        return contextlib.nullcontext()
+    return bpy.context.temp_override(window=windows[0])
 
 
 def _undo_push(command: str) -> None:

@@ -29,15 +29,22 @@ from . import _core, service
 # The add-on's module name: "bld_remote", or "bl_ext.<repo>.bld_remote" when installed as a 4.2+ extension.
 ADDON_ID = __package__ or "bld_remote"
 
-# Jobs run for at most this long per pump tick, so the UI stays responsive while a client floods the service.
-TICK_BUDGET = 0.05
+# Jobs run for at most this long per pump tick, so the UI stays responsive while a client floods the service
+# (about 30 UI passes a second at worst).
+TICK_BUDGET = 0.03
 MAX_JOBS_PER_TICK = 256
-# Timer interval (s): 0 = every pass of Blender's event loop (which itself sleeps ~5 ms when idle). Right after
-# activity the pump stays at 0; after ACTIVE_WINDOW seconds without a job it backs off to IDLE_INTERVAL, so an
-# idle Blender runs the callback ~50 times a second instead of ~200 (bench/gui_roundtrip.py measures both).
+# Timer interval (s): 0 = every pass of Blender's event loop, which sleeps 5 ms whenever it has no events; so an
+# idle GUI answers a main-thread request within ~5 ms plus the interval. Right after activity the pump stays at
+# 0; after ACTIVE_WINDOW seconds without a job it backs off to IDLE_INTERVAL (~100 callbacks a second instead
+# of ~200). bench/gui_roundtrip.py measures both.
 ACTIVE_INTERVAL = 0.0
 ACTIVE_WINDOW = 2.0
-IDLE_INTERVAL = 0.02
+IDLE_INTERVAL = 0.01
+# Within LINGER_WINDOW of the last job, a tick waits up to LINGER (GIL released, no CPU) for the next request
+# before handing the main thread back, still within TICK_BUDGET: a client sending requests one after another
+# is then served in the same tick instead of once per 5 ms event-loop pass.
+LINGER = 0.002
+LINGER_WINDOW = 0.25
 # The keeper's window timer: TIMER events this often while it runs.
 KEEPER_INTERVAL = 0.01
 
@@ -53,20 +60,38 @@ _last_activity = 0.0
 # --- the timer pump -------------------------------------------------------------------------------------
 
 
-def _pump() -> float | None:
-    """The persistent timer callback: run ready jobs within the budget; never raises."""
+def _run_tick() -> int:
+    """Run ready jobs for at most TICK_BUDGET; shortly after activity, linger for the next request."""
     global _last_activity
+    start = time.monotonic()
+    deadline = start + TICK_BUDGET
+    wait = LINGER if start - _last_activity < LINGER_WINDOW else 0.0
+    ran = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        n = _core.step(MAX_JOBS_PER_TICK, min(wait, left), left)
+        if not n:
+            break
+        ran += n
+        wait = LINGER
+    if ran:
+        _last_activity = time.monotonic()
+    return ran
+
+
+def _pump() -> float | None:
+    """The persistent timer callback: one tick, then the interval to the next; never raises."""
     try:
         if not _core.is_running():
             return None
-        ran = _core.step(MAX_JOBS_PER_TICK, 0.0, TICK_BUDGET)
+        ran = _run_tick()
         if not _core.is_running():
             return None
-        now = time.monotonic()
-        if ran:
-            _last_activity = now
+        if ran or time.monotonic() - _last_activity < ACTIVE_WINDOW:
             return ACTIVE_INTERVAL
-        return ACTIVE_INTERVAL if now - _last_activity < ACTIVE_WINDOW else IDLE_INTERVAL
+        return IDLE_INTERVAL
     except BaseException as exc:  # noqa: BLE001 - a raising timer is silently removed by Blender
         try:
             service._log("ERROR", f"pump error: {exc!r}")
@@ -189,7 +214,7 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
                 _end_keeper(context.window_manager)
                 return {"FINISHED"}
             if event.type == "TIMER":
-                _core.step(MAX_JOBS_PER_TICK, 0.0, TICK_BUDGET)
+                _run_tick()
                 if not _core.is_running():
                     _end_keeper(context.window_manager)
                     return {"FINISHED"}
