@@ -535,6 +535,11 @@ def auto_start_preference():
     status = bld_remote.get_status()
     report["started_with"] = status["running"] and status["port"] == PORT
     report["status_line"] = gui.status_line(status)
+    # The preferences' Stop and Start buttons.
+    bpy.ops.bld_remote.stop_service()
+    report["stop_button"] = [bld_remote.is_mcp_service_up(), port_free(PORT), gui.status_line(bld_remote.get_status())]
+    bpy.ops.bld_remote.start_service()
+    report["start_button"] = [bld_remote.is_mcp_service_up(), ping(PORT), gui.pump_is_armed()]
     # Then serve without the add-on (as a startup script would): the pump must survive factory settings.
     addon_utils.disable("bld_remote", default_set=True)
     report["stopped_on_disable"] = not bld_remote.is_mcp_service_up()
@@ -582,6 +587,8 @@ def test_disable_enable_cycles_leak_nothing_then_prefs_and_factory_settings(tmp_
         assert prefs["started_without"] is False
         assert prefs["started_with"] is True, prefs
         assert prefs["status_line"].startswith(f"Running on 127.0.0.1:{port}"), prefs
+        assert prefs["stop_button"] == [False, True, "Stopped"], prefs
+        assert prefs["start_button"] == [True, True, True], prefs
         assert prefs["stopped_on_disable"] is True  # and served again since, by a plain start_mcp_service()
 
         # Seen from outside: one bld_remote thread (the listener; a new thread names itself once it runs),
