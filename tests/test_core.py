@@ -9,6 +9,7 @@ import re
 import json
 import signal
 import socket
+import struct
 import time
 
 import pytest
@@ -396,3 +397,24 @@ SERVE_EXPR_CATCH = (
     "except Exception as e:\n"
     "    print('ERR', type(e).__name__ + ':', e, flush=True)\n"
 )
+
+
+# --- rendering (headless) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["WORKBENCH", "CYCLES"])
+def test_render_image_headless_inline_png(served, engine):
+    r = ok(call(served.port, "render_image", width=64, height=48, engine=engine, samples=1, inline=True))
+    png = base64.b64decode(r["data"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (64, 48)
+    assert (r["width"], r["height"]) == (64, 48)
+    assert engine in r["engine"]
+
+
+def test_render_image_to_file_and_bad_engine(served, tmp_path):
+    target = tmp_path / "shot.png"
+    r = ok(call(served.port, "render_image", width=32, height=32, filepath=str(target)))
+    assert r["filepath"] == str(target) and target.read_bytes()[:4] == b"\x89PNG"
+    assert "engine" in err(call(served.port, "render_image", engine="POVRAY"))
+    assert "width" in err(call(served.port, "render_image", width=-5))
