@@ -133,7 +133,9 @@ def main() -> int:
         port = free_port()
         script = tmp / "gui.py"
         script.write_text(ENABLE_ADDON)
-        gui = GuiBlender(script, blender_env(scripts, BLD_REMOTE_MCP_START_NOW="1", BLD_REMOTE_MCP_PORT=str(port)))
+        gui = GuiBlender(
+            script, blender_env(scripts, BLD_REMOTE_MCP_START_NOW="1", BLD_REMOTE_MCP_PORT=str(port))
+        )
         started.append(gui)
         gui.wait_ready()
         # 3. GUI without the add-on (idle baseline)

@@ -376,8 +376,9 @@ def bench_latency(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> No
                 ('bld_remote: execute_code("pass")', 2.0, 'execute_code("pass") p50 ≤ 2× echo ping'),
             ):
                 p50 = pct(samples[name], 0.5)
-                rep.verdict(label, f"{ms(p50)} ms", f"{ms(base50)} ms", f"{p50 / base50:.2f}×",
-                            p50 / base50 <= limit)
+                rep.verdict(
+                    label, f"{ms(p50)} ms", f"{ms(base50)} ms", f"{p50 / base50:.2f}×", p50 / base50 <= limit
+                )
 
 
 def bench_throughput(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> None:
@@ -400,11 +401,21 @@ def bench_throughput(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) ->
             rows.append([str(clients), name, f"{v:,.0f}", f"{v / base:.2f}×"])
         if clients == 8:
             v = statistics.median(got["bld_remote: ping"])
-            rep.verdict("8 client processes: ping ≥ echo", f"{v:,.0f}/s", f"{base:,.0f}/s",
-                        f"{v / base:.2f}×", v >= base)
+            rep.verdict(
+                "8 client processes: ping ≥ echo",
+                f"{v:,.0f}/s",
+                f"{base:,.0f}/s",
+                f"{v / base:.2f}×",
+                v >= base,
+            )
             v = statistics.median(got['bld_remote: execute_code("pass")'])
-            rep.verdict('8 client processes: execute_code("pass") ≥ ⅓ echo', f"{v:,.0f}/s",
-                        f"{base:,.0f}/s", f"{v / base:.2f}×", v >= base / 3)
+            rep.verdict(
+                '8 client processes: execute_code("pass") ≥ ⅓ echo',
+                f"{v:,.0f}/s",
+                f"{base:,.0f}/s",
+                f"{v / base:.2f}×",
+                v >= base / 3,
+            )
     rep.p("### Throughput: N client processes, one request at a time each (requests/s; ratio to echo ping)")
     rep.p()
     rep.table(["clients", "request", "req/s (median)", "ratio"], rows)
@@ -488,11 +499,24 @@ def bench_payloads(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> N
                 t = statistics.median(times[(name, size)])
                 tb = statistics.median(times[(base_name, size)])
                 rate = size / t
-                rep.data[f"payload/{name}/{size}"] = {"seconds": times[(name, size)], "reply_bytes": wire[(name, size)]}
-                rows.append([name, str(size), f"{t * 1000:,.1f}", f"{rate:,.0f}", f"{(rate / (size / tb)):.2f}×",
-                             f"{wire[(name, size)] / MB:,.1f}"])
-        rep.p(f"### {'Requests' if direction == 'request' else 'Replies'} of N MB (one connection; time from first byte sent to last byte "
-              "received; MB/s = N / time; ratio = MB/s / echo MB/s)")
+                rep.data[f"payload/{name}/{size}"] = {
+                    "seconds": times[(name, size)],
+                    "reply_bytes": wire[(name, size)],
+                }
+                rows.append(
+                    [
+                        name,
+                        str(size),
+                        f"{t * 1000:,.1f}",
+                        f"{rate:,.0f}",
+                        f"{(rate / (size / tb)):.2f}×",
+                        f"{wire[(name, size)] / MB:,.1f}",
+                    ]
+                )
+        rep.p(
+            f"### {'Requests' if direction == 'request' else 'Replies'} of N MB (one connection; time from first byte sent to last byte "
+            "received; MB/s = N / time; ratio = MB/s / echo MB/s)"
+        )
         rep.p()
         rep.table(["what", "MB", "ms (median)", "MB/s", "ratio", "reply MB on the wire"], rows)
 
@@ -501,29 +525,56 @@ def bench_payloads(rep: Report, echo: Echo, bld: BlenderProcess, cfg: dict) -> N
         name = EXEC_REQUEST
         tb = statistics.median(times[("echo: request (parsed, small reply)", 64)])
         t = statistics.median(times[(EXEC_INGEST, 64)])
-        rep.verdict("64 MB request ingested ≥ echo's speed (execute_code without compile + run)",
-                    f"{64 / t:,.0f} MB/s", f"{64 / tb:,.0f} MB/s", f"{tb / t:.2f}×", t <= tb)
+        rep.verdict(
+            "64 MB request ingested ≥ echo's speed (execute_code without compile + run)",
+            f"{64 / t:,.0f} MB/s",
+            f"{64 / tb:,.0f} MB/s",
+            f"{tb / t:.2f}×",
+            t <= tb,
+        )
         t = statistics.median(times[(name, 64)])
-        rep.verdict("64 MB execute_code request end to end (incl. Python compiling 64 MB), for reference",
-                    f"{64 / t:,.0f} MB/s", f"{64 / tb:,.0f} MB/s", f"{tb / t:.2f}×", None,
-                    "compile() of the source is Python's own cost, not the service's")
+        rep.verdict(
+            "64 MB execute_code request end to end (incl. Python compiling 64 MB), for reference",
+            f"{64 / t:,.0f} MB/s",
+            f"{64 / tb:,.0f} MB/s",
+            f"{tb / t:.2f}×",
+            None,
+            "compile() of the source is Python's own cost, not the service's",
+        )
         name_p = "bld_remote: put_persist_data request (network thread only)"
         tp = statistics.median(times[(name_p, 64)])
-        rep.verdict("64 MB request ingested ≥ echo's speed (put_persist_data: reading + parsing only)",
-                    f"{64 / tp:,.0f} MB/s", f"{64 / tb:,.0f} MB/s", f"{tb / tp:.2f}×", tp <= tb)
+        rep.verdict(
+            "64 MB request ingested ≥ echo's speed (put_persist_data: reading + parsing only)",
+            f"{64 / tp:,.0f} MB/s",
+            f"{64 / tb:,.0f} MB/s",
+            f"{tb / tp:.2f}×",
+            tp <= tb,
+        )
         rname = "bld_remote: execute_code printing N bytes"
         tr = statistics.median(times[(rname, 64)])
         te = statistics.median(times[("echo: reply of N bytes", 64)])
-        rep.verdict("64 MB reply ≥ 150 MB/s", f"{64 / tr:,.0f} MB/s", f"echo {64 / te:,.0f} MB/s",
-                    f"{te / tr:.2f}× echo", 64 / tr >= 150)
-        for label, nm, base_nm in (("request", name, "echo: request (parsed, small reply)"),
-                                   ("reply", rname, "echo: reply of N bytes")):
+        rep.verdict(
+            "64 MB reply ≥ 150 MB/s",
+            f"{64 / tr:,.0f} MB/s",
+            f"echo {64 / te:,.0f} MB/s",
+            f"{te / tr:.2f}× echo",
+            64 / tr >= 150,
+        )
+        for label, nm, base_nm in (
+            ("request", name, "echo: request (parsed, small reply)"),
+            ("reply", rname, "echo: reply of N bytes"),
+        ):
             t64, t4 = statistics.median(times[(nm, 64)]), statistics.median(times[(nm, 4)])
             t16 = statistics.median(times[(nm, 16)])
             e64, e4 = statistics.median(times[(base_nm, 64)]), statistics.median(times[(base_nm, 4)])
-            rep.verdict(f"64 MB {label} ≤ ~16× the 4 MB one (linear)", f"{t64 * 1000:,.0f} ms",
-                        f"4 MB: {t4 * 1000:,.0f} ms", f"{t64 / t4:.1f}×", t64 / t4 <= 16 * 1.15,
-                        f"64 MB / 16 MB: {t64 / t16:.1f}× (4 if linear); echo's own 64 / 4 MB: {e64 / e4:.1f}×")
+            rep.verdict(
+                f"64 MB {label} ≤ ~16× the 4 MB one (linear)",
+                f"{t64 * 1000:,.0f} ms",
+                f"4 MB: {t4 * 1000:,.0f} ms",
+                f"{t64 / t4:.1f}×",
+                t64 / t4 <= 16 * 1.15,
+                f"64 MB / 16 MB: {t64 / t16:.1f}× (4 if linear); echo's own 64 / 4 MB: {e64 / e4:.1f}×",
+            )
 
 
 def bench_main_thread(rep: Report, bld: BlenderProcess, cfg: dict) -> None:
@@ -543,13 +594,22 @@ def bench_main_thread(rep: Report, bld: BlenderProcess, cfg: dict) -> None:
             rep.data[f"main_thread/{label}/{mode}"] = runs
             rows.append([label, mode, f"{us:.1f}", f"{wk:.2f}", f"{rate:,.0f}"])
             if label.startswith("bench_noop") and pipe:
-                rep.verdict("≤ 20 µs main-thread time per no-op request", f"{us:.1f} µs", "20 µs",
-                            f"{us / 20:.2f}×", us <= 20)
-    rep.p(f"### Main-thread cost per request ({n} requests on one connection; Blender's main thread's "
-          "own CPU time from /proc/PID/task/PID/schedstat)")
+                rep.verdict(
+                    "≤ 20 µs main-thread time per no-op request",
+                    f"{us:.1f} µs",
+                    "20 µs",
+                    f"{us / 20:.2f}×",
+                    us <= 20,
+                )
+    rep.p(
+        f"### Main-thread cost per request ({n} requests on one connection; Blender's main thread's "
+        "own CPU time from /proc/PID/task/PID/schedstat)"
+    )
     rep.p()
-    rep.table(["request", "sent", "µs of main-thread CPU / request", "main-thread wake-ups / request",
-               "req/s"], rows)
+    rep.table(
+        ["request", "sent", "µs of main-thread CPU / request", "main-thread wake-ups / request", "req/s"],
+        rows,
+    )
 
 
 def bench_idle(rep: Report, bld: BlenderProcess, ref: Echo, cfg: dict) -> None:
@@ -570,21 +630,43 @@ def bench_idle(rep: Report, bld: BlenderProcess, ref: Echo, cfg: dict) -> None:
         rep.data[f"idle/{label}"] = d
         rep.data[f"idle/reference/{label}"] = rd
         waking = ", ".join(f"{k}: {v}" for k, v in sorted(d["waking_threads"].items())) or "none"
-        rows.append(["bld_remote in Blender, " + label, f"{d['seconds']:.1f}", f"{d['cpu_percent']:.2f}",
-                     str(d["main_thread_wakeups"]), str(d["process_wakeups"]), waking])
+        rows.append(
+            [
+                "bld_remote in Blender, " + label,
+                f"{d['seconds']:.1f}",
+                f"{d['cpu_percent']:.2f}",
+                str(d["main_thread_wakeups"]),
+                str(d["process_wakeups"]),
+                waking,
+            ]
+        )
         if not hold:
-            rows.append(["reference emulation (sleep(0.05) loop)", f"{rd['seconds']:.1f}",
-                         f"{rd['cpu_percent']:.2f}", str(rd["main_thread_wakeups"]), str(rd["process_wakeups"]),
-                         ""])
-            rep.verdict("zero wake-ups idle headless (Blender's main thread)",
-                        f"{d['main_thread_wakeups']} in {d['seconds']:.0f} s",
-                        f"reference: {rd['main_thread_wakeups']}", "", d["main_thread_wakeups"] == 0,
-                        f"whole process: {d['process_wakeups']}")
-    rep.p(f"### Idle, headless ({secs:.0f} s windows; CPU from /proc/PID/stat, wake-ups = voluntary + "
-          "involuntary context switches from /proc/PID/task/TID/status)")
+            rows.append(
+                [
+                    "reference emulation (sleep(0.05) loop)",
+                    f"{rd['seconds']:.1f}",
+                    f"{rd['cpu_percent']:.2f}",
+                    str(rd["main_thread_wakeups"]),
+                    str(rd["process_wakeups"]),
+                    "",
+                ]
+            )
+            rep.verdict(
+                "zero wake-ups idle headless (Blender's main thread)",
+                f"{d['main_thread_wakeups']} in {d['seconds']:.0f} s",
+                f"reference: {rd['main_thread_wakeups']}",
+                "",
+                d["main_thread_wakeups"] == 0,
+                f"whole process: {d['process_wakeups']}",
+            )
+    rep.p(
+        f"### Idle, headless ({secs:.0f} s windows; CPU from /proc/PID/stat, wake-ups = voluntary + "
+        "involuntary context switches from /proc/PID/task/TID/status)"
+    )
     rep.p()
-    rep.table(["process", "s", "CPU %", "main-thread wake-ups", "all threads' wake-ups", "which threads woke"],
-              rows)
+    rep.table(
+        ["process", "s", "CPU %", "main-thread wake-ups", "all threads' wake-ups", "which threads woke"], rows
+    )
 
 
 def bench_reference(rep: Report, echo: Echo, ref: Echo, bld: BlenderProcess, cfg: dict) -> None:
@@ -592,7 +674,12 @@ def bench_reference(rep: Report, echo: Echo, ref: Echo, bld: BlenderProcess, cfg
     n = cfg["ref_n"]
     for name, port in (("reference emulation", ref.port), ("echo", echo.port), ("bld_remote", bld.port)):
         s = latency_persistent([(name, port, req("ping") if name != "bld_remote" else SCENE)], n)[name]
-        rows.append([f"{name}: {'get_scene_info' if name == 'bld_remote' else 'request'} p50", f"{ms(pct(s, 0.5))} ms"])
+        rows.append(
+            [
+                f"{name}: {'get_scene_info' if name == 'bld_remote' else 'request'} p50",
+                f"{ms(pct(s, 0.5))} ms",
+            ]
+        )
         rep.data[f"reference/latency/{name}"] = pct(s, 0.5)
     for size in cfg["ref_sizes_mb"]:
         payload = req("execute_code", {"code": "#" + "x" * (size * MB - 256)}).rstrip(b"\n")
@@ -600,8 +687,10 @@ def bench_reference(rep: Report, echo: Echo, ref: Echo, bld: BlenderProcess, cfg
             t, _, first = timed_big(port, payload)
             rows.append([f"{name}: {size} MB request", f"{t * 1000:,.0f} ms ({size / t:,.1f} MB/s)"])
             rep.data[f"reference/request/{name}/{size}"] = t
-    rep.p("### The reference projects' approach, emulated (bench/echo_server.py --mode reference: recv(8192) "
-          "and re-parse the whole buffer per chunk; a main loop that sleeps 0.05 s between polls)")
+    rep.p(
+        "### The reference projects' approach, emulated (bench/echo_server.py --mode reference: recv(8192) "
+        "and re-parse the whole buffer per chunk; a main loop that sleeps 0.05 s between polls)"
+    )
     rep.p()
     rep.table(["measurement", "value"], rows)
 
@@ -654,11 +743,15 @@ def main() -> None:
         version = subprocess.run(["blender", "--version"], capture_output=True, text=True).stdout.splitlines()
         rep.p(f"## Headless results ({'--quick' if quick else 'full run'})")
         rep.p()
-        rep.p(f"- command: `python bench/run.py{' --quick' if quick else ''}`; date: "
-              f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+        rep.p(
+            f"- command: `python bench/run.py{' --quick' if quick else ''}`; date: "
+            f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
+        )
         rep.p(f"- machine: {machine()}; {version[0] if version else 'blender ?'} headless (`-b`)")
-        rep.p(f"- wheel: {wheel.name} ({_dt.datetime.fromtimestamp(wheel.stat().st_mtime):%Y-%m-%d %H:%M}); "
-              "baseline: bench/echo_server.py (threaded, one thread per connection) in its own process")
+        rep.p(
+            f"- wheel: {wheel.name} ({_dt.datetime.fromtimestamp(wheel.stat().st_mtime):%Y-%m-%d %H:%M}); "
+            "baseline: bench/echo_server.py (threaded, one thread per connection) in its own process"
+        )
         rep.p()
         if want("latency"):
             bench_latency(rep, echo, bld, cfg)
@@ -676,8 +769,10 @@ def main() -> None:
         rep.p()
         rep.table(
             ["target", "measured", "baseline", "ratio", "verdict", "note"],
-            [[t, v, b, r, "met" if m else ("missed" if m is False else "–"), note]
-             for t, v, b, r, m, note in rep.verdicts],
+            [
+                [t, v, b, r, "met" if m else ("missed" if m is False else "–"), note]
+                for t, v, b, r, m, note in rep.verdicts
+            ],
         )
         rep.p(f"(bench took {time.monotonic() - started:.0f} s)")
     finally:
@@ -687,8 +782,9 @@ def main() -> None:
             if e is not None:
                 e.stop()
     if args.json:
-        args.json.write_text(json.dumps({"cfg": cfg, "data": rep.data, "verdicts": rep.verdicts}, indent=1,
-                                        default=str))
+        args.json.write_text(
+            json.dumps({"cfg": cfg, "data": rep.data, "verdicts": rep.verdicts}, indent=1, default=str)
+        )
 
 
 if __name__ == "__main__":

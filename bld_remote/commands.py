@@ -461,7 +461,9 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
         last_stats[0] = now
         # Some Blender versions pass the stats line; 3.4 passes None.
         text = next((a for a in args if isinstance(a, str)), None)
-        report(text.rsplit("|", 1)[-1].strip() if text else f"rendering ({time.perf_counter() - started:.1f} s)")
+        report(
+            text.rsplit("|", 1)[-1].strip() if text else f"rendering ({time.perf_counter() - started:.1f} s)"
+        )
 
     def on_post(*_args: Any) -> None:
         report("render finished")

@@ -194,7 +194,9 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
             except Exception as exc:  # noqa: BLE001
                 self.report({"ERROR"}, f"bld_remote could not start: {exc}")
                 return {"CANCELLED"}
-        window = context.window or (context.window_manager.windows[0] if context.window_manager.windows else None)
+        window = context.window or (
+            context.window_manager.windows[0] if context.window_manager.windows else None
+        )
         if window is None:
             self.report({"ERROR"}, "bld_remote keeper needs a window")
             return {"CANCELLED"}

@@ -278,13 +278,16 @@ pub fn command(blender: &Path) -> Command {
 
 /// `PATH` without virtual-environment `bin` folders. Blender's embedded Python looks `sys.executable` up on
 /// `PATH`; a `pyvenv.cfg` beside the `python3` it finds switches that venv on, and its site-packages
-/// (another bld_remote among them) would shadow Blender's own. `None`: nothing to remove.
+/// (another `bld_remote` among them) would shadow Blender's own. `None`: nothing to remove.
 fn path_without_venvs() -> Option<std::ffi::OsString> {
     let path = std::env::var_os("PATH")?;
     let dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
     let kept: Vec<&PathBuf> = dirs
         .iter()
-        .filter(|d| !d.parent().is_some_and(|venv| venv.join("pyvenv.cfg").is_file()))
+        .filter(|d| {
+            !d.parent()
+                .is_some_and(|venv| venv.join("pyvenv.cfg").is_file())
+        })
         .collect();
     if kept.len() == dirs.len() {
         return None;

@@ -267,13 +267,21 @@ pub fn live(clean: bool) -> (Vec<Descriptor>, Vec<(PathBuf, Stale)>) {
 pub fn resolve_token(explicit: Option<String>, host: &str, port: u16) -> Option<String> {
     explicit
         .filter(|t| !t.is_empty())
-        .or_else(|| std::env::var("BLD_REMOTE_TOKEN").ok().filter(|t| !t.is_empty() && t != "auto"))
+        .or_else(|| {
+            std::env::var("BLD_REMOTE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty() && t != "auto")
+        })
         .or_else(|| token_for(host, port))
 }
 
 /// The token of the service on `host:port`, from its descriptor (owner-only), when it has one.
 pub fn token_for(host: &str, port: u16) -> Option<String> {
-    let loopback = |h: &str| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = |h: &str| {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
     all().into_iter().find_map(|(_, d)| {
         let d = d.ok()?;
         let same_host = d.host == host || (loopback(&d.host) && loopback(host));

@@ -434,17 +434,31 @@ mod tests {
     #[test]
     fn progress_reaches_the_listener_only_while_the_job_runs() {
         let (j, _state, _done) = job(5, None);
-        assert!(j.progress_sink().is_none(), "plain jobs have no progress listener");
+        assert!(
+            j.progress_sink().is_none(),
+            "plain jobs have no progress listener"
+        );
         let (ptx, prx) = crossbeam_channel::bounded(4);
         let j = j.with_progress(ptx);
         let sink = j.progress_sink();
-        assert!(sink.as_ref().is_some_and(|s| !s.report(json!({"progress": 0}))), "not running yet");
+        assert!(
+            sink.as_ref()
+                .is_some_and(|s| !s.report(json!({"progress": 0}))),
+            "not running yet"
+        );
         assert!(j.begin().is_ok());
-        assert!(sink.as_ref().is_some_and(|s| s.report(json!({"progress": 1}))));
+        assert!(sink
+            .as_ref()
+            .is_some_and(|s| s.report(json!({"progress": 1}))));
         let p = prx.try_recv().ok();
-        assert!(matches!(p, Some(Progress { seq: 5, ref value }) if *value == json!({"progress": 1})));
+        assert!(
+            matches!(p, Some(Progress { seq: 5, ref value }) if *value == json!({"progress": 1}))
+        );
         j.finish(Outcome::Success(Value::Null));
-        assert!(sink.is_some_and(|s| !s.report(json!({"progress": 2}))), "finished");
+        assert!(
+            sink.is_some_and(|s| !s.report(json!({"progress": 2}))),
+            "finished"
+        );
     }
 
     #[test]

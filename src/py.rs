@@ -89,13 +89,14 @@ pub fn start(
             "the bld_remote service is already running; stop it first",
         ));
     }
+    // Timeouts: None keeps the default; 0 turns the limit off (where that is allowed).
     let seconds = |v: Option<f64>,
                    default: Option<Duration>,
                    name: &str|
      -> PyResult<Option<Duration>> {
         match v {
             None => Ok(default),
-            Some(s) if s == 0.0 => Ok(None),
+            Some(0.0) => Ok(None),
             Some(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
             Some(_) => Err(PyValueError::new_err(format!(
                 "{name} must be a positive number of seconds (or 0 for no limit)"
@@ -249,9 +250,9 @@ pub fn status(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
 #[pyfunction]
 #[pyo3(signature = (max_jobs=64, timeout=0.0, budget=None))]
-pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) -> PyResult<usize> {
+pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) -> usize {
     let Some((shared, handler)) = current() else {
-        return Ok(0);
+        return 0;
     };
     let first_wait = Duration::from_secs_f64(if timeout.is_finite() {
         timeout.max(0.0)
@@ -282,7 +283,7 @@ pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) 
         }
     }
     finish_requested_stop(py, &shared);
-    Ok(ran)
+    ran
 }
 
 /// The headless pump: block on the job channel with the GIL released, run each job the moment it arrives,
@@ -436,7 +437,10 @@ pub fn report_progress(progress: f64, total: Option<f64>, message: Option<String
         return false;
     };
     let mut v = Map::new();
-    v.insert("progress".into(), Number::from_f64(progress).map_or(Value::Null, Value::Number));
+    v.insert(
+        "progress".into(),
+        Number::from_f64(progress).map_or(Value::Null, Value::Number),
+    );
     if let Some(t) = total.and_then(Number::from_f64) {
         v.insert("total".into(), Value::Number(t));
     }

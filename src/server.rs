@@ -1349,7 +1349,10 @@ fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Vec<u8> {
     }
     drop(stdout);
     for (k, val) in &m {
-        if !matches!(k.as_str(), "executed" | "result" | "output" | "result_is_base64") {
+        if !matches!(
+            k.as_str(),
+            "executed" | "result" | "output" | "result_is_base64"
+        ) {
             protocol::write_field(&mut out, k, val);
         }
     }

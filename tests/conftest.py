@@ -3,6 +3,7 @@ Every Blender a test starts is stopped by its PID, even when the test fails."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -27,7 +28,6 @@ def user_scripts(tmp_path_factory) -> Path:
     assert (addons / "bld_remote" / "__init__.py").exists()
     assert list((addons / "bld_remote").glob("_core*.so")), "the wheel has no native module"
     return root
-
 
 
 @pytest.fixture
@@ -55,7 +55,6 @@ def start_blender(user_scripts):
         b.kill()
 
 
-
 @pytest.fixture(scope="module")
 def served(user_scripts):
     """One headless Blender serving on a free port, shared by a module's tests."""
@@ -67,3 +66,33 @@ def served(user_scripts):
         b.kill()
 
 
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv with only the built wheel installed: returns its bin/ folder (bld-remote, python)."""
+    venv = tmp_path_factory.mktemp("cli_venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(built_wheel()),
+        ],
+        check=True,
+    )
+    assert (venv / "bin" / "bld-remote").exists()
+    return venv / "bin"
+
+
+@pytest.fixture
+def runtime_dir(tmp_path) -> Path:
+    d = tmp_path / "runtime"
+    d.mkdir()
+    return d

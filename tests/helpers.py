@@ -16,7 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BPY_PYTHON = os.environ.get("BLD_REMOTE_TEST_BPY_PYTHON") or None
 READY = re.compile(r"bld_remote listening on (?P<host>[^\s:]+|\[[^\]]+\]):(?P<port>\d+) \(pid (?P<pid>\d+)\)")
 
+
 def blender_binary() -> str:
     found = os.environ.get("BLENDER") or shutil.which("blender")
     if not found:
-        pytest.fail("Blender not found: install it (apt-get install -y blender) or set $BLENDER", pytrace=False)
+        pytest.fail(
+            "Blender not found: install it (apt-get install -y blender) or set $BLENDER", pytrace=False
+        )
     return found
+
 
 def built_wheel() -> Path:
     """The wheel under test: $BLD_REMOTE_WHEEL, else the newest dist/*.whl, else build one now."""
@@ -47,10 +50,12 @@ def built_wheel() -> Path:
         wheels = sorted(glob.glob(str(ROOT / "dist" / "*.whl")), key=os.path.getmtime)
     return Path(wheels[-1])
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Nothing listens on the port, and a new server can bind it (with SO_REUSEADDR, as servers do;
@@ -144,6 +149,7 @@ class BlenderProcess:
                 pass
             self.proc.wait(timeout=10)
 
+
 def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
     """The command line that runs `expr` in the Blender under test, headless."""
     if BPY_PYTHON:
@@ -151,8 +157,16 @@ def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
             raise AssertionError(f"Blender command-line arguments {args} do not apply to bpy as a module")
         # -P: do not put the working directory first on sys.path (it may be this source tree).
         return [BPY_PYTHON, "-P", "-c", "import bpy\n" + expr]
-    return [blender_binary(), "-b", "--factory-startup", "--python-exit-code", "3", *(args or []),
-            "--python-expr", expr]
+    return [
+        blender_binary(),
+        "-b",
+        "--factory-startup",
+        "--python-exit-code",
+        "3",
+        *(args or []),
+        "--python-expr",
+        expr,
+    ]
 
 
 def blender_env(user_scripts: Path, **extra: str) -> dict[str, str]:
@@ -171,7 +185,9 @@ def blender_env(user_scripts: Path, **extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
 SERVE = "import bld_remote; bld_remote.start_mcp_service(port={port}); bld_remote.keep_alive()"
+
 
 class Conn:
     """A raw client connection: send any bytes, read newline-terminated JSON replies."""
@@ -224,7 +240,96 @@ class Conn:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
 def call(port: int, command: str | dict, **params) -> dict:
     """One request on a fresh connection."""
     with Conn(port) as c:
         return c.request(command, **params)
+
+
+def cli_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_")}
+    env["BLD_REMOTE_RUNTIME_DIR"] = str(runtime_dir)
+    env.update(extra)
+    return env
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+class Started:
+    """`bld-remote start ...` running in the background; its stdout collected line by line."""
+
+    def __init__(self, bindir: Path, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [str(bindir / "bld-remote"), "start", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        self.lines: list[str] = []
+        self.err: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, False), daemon=True).start()
+        self.blender_pids: set[int] = set()
+        self.port: int | None = None
+        self.pid: int | None = None
+
+    def _pump(self, stream, sink: list[str], notify: bool) -> None:
+        for line in stream:
+            sink.append(line)
+            if notify:
+                self._q.put(line)
+        if notify:
+            self._q.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines) + "\n--- stderr ---\n" + "".join(self.err)
+
+    def wait_ready(self, timeout: float = 90) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.blender_pids.update(children_of(self.proc.pid))
+            try:
+                line = self._q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(
+                    f"bld-remote start exited ({self.proc.wait()}) before ready:\n{self.output}"
+                )
+            m = READY.search(line)
+            if m:
+                self.port, self.pid = int(m["port"]), int(m["pid"])
+                self.blender_pids.add(self.pid)
+                return self.port
+        raise AssertionError(f"no ready line within {timeout}s:\n{self.output}")
+
+    def kill(self) -> None:
+        self.blender_pids.update(children_of(self.proc.pid))
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for pid in self.blender_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

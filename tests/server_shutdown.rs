@@ -67,9 +67,7 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
 
 #[cfg(target_os = "linux")]
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(Iterator::count)
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
 }
 
 #[test]

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - older helpers
     def runtime_argv(expr: str, args: list[str] | None = None) -> list[str]:
         return [blender_binary(), "-b", "--factory-startup", *(args or []), "--python-expr", expr]
 
+
 RESULTS: dict[str, dict] = {}
 
 # The main Blender of this module: the default limits except a short request read timeout (slowloris).
@@ -164,8 +165,13 @@ def test_binary_garbage(adv):
         for line in data.splitlines():
             replies.append(json.loads(line))
     assert all(r["status"] == "error" for r in replies), replies
-    record("binary_garbage", bytes_sent=len(junk), seconds_to_close=round(elapsed, 3),
-           random_blobs=20, error_replies=len(replies))
+    record(
+        "binary_garbage",
+        bytes_sent=len(junk),
+        seconds_to_close=round(elapsed, 3),
+        random_blobs=20,
+        error_replies=len(replies),
+    )
     assert_healthy(adv, "binary_garbage")
 
 
@@ -226,9 +232,15 @@ def test_100_mb_request_is_refused_cleanly_with_bounded_memory(adv):
     reply = json.loads(data.split(b"\n")[0])
     assert "request too large" in err(reply), reply
     growth = peak[0] - before
-    record("request_100mb", bytes_sent_before_refusal=sent, seconds=round(elapsed, 2),
-           rss_before_mb=round(before), rss_peak_mb=round(peak[0]), rss_after_mb=round(after),
-           rss_peak_growth_mb=round(growth))
+    record(
+        "request_100mb",
+        bytes_sent_before_refusal=sent,
+        seconds=round(elapsed, 2),
+        rss_before_mb=round(before),
+        rss_peak_mb=round(peak[0]),
+        rss_after_mb=round(after),
+        rss_peak_growth_mb=round(growth),
+    )
     assert growth < 300, f"RSS grew by {growth:.0f} MB (limit is 64 MiB per request)"
     assert after - before < 150
     assert_healthy(adv, "request_100mb")
@@ -296,8 +308,12 @@ def test_slowloris_clients_are_cut_off_and_others_are_served(adv):
     # The idle connection is still served.
     assert ok(idle.request("ping"))["pong"] is True
     idle.close()
-    record("slowloris", clients=n, all_cut_within_s=round(cut_after, 2),
-           fresh_ping_p_max_ms=round(max(latencies) * 1000, 2))
+    record(
+        "slowloris",
+        clients=n,
+        all_cut_within_s=round(cut_after, 2),
+        fresh_ping_p_max_ms=round(max(latencies) * 1000, 2),
+    )
     assert max(latencies) < 1.0
     assert_healthy(adv, "slowloris")
 
@@ -314,29 +330,44 @@ def test_disconnects_mid_request_and_mid_reply(adv):
     # Mid-reply: ask for a 20 MB reply, read 1 KB, leave.
     for k in range(10):
         s = socket.create_connection(("127.0.0.1", adv.port))
-        s.sendall(json.dumps({"type": "execute_code", "params": {"code": "print('x' * 20_000_000)"}}).encode())
+        s.sendall(
+            json.dumps({"type": "execute_code", "params": {"code": "print('x' * 20_000_000)"}}).encode()
+        )
         s.recv(1024)
         if k % 2:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
     # A full pipelined batch, then gone before any reply: the queued work is dropped, not run.
     s = socket.create_connection(("127.0.0.1", adv.port))
-    s.sendall(b"".join(
-        json.dumps({"type": "execute_code", "params": {"code": "import time; time.sleep(0.05)"}, "id": i}).encode()
-        for i in range(20)
-    ))
+    s.sendall(
+        b"".join(
+            json.dumps(
+                {"type": "execute_code", "params": {"code": "import time; time.sleep(0.05)"}, "id": i}
+            ).encode()
+            for i in range(20)
+        )
+    )
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     t0 = time.monotonic()
     while time.monotonic() - t0 < 10:
         status = ok(call(adv.port, "get_status"))
-        if status["connections"] <= baseline + 1 and status["queue_length"] == 0 and not status["running_job"]:
+        if (
+            status["connections"] <= baseline + 1
+            and status["queue_length"] == 0
+            and not status["running_job"]
+        ):
             break
         time.sleep(0.05)
     settled = time.monotonic() - t0
     assert status["connections"] <= baseline + 1, status
-    record("disconnects", mid_request=40, mid_reply_20mb=10, pipelined_then_reset=20,
-           seconds_until_connections_released=round(settled, 2))
+    record(
+        "disconnects",
+        mid_request=40,
+        mid_reply_20mb=10,
+        pipelined_then_reset=20,
+        seconds_until_connections_released=round(settled, 2),
+    )
     assert_healthy(adv, "disconnects")
 
 
@@ -419,8 +450,14 @@ def test_64_clients_x_500_requests_every_reply_matched(adv):
     assert not failures, failures[:5]
     assert counts == [per_client] * clients
     total = clients * per_client
-    record("concurrency_64x500", requests=total, seconds=round(elapsed, 2),
-           requests_per_second=round(total / elapsed), lost=0, crossed=0)
+    record(
+        "concurrency_64x500",
+        requests=total,
+        seconds=round(elapsed, 2),
+        requests_per_second=round(total / elapsed),
+        lost=0,
+        crossed=0,
+    )
     assert elapsed < 90
     assert_healthy(adv, "concurrency_64x500")
 
@@ -461,8 +498,9 @@ def test_10_second_loop_control_requests_cancel_and_timeouts(adv):
         assert running_for > 0.2
         # A queued job, then its cancel (framed: the cancel reply and the cancelled job's reply come now).
         t = time.monotonic()
-        other.send({"type": "execute_code", "params": {"code": "bpy.context.scene['cancelled_ran'] = 1"},
-                    "id": "q"})
+        other.send(
+            {"type": "execute_code", "params": {"code": "bpy.context.scene['cancelled_ran'] = 1"}, "id": "q"}
+        )
         other.send({"type": "cancel", "params": {"id": "q"}, "id": "c"})
         got = {r["id"]: r for r in (other.reply(), other.reply())}
         cancel_s = time.monotonic() - t
@@ -470,8 +508,14 @@ def test_10_second_loop_control_requests_cancel_and_timeouts(adv):
         assert got["q"]["ran"] is False, got["q"]
         # A queued job with a 1 s deadline: timed out at 1 s, never run.
         t = time.monotonic()
-        other.send({"type": "execute_code", "params": {"code": "bpy.context.scene['late_ran'] = 1"},
-                    "id": "late", "timeout": 1})
+        other.send(
+            {
+                "type": "execute_code",
+                "params": {"code": "bpy.context.scene['late_ran'] = 1"},
+                "id": "late",
+                "timeout": 1,
+            }
+        )
         late = other.reply()
         late_s = time.monotonic() - t
         assert late["id"] == "late" and late["ran"] is False and late["timeout"] is True, late
@@ -484,11 +528,20 @@ def test_10_second_loop_control_requests_cancel_and_timeouts(adv):
         # Wait for the loop to end, then prove the cancelled and late jobs never ran.
         while ok(other.request("get_status"))["running_job"]:
             time.sleep(0.1)
-        flags = ok(other.request("execute_code", code="result = [k for k in ('cancelled_ran', 'late_ran') "
-                                                      "if k in bpy.context.scene]"))["value"]
+        flags = ok(
+            other.request(
+                "execute_code",
+                code="result = [k for k in ('cancelled_ran', 'late_ran') if k in bpy.context.scene]",
+            )
+        )["value"]
         assert flags == []
-    record("loop_10s", control_worst_ms=round(worst * 1000, 2), cancel_round_trip_ms=round(cancel_s * 1000, 2),
-           queued_timeout_1s_replied_after_s=round(late_s, 2), running_timeout_4s_replied_after_s=round(loop_reply_s, 2))
+    record(
+        "loop_10s",
+        control_worst_ms=round(worst * 1000, 2),
+        cancel_round_trip_ms=round(cancel_s * 1000, 2),
+        queued_timeout_1s_replied_after_s=round(late_s, 2),
+        running_timeout_4s_replied_after_s=round(loop_reply_s, 2),
+    )
     assert worst < 1.0 and cancel_s < 1.0 and late_s < 1.8
     assert_healthy(adv, "loop_10s")
 
@@ -497,8 +550,11 @@ def test_prints_50_mb(adv):
     before = rss_mb(adv.pid)
     with socket.create_connection(("127.0.0.1", adv.port), timeout=60) as s:
         t0 = time.monotonic()
-        s.sendall(json.dumps({"type": "execute_code",
-                              "params": {"code": "import sys; sys.stdout.write('x' * 50_000_000)"}}).encode())
+        s.sendall(
+            json.dumps(
+                {"type": "execute_code", "params": {"code": "import sys; sys.stdout.write('x' * 50_000_000)"}}
+            ).encode()
+        )
         data = bytearray()
         while not data.endswith(b"\n"):  # one reply, one write: it ends with the only newline
             chunk = s.recv(1 << 22)
@@ -510,8 +566,13 @@ def test_prints_50_mb(adv):
     assert ok(r)["output"]["stdout"] == ok(r)["result"]
     time.sleep(0.3)
     after = rss_mb(adv.pid)
-    record("print_50mb", seconds=round(elapsed, 2), reply_mb=round(len(json.dumps(r)) / 1e6),
-           rss_before_mb=round(before), rss_after_mb=round(after))
+    record(
+        "print_50mb",
+        seconds=round(elapsed, 2),
+        reply_mb=round(len(json.dumps(r)) / 1e6),
+        rss_before_mb=round(before),
+        rss_after_mb=round(after),
+    )
     assert elapsed < 20
     assert_healthy(adv, "print_50mb")
 
@@ -583,8 +644,13 @@ def test_token_required_on_a_public_host(limited):
             r = c.request(req)
             assert "authentication" in err(r) and r["ran"] is False, r
         assert "authentication" in err(c.request("ping"))
-        r = c.request({"type": "execute_code", "token": limited.token,
-                       "params": {"code": "result = 'pwned' in bpy.context.scene"}})
+        r = c.request(
+            {
+                "type": "execute_code",
+                "token": limited.token,
+                "params": {"code": "result = 'pwned' in bpy.context.scene"},
+            }
+        )
         assert ok(r)["value"] is False
         status = ok(c.request({"type": "get_status", "token": limited.token}))
     assert status["auth"] is True and status["auth_failures"] >= 5
@@ -596,9 +662,15 @@ def test_token_required_on_a_public_host(limited):
 
 def test_full_queue_says_busy(limited):
     with Conn(limited.port, timeout=30) as c:
-        reqs = [{"type": "execute_code", "token": limited.token, "id": i,
-                 "params": {"code": "import time; time.sleep(0.3)" if i == 0 else f"print({i})"}}
-                for i in range(12)]
+        reqs = [
+            {
+                "type": "execute_code",
+                "token": limited.token,
+                "id": i,
+                "params": {"code": "import time; time.sleep(0.3)" if i == 0 else f"print({i})"},
+            }
+            for i in range(12)
+        ]
         c.send(b"".join(json.dumps(r).encode() for r in reqs))
         replies = [c.reply() for _ in reqs]
     busy = [r for r in replies if r["status"] == "error"]
@@ -622,8 +694,13 @@ def test_too_many_connections_and_idle_timeout(limited):
         assert c.closed_by_peer()
         c.close()
     closed_after = time.monotonic() - t0
-    record("limits", max_connections=8, refused_9th=True, idle_timeout_s=1.5,
-           idle_closed_within_s=round(closed_after + 0.1, 2))
+    record(
+        "limits",
+        max_connections=8,
+        refused_9th=True,
+        idle_timeout_s=1.5,
+        idle_closed_within_s=round(closed_after + 0.1, 2),
+    )
     assert_healthy_authed(limited, "limits")
 
 
@@ -642,8 +719,11 @@ def test_sigterm_under_load(start_blender):
                 i = 0
                 while not stop.is_set():
                     kind = ["ping", "execute_code", "get_scene_info"][i % 3]
-                    req = {"type": kind, "params": {"code": f"print({i})"} if kind == "execute_code" else {},
-                           "id": i}
+                    req = {
+                        "type": kind,
+                        "params": {"code": f"print({i})"} if kind == "execute_code" else {},
+                        "id": i,
+                    }
                     r = c.request(req)
                     if r.get("id") != i:
                         problems.append(f"crossed reply {r}")
@@ -671,6 +751,11 @@ def test_sigterm_under_load(start_blender):
     assert rc == 0, b.output[-2000:]
     assert not problems, problems[:3]
     assert port_is_free(b.port)
-    record("sigterm_under_load", clients=16, replies_before_exit=sum(replies), rc=rc,
-           exit_seconds=round(exit_s, 2))
+    record(
+        "sigterm_under_load",
+        clients=16,
+        replies_before_exit=sum(replies),
+        rc=rc,
+        exit_seconds=round(exit_s, 2),
+    )
     assert exit_s < 5

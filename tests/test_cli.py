@@ -7,129 +7,29 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import READY, blender_binary, blender_env, built_wheel, call, free_port, port_is_free
+from helpers import (
+    READY,
+    Started,
+    blender_binary,
+    blender_env,
+    call,
+    children_of,
+    cli_env,
+    free_port,
+    pid_alive,
+    port_is_free,
+)
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def installed(tmp_path_factory) -> Path:
-    """A fresh venv with only the built wheel installed: returns its bin/ folder (bld-remote, python)."""
-    venv = tmp_path_factory.mktemp("cli_venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-         str(built_wheel())],
-        check=True,
-    )
-    assert (venv / "bin" / "bld-remote").exists()
-    return venv / "bin"
-
-
-@pytest.fixture
-def runtime_dir(tmp_path) -> Path:
-    d = tmp_path / "runtime"
-    d.mkdir()
-    return d
-
-
-def cli_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLD_REMOTE_")}
-    env["BLD_REMOTE_RUNTIME_DIR"] = str(runtime_dir)
-    env.update(extra)
-    return env
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
-
-
-class Started:
-    """`bld-remote start ...` running in the background; its stdout collected line by line."""
-
-    def __init__(self, bindir: Path, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            [str(bindir / "bld-remote"), "start", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        self.lines: list[str] = []
-        self.err: list[str] = []
-        self._q: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, False), daemon=True).start()
-        self.blender_pids: set[int] = set()
-        self.port: int | None = None
-        self.pid: int | None = None
-
-    def _pump(self, stream, sink: list[str], notify: bool) -> None:
-        for line in stream:
-            sink.append(line)
-            if notify:
-                self._q.put(line)
-        if notify:
-            self._q.put(None)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines) + "\n--- stderr ---\n" + "".join(self.err)
-
-    def wait_ready(self, timeout: float = 90) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.blender_pids.update(children_of(self.proc.pid))
-            try:
-                line = self._q.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"bld-remote start exited ({self.proc.wait()}) before ready:\n{self.output}")
-            m = READY.search(line)
-            if m:
-                self.port, self.pid = int(m["port"]), int(m["pid"])
-                self.blender_pids.add(self.pid)
-                return self.port
-        raise AssertionError(f"no ready line within {timeout}s:\n{self.output}")
-
-    def kill(self) -> None:
-        self.blender_pids.update(children_of(self.proc.pid))
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for pid in self.blender_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
@@ -178,8 +78,13 @@ def test_start_prints_one_ready_line_then_exec_runs_code(installed, runtime_dir,
     [path] = runtime_dir.glob("bld_remote-*.json")
     assert path.stat().st_mode & 0o777 == 0o600
 
-    r = cli(installed, "exec", "-c", "import sys\nprint('hello from', bpy.app.version_string)\n"
-            "print('to stderr', file=sys.stderr)", env=env)
+    r = cli(
+        installed,
+        "exec",
+        "-c",
+        "import sys\nprint('hello from', bpy.app.version_string)\nprint('to stderr', file=sys.stderr)",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello from 3.4.1\n"
     assert r.stderr == "to stderr\n"
@@ -225,7 +130,10 @@ def test_signal_to_cli_stops_blender_gracefully(installed, runtime_dir, start, s
     # A request in flight when the signal arrives must still be answered.
     inflight = subprocess.Popen(
         [str(installed / "bld-remote"), "exec", "-c", "import time; time.sleep(1.0); print('answered')"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.4)
     t0 = time.monotonic()
@@ -247,8 +155,7 @@ def test_two_instances_exec_refuses_to_guess(installed, runtime_dir, start, tmp_
     r = cli(installed, "exec", "-c", f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})", env=env)
     assert r.returncode == 0 and blend.exists(), r.stderr
     # The second one opens that file and gets extra Blender args, and script args after a second `--`.
-    b = start("--background", "--port", "0", "--scene", str(blend), "--", "--factory-startup", "--",
-              "my-arg")
+    b = start("--background", "--port", "0", "--scene", str(blend), "--", "--factory-startup", "--", "my-arg")
     assert {d["port"] for d in descriptors(runtime_dir)} == {a.port, b.port}
     assert [d["blend_file"] for d in descriptors(runtime_dir) if d["port"] == b.port] == [str(blend)]
 
@@ -258,14 +165,23 @@ def test_two_instances_exec_refuses_to_guess(installed, runtime_dir, start, tmp_
     assert f"--port {a.port}" in r.stderr and f"--port {b.port}" in r.stderr
     assert r.stdout == ""
 
-    r = cli(installed, "exec", "--port", str(b.port), "-c",
-            "import sys; print(bpy.data.filepath, sys.argv[sys.argv.index('--') + 1:])", env=env)
+    r = cli(
+        installed,
+        "exec",
+        "--port",
+        str(b.port),
+        "-c",
+        "import sys; print(bpy.data.filepath, sys.argv[sys.argv.index('--') + 1:])",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{blend} ['my-arg']\n"
 
     # The Python client refuses to guess too.
-    code = ("import bld_remote\ntry:\n    bld_remote.Client()\nexcept ConnectionError as e:\n"
-            "    print(type(e).__name__, e)\n")
+    code = (
+        "import bld_remote\ntry:\n    bld_remote.Client()\nexcept ConnectionError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
     r = subprocess.run([str(installed / "python"), "-P", "-c", code], env=env, capture_output=True, text=True)
     assert r.stdout.startswith("BlenderConnectionError 2 bld_remote instances are running"), r.stderr
 
@@ -353,11 +269,20 @@ def test_install_then_plain_blender_serves_from_saved_prefs(installed, runtime_d
     # A plain Blender: the add-on comes from the saved preferences, START_NOW starts the service on
     # register, and (background mode quits when its scripts end) a keep_alive() keeps it serving.
     port = free_port()
-    benv = blender_env(scripts, BLENDER_USER_CONFIG=str(config), BLD_REMOTE_MCP_START_NOW="1",
-                       BLD_REMOTE_MCP_PORT=str(port), BLD_REMOTE_RUNTIME_DIR=str(runtime_dir))
+    benv = blender_env(
+        scripts,
+        BLENDER_USER_CONFIG=str(config),
+        BLD_REMOTE_MCP_START_NOW="1",
+        BLD_REMOTE_MCP_PORT=str(port),
+        BLD_REMOTE_RUNTIME_DIR=str(runtime_dir),
+    )
     proc = subprocess.Popen(
         [blender_binary(), "-b", "--python-expr", "import bld_remote; bld_remote.keep_alive()"],
-        env=benv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=benv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         lines = []
@@ -366,7 +291,9 @@ def test_install_then_plain_blender_serves_from_saved_prefs(installed, runtime_d
             if READY.search(line):
                 break
         assert READY.search(lines[-1]), "".join(lines)
-        r = call(port, "execute_code", code="import bld_remote, os\nprint(os.path.dirname(bld_remote.__file__))")
+        r = call(
+            port, "execute_code", code="import bld_remote, os\nprint(os.path.dirname(bld_remote.__file__))"
+        )
         assert r["result"]["result"] == f"{addon}\n"
         assert call(port, "server_shutdown")["status"] == "success"
         assert proc.wait(timeout=30) == 0
@@ -381,9 +308,16 @@ def test_install_then_plain_blender_serves_from_saved_prefs(installed, runtime_d
         assert expected in r.stdout
     assert not addon.exists()
     check = subprocess.run(
-        [blender_binary(), "-b", "--python-expr",
-         "import bpy; print('ENABLED', 'bld_remote' in bpy.context.preferences.addons)"],
-        env=benv, capture_output=True, text=True, timeout=120,
+        [
+            blender_binary(),
+            "-b",
+            "--python-expr",
+            "import bpy; print('ENABLED', 'bld_remote' in bpy.context.preferences.addons)",
+        ],
+        env=benv,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "ENABLED False" in check.stdout, check.stdout + check.stderr
 
@@ -396,23 +330,43 @@ def test_help_and_usage_errors(installed, runtime_dir):
         assert sub in r.stdout
     r = cli(installed, "exec", env=env)
     assert r.returncode == 2 and "required" in r.stderr
-    r = subprocess.run([str(installed / "python"), "-P", "-m", "bld_remote.cli", "--version"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(installed / "python"), "-P", "-m", "bld_remote.cli", "--version"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.startswith("bld-remote 0.")
 
 
 # --- GUI mode ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not shutil.which("xvfb-run"), reason="xvfb-run not installed (apt-get install xvfb xauth)")
+@pytest.mark.skipif(
+    not shutil.which("xvfb-run"), reason="xvfb-run not installed (apt-get install xvfb xauth)"
+)
 def test_start_gui_under_xvfb_serves_and_sigterm_quits_blender(installed, runtime_dir):
     """Without --background: Blender's window opens (Xvfb), the timer pump serves; SIGTERM to the CLI makes
     Blender quit through its own quit operator: rc 0, port free, descriptor removed."""
     env = cli_env(runtime_dir)
     proc = subprocess.Popen(
-        ["xvfb-run", "-a", "-s", "-screen 0 1280x720x24", str(installed / "bld-remote"), "start", "--port", "0",
-         "--", "--factory-startup"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            "xvfb-run",
+            "-a",
+            "-s",
+            "-screen 0 1280x720x24",
+            str(installed / "bld-remote"),
+            "start",
+            "--port",
+            "0",
+            "--",
+            "--factory-startup",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     blender_pid = None
     try:
@@ -423,10 +377,17 @@ def test_start_gui_under_xvfb_serves_and_sigterm_quits_blender(installed, runtim
                 break
         assert m, "".join(lines) + proc.stderr.read()
         port, blender_pid = int(m["port"]), int(m["pid"])
-        r = cli(installed, "exec", "-c", "print(bpy.app.background, len(bpy.context.window_manager.windows))",
-                env=env)
+        r = cli(
+            installed,
+            "exec",
+            "-c",
+            "print(bpy.app.background, len(bpy.context.window_manager.windows))",
+            env=env,
+        )
         assert (r.returncode, r.stdout) == (0, "False 1\n"), r.stderr
-        [cli_pid] = [p for p in children_of(proc.pid) if "bld-remote" in Path(f"/proc/{p}/cmdline").read_text()]
+        [cli_pid] = [
+            p for p in children_of(proc.pid) if "bld-remote" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
         os.kill(cli_pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # xvfb-run exits with the CLI's status, which is Blender's
         assert not pid_alive(blender_pid)

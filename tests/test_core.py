@@ -220,8 +220,9 @@ def test_pipelined_requests_with_ids_in_one_write(served):
 
 def test_requests_split_into_tiny_writes_with_utf8_split(served):
     payload = json.dumps({"type": "execute_code", "params": {"code": "print('ünï😀')"}, "id": "u"}).encode()
-    payload = json.dumps({"type": "execute_code", "params": {"code": "print('ünï😀')"}, "id": "u"},
-                         ensure_ascii=False).encode()
+    payload = json.dumps(
+        {"type": "execute_code", "params": {"code": "print('ünï😀')"}, "id": "u"}, ensure_ascii=False
+    ).encode()
     with Conn(served.port) as c:
         for i in range(len(payload)):
             c.send(payload[i : i + 1])
@@ -278,8 +279,14 @@ def test_queued_request_past_its_timeout_never_runs(served):
         # Occupy the main thread, then queue a request with a short deadline behind it.
         c.send({"type": "execute_code", "params": {"code": "import time; time.sleep(1.0)"}, "id": 1})
         time.sleep(0.2)
-        c2.send({"type": "execute_code", "params": {"code": "bpy.context.scene['late'] = 1"}, "id": 2,
-                 "timeout": 0.3})
+        c2.send(
+            {
+                "type": "execute_code",
+                "params": {"code": "bpy.context.scene['late'] = 1"},
+                "id": 2,
+                "timeout": 0.3,
+            }
+        )
         late = c2.reply()
         assert late["id"] == 2 and late["ran"] is False
         assert ok(c.reply())["executed"] is True
@@ -291,7 +298,9 @@ def test_queued_request_past_its_timeout_never_runs(served):
 
 def test_user_startup_sequence_exactly(start_blender):
     port = free_port()
-    b = start_blender(f"import bld_remote; bld_remote.start_mcp_service(port={port}); bld_remote.keep_alive()")
+    b = start_blender(
+        f"import bld_remote; bld_remote.start_mcp_service(port={port}); bld_remote.keep_alive()"
+    )
     assert b.port == port
     assert ok(call(port, "get_scene_info"))["object_count"] == 3
 

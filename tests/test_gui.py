@@ -26,7 +26,9 @@ import pytest
 from helpers import SERVE, BlenderProcess, Conn, blender_binary, blender_env, call, free_port, port_is_free
 
 XVFB_RUN = shutil.which("xvfb-run")
-pytestmark = pytest.mark.skipif(XVFB_RUN is None, reason="xvfb-run not installed (apt-get install xvfb xauth)")
+pytestmark = pytest.mark.skipif(
+    XVFB_RUN is None, reason="xvfb-run not installed (apt-get install xvfb xauth)"
+)
 
 READY = re.compile(r"bld_remote listening on (?P<host>\S+):(?P<port>\d+) \(pid (?P<pid>\d+)\)")
 
@@ -246,8 +248,12 @@ def test_commands_answered_through_the_timer_pump(gui):
     assert out == "True False\n"
     with Conn(gui.port) as c:
         # Pipelined: 50 framed requests in one write, all answered by the pump.
-        c.send(b"".join(json.dumps({"id": i, "type": "get_object_info", "params": {"name": "Cube"}}).encode()
-                        for i in range(50)))
+        c.send(
+            b"".join(
+                json.dumps({"id": i, "type": "get_object_info", "params": {"name": "Cube"}}).encode()
+                for i in range(50)
+            )
+        )
         replies = [c.reply() for _ in range(50)]
         assert sorted(r["id"] for r in replies) == list(range(50))
         assert all(ok(r)["name"] == "Cube" for r in replies)
@@ -281,8 +287,10 @@ def test_a_flood_leaves_the_event_loop_running(gui):
     )
     # Start-up redraws are slow in software GL: wait until the event loop turns over quickly.
     deadline = time.monotonic() + 30
-    settled = "ticks = bpy.app.driver_namespace['bld_remote_test_ticks'][-21:]\n" \
+    settled = (
+        "ticks = bpy.app.driver_namespace['bld_remote_test_ticks'][-21:]\n"
         "print(len(ticks) > 20 and max(b - a for a, b in zip(ticks, ticks[1:])) < 0.05)"
+    )
     while run(gui.port, settled, undo=False) != "True\n":
         assert time.monotonic() < deadline, "Blender's event loop never settled"
         time.sleep(0.2)
@@ -290,8 +298,12 @@ def test_a_flood_leaves_the_event_loop_running(gui):
     n = 4000  # below the job queue's capacity (4096): every request is run, none refused as busy
     with Conn(gui.port) as c:
         t0 = time.monotonic()
-        c.send(b"".join(json.dumps({"id": i, "type": "get_object_info", "params": {"name": "Camera"}}).encode()
-                        for i in range(n)))
+        c.send(
+            b"".join(
+                json.dumps({"id": i, "type": "get_object_info", "params": {"name": "Camera"}}).encode()
+                for i in range(n)
+            )
+        )
         replies = [c.reply() for _ in range(n)]
         elapsed = time.monotonic() - t0
     assert sorted(r["id"] for r in replies) == list(range(n))
@@ -347,7 +359,12 @@ def test_screenshot_jpeg_to_given_filepath(gui, tmp_path):
 
 
 def test_screenshot_bad_params_and_no_inline(gui):
-    for params in ({"format": "gif"}, {"max_size": 0}, {"max_size": "big"}, {"filepath": "/nonexistent/d/x.png"}):
+    for params in (
+        {"format": "gif"},
+        {"max_size": 0},
+        {"max_size": "big"},
+        {"filepath": "/nonexistent/d/x.png"},
+    ):
         r = call(gui.port, "get_viewport_screenshot", **params)
         assert r["status"] == "error" and r["message"], (params, r)
     shot = ok(call(gui.port, "get_viewport_screenshot", max_size=64, inline=False))
@@ -376,7 +393,9 @@ def test_undo_reverts_execute_code(gui):
 
 def test_failing_code_is_still_one_undo_step(gui):
     before = ok(call(gui.port, "get_scene_info"))["object_count"]
-    r = call(gui.port, "execute_code", code="bpy.ops.mesh.primitive_cylinder_add()\nraise ValueError('half way')")
+    r = call(
+        gui.port, "execute_code", code="bpy.ops.mesh.primitive_cylinder_add()\nraise ValueError('half way')"
+    )
     assert r["status"] == "error" and "half way" in r["message"]
     assert ok(call(gui.port, "get_scene_info"))["object_count"] == before + 1
     run(gui.port, UNDO, undo=False)
@@ -393,7 +412,10 @@ def test_file_new_keeps_serving(gui):
     assert sorted(o["name"] for o in info["objects"]) == ["Camera", "Cube", "Light"]
     assert run(gui.port, "from bld_remote import gui\nprint(gui.pump_is_armed())") == "True\n"
     # Jobs always see a window in their context (after a file load Blender's timers may get none).
-    assert run(gui.port, "print(bpy.context.window is not None, bpy.context.screen is not None)") == "True True\n"
+    assert (
+        run(gui.port, "print(bpy.context.window is not None, bpy.context.screen is not None)")
+        == "True True\n"
+    )
 
 
 def test_keeper_serves_and_shuts_down(gui):
@@ -419,7 +441,9 @@ def test_keeper_serves_and_shuts_down(gui):
 def test_keeper_ends_on_file_load_and_pump_resumes(gui):
     run(gui.port, "bpy.ops.wm.bld_remote_keeper('INVOKE_DEFAULT')", undo=False)
     run(gui.port, "bpy.ops.wm.read_homefile()")
-    check = "from bld_remote import gui\nprint(gui.pump_is_armed(), gui.KEEPER.active, gui.KEEPER.event_timer)"
+    check = (
+        "from bld_remote import gui\nprint(gui.pump_is_armed(), gui.KEEPER.active, gui.KEEPER.event_timer)"
+    )
     assert run(gui.port, check) == "True False None\n"
 
 
@@ -571,7 +595,9 @@ def test_disable_enable_cycles_leak_nothing_then_prefs_and_factory_settings(tmp_
             assert cycle["off"]["port_free"] is True, (i, cycle)
             assert cycle["off"]["threads"][1] == 0, (i, cycle)  # no bld_remote thread while disabled
             assert cycle["ping"] is True, (i, cycle)
-        assert report["cycles"][5]["off"]["keeper"] == ["RUNNING_MODAL", True, False, True], report["cycles"][5]
+        assert report["cycles"][5]["off"]["keeper"] == ["RUNNING_MODAL", True, False, True], report["cycles"][
+            5
+        ]
         # Total threads, and bld_remote's (the listener): as before the cycles.
         # Every thread as before the cycles, by name — except that the allocator Blender is linked with
         # (jemalloc) may have started a background purge thread for an arena our threads used: a pool it

@@ -161,7 +161,9 @@ async def exercise_every_tool(client: Client) -> None:
     r = await client.call_tool("get_object_info", {"name": "NoSuchObject"})
     assert r.is_error and "NoSuchObject" in text(r)
 
-    r = await client.call_tool("execute_blender_code", {"code": "print('hello from blender')\nresult = 6 * 7"})
+    r = await client.call_tool(
+        "execute_blender_code", {"code": "print('hello from blender')\nresult = 6 * 7"}
+    )
     assert not r.is_error, text(r)
     assert "hello from blender" in text(r) and "result = 42" in text(r)
     r = await client.call_tool("execute_blender_code", {"code": "print('before')\n1 / 0"})
@@ -358,7 +360,11 @@ def raw_post(url: str, headers: dict[str, str]) -> tuple[int, str]:
         url,
         data=body,
         method="POST",
-        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers},
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            **headers,
+        },
     )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -391,7 +397,10 @@ def test_http_bearer_token(http_server):
 
     async def main() -> None:
         http = create_mcp_http_client(headers={"Authorization": "Bearer s3cret"})
-        async with http, Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
+        async with (
+            http,
+            Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client,
+        ):
             r = await client.call_tool("get_scene_info", {})
             assert not r.is_error, text(r)
 

@@ -22,7 +22,14 @@ from conftest import built_wheel
 def packages(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("pkg")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "package.py"), "--wheel", str(built_wheel()), "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "package.py"),
+            "--wheel",
+            str(built_wheel()),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         check=True,
