@@ -522,7 +522,9 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Token comparison without an early exit on the first differing byte (the one used for every token:
+/// the service's and the MCP HTTP bearer's).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Length is not secret; content is compared without an early exit.
     if a.len() != b.len() {
         return false;
@@ -1159,6 +1161,11 @@ impl Writer {
             }
             return;
         };
+        self.deliver(seq, &job, outcome);
+    }
+
+    /// Write a job's reply: a framed one at once, a plain one in request order.
+    fn deliver(&mut self, seq: u64, job: &InFlight, outcome: Outcome) {
         if let Some(d) = job.deadline {
             self.deadlines.remove(&(d, seq));
         }
@@ -1198,17 +1205,8 @@ impl Writer {
         let Some(job) = self.in_flight.remove(&seq) else {
             return;
         };
-        if let Some(d) = job.deadline {
-            self.deadlines.remove(&(d, seq));
-        }
         self.expired.insert(seq);
-        let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
-        if job.id.is_some() {
-            self.write(&bytes);
-        } else {
-            self.parked.insert(seq, bytes);
-            self.flush_ordered();
-        }
+        self.deliver(seq, &job, outcome);
     }
 
     fn flush_ordered(&mut self) {

@@ -1,69 +1,14 @@
 //! Integration tests of the pure-Rust service: a Rust thread plays Blender's main thread, so the server's
 //! threading, ordering and shutdown are checked without Python or Blender.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bld_remote::jobs::Msg;
-use bld_remote::protocol::Outcome;
-use bld_remote::server::{Config, Server};
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// A "main thread" that answers `echo` with its params and `sleep` after `params.ms` milliseconds.
-fn pump(server: &Server) -> (Arc<AtomicBool>, JoinHandle<()>) {
-    let shared = Arc::clone(server.shared());
-    let done = Arc::new(AtomicBool::new(false));
-    let d = Arc::clone(&done);
-    let handle = std::thread::spawn(move || {
-        while !d.load(Ordering::SeqCst) {
-            let Some(Msg::Job(mut job)) = shared.next_message(Some(Duration::from_millis(20)))
-            else {
-                continue;
-            };
-            if let Err(o) = shared.begin(&job) {
-                job.refuse(o);
-                continue;
-            }
-            let params = std::mem::take(&mut job.params);
-            if job.command == "sleep" {
-                let ms = params.get("ms").and_then(Value::as_u64).unwrap_or(0);
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-            shared.finish(job, Outcome::Success(Value::Object(params)));
-        }
-    });
-    (done, handle)
-}
-
-fn start() -> Server {
-    let cfg = Config {
-        port: 0,
-        main_thread_commands: vec!["echo".into(), "sleep".into()],
-        ..Config::default()
-    };
-    match Server::start(cfg) {
-        Ok(s) => s,
-        Err(e) => panic!("start: {e}"),
-    }
-}
-
-fn connect(server: &Server) -> (TcpStream, BufReader<TcpStream>) {
-    let s = TcpStream::connect(server.local_addr()).unwrap_or_else(|e| panic!("connect: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let r = BufReader::new(s.try_clone().unwrap_or_else(|e| panic!("clone: {e}")));
-    (s, r)
-}
-
-fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
-    let mut line = String::new();
-    r.read_line(&mut line)
-        .unwrap_or_else(|e| panic!("read: {e}"));
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
-}
+mod common;
+use common::{connect, pump, read_reply, start};
 
 #[test]
 fn pipelined_replies_match_ids_and_jobs_keep_their_order() {

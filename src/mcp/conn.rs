@@ -156,37 +156,25 @@ impl Backend {
     /// Where the service is now: `--port`, else `BLD_REMOTE_MCP_PORT`, else the single live instance, else
     /// the default port 6688 (services started by other tools write no descriptor).
     pub fn resolve(&self) -> Result<(String, u16), String> {
+        let host = || {
+            self.target
+                .host
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".into())
+        };
         if let Some(port) = self.target.port {
-            return Ok((
-                self.target
-                    .host
-                    .clone()
-                    .unwrap_or_else(|| "127.0.0.1".into()),
-                port,
-            ));
+            return Ok((host(), port));
         }
         if let Some(port) = std::env::var("BLD_REMOTE_MCP_PORT")
             .ok()
             .and_then(|p| p.trim().parse::<u16>().ok())
             .filter(|p| *p != 0)
         {
-            return Ok((
-                self.target
-                    .host
-                    .clone()
-                    .unwrap_or_else(|| "127.0.0.1".into()),
-                port,
-            ));
+            return Ok((host(), port));
         }
         match crate::instances::pick(self.target.host.as_deref(), None) {
             Ok(hp) => Ok(hp),
-            Err(e) if e.starts_with("no running") => Ok((
-                self.target
-                    .host
-                    .clone()
-                    .unwrap_or_else(|| "127.0.0.1".into()),
-                crate::cli::DEFAULT_PORT,
-            )),
+            Err(e) if e.starts_with("no running") => Ok((host(), crate::cli::DEFAULT_PORT)),
             Err(e) => Err(e),
         }
     }

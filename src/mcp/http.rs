@@ -43,10 +43,6 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     r
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `Authorization: Bearer <token>` matches (case-insensitive scheme, constant-time comparison).
 fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
     let Some(v) = req
@@ -59,7 +55,8 @@ fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
     let mut parts = v.trim().splitn(2, ' ');
     let scheme = parts.next().unwrap_or("");
     let given = parts.next().unwrap_or("").trim();
-    scheme.eq_ignore_ascii_case("bearer") && constant_time_eq(given.as_bytes(), token.as_bytes())
+    scheme.eq_ignore_ascii_case("bearer")
+        && crate::server::constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 
 type Mcp = StreamableHttpService<BlenderMcp, LocalSessionManager>;
@@ -188,16 +185,4 @@ pub async fn serve(
         });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-    }
 }
