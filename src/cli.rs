@@ -244,6 +244,14 @@ fn client_for(t: &Target) -> Result<Client, (i32, String)> {
     Ok(Client::new(h, p, timeout, token))
 }
 
+/// [`client_for`], printing why there is no client; `Err` is the exit status.
+fn client_or_report(t: &Target) -> Result<Client, i32> {
+    client_for(t).map_err(|(rc, m)| {
+        errln(&m);
+        rc
+    })
+}
+
 fn client_error_status(e: &ClientError) -> i32 {
     match e {
         ClientError::Connect { .. } | ClientError::Lost { .. } | ClientError::Protocol { .. } => {
@@ -280,12 +288,9 @@ fn exec(a: ExecArgs, host: &Host<'_>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let mut client = match client_for(&a.target) {
+    let mut client = match client_or_report(&a.target) {
         Ok(c) => c,
-        Err((rc, m)) => {
-            errln(&m);
-            return rc;
-        }
+        Err(rc) => return rc,
     };
     let mut params = Map::new();
     params.insert("code".into(), Value::String(code));
@@ -342,12 +347,9 @@ fn exec(a: ExecArgs, host: &Host<'_>) -> i32 {
 }
 
 fn status(a: &StatusArgs, host: &Host<'_>) -> i32 {
-    let mut client = match client_for(&a.target) {
+    let mut client = match client_or_report(&a.target) {
         Ok(c) => c,
-        Err((rc, m)) => {
-            errln(&m);
-            return rc;
-        }
+        Err(rc) => return rc,
     };
     match client.call_with("get_status", Map::new(), host.interrupted) {
         Ok(v) => {
@@ -377,12 +379,9 @@ fn status(a: &StatusArgs, host: &Host<'_>) -> i32 {
 }
 
 fn shutdown(a: &ShutdownArgs, host: &Host<'_>) -> i32 {
-    let mut client = match client_for(&a.target) {
+    let mut client = match client_or_report(&a.target) {
         Ok(c) => c,
-        Err((rc, m)) => {
-            errln(&m);
-            return rc;
-        }
+        Err(rc) => return rc,
     };
     let pid = client
         .call_with("get_status", Map::new(), host.interrupted)

@@ -427,3 +427,10 @@ def test_render_image_to_file_and_bad_engine(served, tmp_path):
     assert r["filepath"] == str(target) and target.read_bytes()[:4] == b"\x89PNG"
     assert "engine" in err(call(served.port, "render_image", engine="POVRAY"))
     assert "width" in err(call(served.port, "render_image", width=-5))
+
+
+def test_viewport_screenshot_headless_is_a_clear_error(served):
+    # No window, no viewport: an error that says why (render_image is the headless way to get pixels).
+    message = err(call(served.port, "get_viewport_screenshot", max_size=200))
+    assert "background" in message
+    assert ok(call(served.port, "ping"))["pong"] is True
