@@ -333,3 +333,16 @@ class Started:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def ok(reply: dict) -> dict:
+    """The result of a success reply (fails the test, showing the reply, otherwise)."""
+    assert reply.get("status") == "success", reply
+    return reply["result"]
+
+
+def err(reply: dict) -> str:
+    """The message of an error reply (fails the test, showing the reply, otherwise)."""
+    assert reply.get("status") == "error", reply
+    assert reply["message"]
+    return reply["message"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BlenderProcess, Conn, blender_binary, blender_env, call, port_is_free
+from helpers import BlenderProcess, Conn, blender_binary, blender_env, call, port_is_free, ok, err
 
 try:
     from helpers import runtime_argv  # also runs the suite in PyPI bpy when configured
@@ -58,16 +58,6 @@ def adv(user_scripts):
         yield b
     finally:
         b.kill()
-
-
-def ok(reply: dict) -> dict:
-    assert reply.get("status") == "success", reply
-    return reply["result"]
-
-
-def err(reply: dict) -> str:
-    assert reply.get("status") == "error", reply
-    return reply["message"]
 
 
 def rss_mb(pid: int) -> float:

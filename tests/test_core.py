@@ -13,18 +13,7 @@ import struct
 import time
 
 import pytest
-from helpers import BPY_PYTHON, Conn, call, free_port, port_is_free
-
-
-def ok(reply: dict) -> dict:
-    assert reply.get("status") == "success", reply
-    return reply["result"]
-
-
-def err(reply: dict) -> str:
-    assert reply.get("status") == "error", reply
-    assert reply["message"]
-    return reply["message"]
+from helpers import BPY_PYTHON, Conn, call, free_port, port_is_free, ok, err
 
 
 # --- commands -------------------------------------------------------------------------------------------

@@ -23,7 +23,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import SERVE, BlenderProcess, Conn, blender_binary, blender_env, call, free_port, port_is_free
+from helpers import (
+    SERVE,
+    BlenderProcess,
+    Conn,
+    blender_binary,
+    blender_env,
+    call,
+    free_port,
+    port_is_free,
+    ok,
+)
 
 XVFB_RUN = shutil.which("xvfb-run")
 pytestmark = pytest.mark.skipif(
@@ -132,11 +142,6 @@ def start_gui(tmp_path: Path, user_scripts: Path, script: str, **env: str) -> Gu
             if attempt == 2 or "Xvfb failed to start" not in b.output:
                 raise
     raise AssertionError("unreachable")
-
-
-def ok(reply: dict) -> dict:
-    assert reply.get("status") == "success", reply
-    return reply["result"]
 
 
 def run(port: int, code: str, **params) -> str:
