@@ -2,6 +2,7 @@
 //! cdylib; the pure-Rust core (protocol, jobs, server) is usable and tested without Python.
 //! This file is only the manifest of modules and exports.
 
+mod alloc;
 pub mod blender;
 pub mod cli;
 pub mod client;
@@ -15,6 +16,11 @@ mod py_client;
 pub mod server;
 
 use pyo3::prelude::*;
+
+/// Large buffers (64 MiB requests and replies) as huge-page mappings that grow without copying: see
+/// src/alloc.rs.
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 /// The native half of the `bld_remote` package. Use the Python API in `bld_remote`, not this directly.
 #[pymodule]
