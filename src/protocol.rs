@@ -526,10 +526,45 @@ fn word_needs_escape(w: u64) -> bool {
 
 /// Append `s` as a JSON string (quotes included), escaping exactly as `serde_json` does.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    write_str_contents(out, s);
+    out.push(b'"');
+}
+
+/// True when `s` holds a byte that a JSON string must escape (`"`, `\`, a control byte).
+pub fn needs_escape(s: &str) -> bool {
+    let mut words = s.as_bytes().chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b == b'"' || b == b'\\' || b < 0x20)
+}
+
+/// The contents of `s` as a JSON string, without the quotes: `s`'s own buffer when nothing needs
+/// escaping (no copy: megabytes of plain output go out as they are), else an escaped copy.
+pub fn json_string_contents(s: String) -> Vec<u8> {
+    if needs_escape(&s) {
+        let mut out = Vec::with_capacity(s.len() + s.len() / 16 + 16);
+        write_str_contents(&mut out, &s);
+        out
+    } else {
+        s.into_bytes()
+    }
+}
+
+/// Append `s` escaped as the inside of a JSON string (no quotes).
+fn write_str_contents(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
+    out.reserve(bytes.len());
     let mut run = 0; // start of the bytes not yet copied
     let mut i = 0;
     while i < bytes.len() {
@@ -572,7 +607,67 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
         run = i;
     }
     out.extend_from_slice(&bytes[run..]);
-    out.push(b'"');
+}
+
+/// A reply ready to be written: usually one buffer. A reply that carries one large string more than
+/// once (`execute_code`'s output is both `result` and `output.stdout`, COMPAT.md) holds its escaped
+/// contents once, in `body`, and is written as pieces with one vectored write: the string is neither
+/// copied nor escaped twice, and a reply of plain text needs no buffer of its own at all.
+#[derive(Debug, Default)]
+pub struct Reply {
+    body: Vec<u8>,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Bytes(Vec<u8>),
+    Body,
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self {
+            body: Vec::new(),
+            pieces: vec![Piece::Bytes(bytes)],
+        }
+    }
+}
+
+impl Reply {
+    /// A reply built of pieces around `body` (see [`Reply::push`], [`Reply::push_body`]).
+    pub fn with_body(body: Vec<u8>) -> Self {
+        Self {
+            body,
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Append bytes of its own.
+    pub fn push(&mut self, bytes: Vec<u8>) {
+        self.pieces.push(Piece::Bytes(bytes));
+    }
+
+    /// Append the shared body.
+    pub fn push_body(&mut self) {
+        self.pieces.push(Piece::Body);
+    }
+
+    /// The pieces in order, for a vectored write.
+    pub fn slices(&self) -> Vec<&[u8]> {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes(b) => b.as_slice(),
+                Piece::Body => self.body.as_slice(),
+            })
+            .collect()
+    }
+
+    /// The whole reply in one buffer (tests, and callers that need contiguous bytes).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.slices().concat()
+    }
 }
 
 /// Serialise any JSON value plus `\n`.
@@ -938,14 +1033,49 @@ mod tests {
             }
         }
         for t in &texts {
+            let want = serde_json::to_vec(t).unwrap_or_default();
             let mut out = Vec::new();
             write_str(&mut out, t);
-            assert_eq!(out, serde_json::to_vec(t).unwrap_or_default(), "{t:?}");
+            assert_eq!(out, want, "{t:?}");
+            // The quote-less form used for large replies, and whether it had to escape at all.
+            let inner = json_string_contents(t.clone());
+            assert_eq!(inner, want[1..want.len() - 1], "{t:?}");
+            assert_eq!(needs_escape(t), want.len() != t.len() + 2, "{t:?}");
         }
         let v = json!({"a": [1, -2, 3.5, 1e300, null, true, false, {"k\n": "v\"", "": []}], "z": {}, "m": u64::MAX});
         let mut out = Vec::new();
         write_json(&mut out, &v);
         assert_eq!(out, serde_json::to_vec(&v).unwrap_or_default());
+    }
+
+    #[test]
+    fn a_reply_in_pieces_repeats_its_body_without_copying_it() {
+        let text = "plain text, nothing to escape".to_string();
+        let addr = text.as_ptr();
+        let body = json_string_contents(text);
+        assert_eq!(
+            body.as_ptr(),
+            addr,
+            "plain text must be sent from its own buffer"
+        );
+        let mut r = Reply::with_body(body);
+        r.push(b"[\"".to_vec());
+        r.push_body();
+        r.push(b"\",\"".to_vec());
+        r.push_body();
+        r.push(b"\"]".to_vec());
+        let slices = r.slices();
+        assert_eq!(slices.len(), 5);
+        assert_eq!(slices[1].as_ptr(), slices[3].as_ptr());
+        let v: Value = serde_json::from_slice(&r.to_vec()).unwrap_or(Value::Null);
+        assert_eq!(
+            v,
+            json!([
+                "plain text, nothing to escape",
+                "plain text, nothing to escape"
+            ])
+        );
+        assert_eq!(Reply::from(b"abc".to_vec()).to_vec(), b"abc");
     }
 
     #[test]

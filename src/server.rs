@@ -10,7 +10,7 @@
 //! and written with a single `write_all` (Nagle is off). See docs/PROTOCOL.md.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +27,7 @@ use crate::jobs::{
     not_run, timed_out_not_run, timed_out_running, Completion, Expiry, Job, JobQueue, JobState,
     Msg, Progress, SubmitError,
 };
-use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
+use crate::protocol::{self, Decoder, Outcome, Reply, Request, StreamError};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
@@ -997,7 +997,7 @@ struct Writer {
     /// Replies owed to plain (id-less) requests, in request order: ready bytes, or a job's seq.
     ordered: VecDeque<Owed>,
     /// Plain replies that are ready but wait behind earlier ones, by seq.
-    parked: HashMap<u64, Vec<u8>>,
+    parked: HashMap<u64, Reply>,
     /// Completions that arrived before the reader's message about their job.
     early: HashMap<u64, Outcome>,
     /// Jobs answered at their deadline whose completion has not arrived yet (it is discarded).
@@ -1169,11 +1169,11 @@ impl Writer {
         if let Some(d) = job.deadline {
             self.deadlines.remove(&(d, seq));
         }
-        let bytes = shape_reply(job.id.as_ref(), job.shape, outcome);
+        let reply = shape_reply(job.id.as_ref(), job.shape, outcome);
         if job.id.is_some() {
-            self.write(&bytes);
+            self.write_reply(&reply);
         } else {
-            self.parked.insert(seq, bytes);
+            self.parked.insert(seq, reply);
             self.flush_ordered();
         }
     }
@@ -1211,20 +1211,20 @@ impl Writer {
 
     fn flush_ordered(&mut self) {
         while let Some(front) = self.ordered.front() {
-            let bytes = match front {
-                Owed::Bytes(_) => match self.ordered.pop_front() {
-                    Some(Owed::Bytes(b)) => b,
-                    _ => continue,
-                },
+            match front {
+                Owed::Bytes(_) => {
+                    if let Some(Owed::Bytes(b)) = self.ordered.pop_front() {
+                        self.write(&b);
+                    }
+                }
                 Owed::Job(seq) => match self.parked.remove(seq) {
-                    Some(b) => {
+                    Some(reply) => {
                         self.ordered.pop_front();
-                        b
+                        self.write_reply(&reply);
                     }
                     None => return,
                 },
-            };
-            self.write(&bytes);
+            }
         }
     }
 
@@ -1236,10 +1236,35 @@ impl Writer {
             self.dead = true;
         }
     }
+
+    /// Write a reply of several pieces with vectored writes (one `writev` unless the socket is full).
+    fn write_reply(&mut self, reply: &Reply) {
+        if self.dead {
+            return;
+        }
+        let pieces = reply.slices();
+        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        IoSlice::advance_slices(&mut rest, 0);
+        while !rest.is_empty() {
+            match self.stream.write_vectored(rest) {
+                Ok(0) => {
+                    self.dead = true;
+                    return;
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+    }
 }
 
-fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
-    match (shape, outcome) {
+fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Reply {
+    let bytes = match (shape, outcome) {
         (
             Shape::Plain | Shape::ExecuteCode { .. } | Shape::Screenshot { .. },
             o @ Outcome::Error { .. },
@@ -1250,15 +1275,10 @@ fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
         (Shape::Screenshot { inline: true }, Outcome::Success(v)) => {
             protocol::encode_reply(id, &Outcome::Success(screenshot_result(v)))
         }
-        (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => execute_code_reply(id, v, base64),
-        (Shape::Legacy, Outcome::Success(v)) => {
-            let stdout = v.get("stdout").cloned().unwrap_or_else(|| Value::from(""));
-            let mut r = json!({"response": "OK", "message": "Code executed successfully", "output": stdout});
-            if let (Some(id), Value::Object(m)) = (id, &mut r) {
-                m.insert("id".into(), id.clone());
-            }
-            protocol::encode_value(&r)
+        (Shape::ExecuteCode { base64 }, Outcome::Success(v)) => {
+            return execute_code_reply(id, v, base64);
         }
+        (Shape::Legacy, Outcome::Success(v)) => return legacy_success_reply(id, v),
         (Shape::Legacy, Outcome::Error { message, extra }) => {
             let stdout = extra
                 .get("output")
@@ -1276,7 +1296,33 @@ fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Vec<u8> {
             }
             protocol::encode_value(&r)
         }
+    };
+    bytes.into()
+}
+
+/// The blender-remote reply to `{"code": ...}`: `{"id"?, "message", "output": <stdout>, "response": "OK"}`
+/// (keys in the order `serde_json` writes them), the output written from its own buffer like
+/// [`execute_code_reply`]'s.
+fn legacy_success_reply(id: Option<&Value>, v: Value) -> Reply {
+    let stdout = match v {
+        Value::Object(mut m) => match m.remove("stdout") {
+            Some(Value::String(s)) => s,
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    let mut reply = Reply::with_body(protocol::json_string_contents(stdout));
+    let mut head = b"{".to_vec();
+    if let Some(id) = id {
+        head.extend_from_slice(b"\"id\":");
+        protocol::write_json(&mut head, id);
+        head.push(b',');
     }
+    head.extend_from_slice(b"\"message\":\"Code executed successfully\",\"output\":\"");
+    reply.push(head);
+    reply.push_body();
+    reply.push(b"\",\"response\":\"OK\"}\n".to_vec());
+    reply
 }
 
 /// Largest screenshot file sent inline; bigger ones are only on disk (`filepath`).
@@ -1318,44 +1364,49 @@ fn screenshot_result(v: Value) -> Value {
 
 /// `{"stdout", "stderr", "value"?, "duration"}` from the main thread → the reply clients read:
 /// `{"executed": true, "result": <stdout>, "output": {"stdout", "stderr"}, "duration", "value"?}`.
-/// Written straight to bytes: clients read the captured stdout both as `result` and as `output.stdout`
-/// (COMPAT.md), so it is escaped once and the escaped bytes copied, never cloned as a `Value` (a reply can
-/// be tens of megabytes).
-fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Vec<u8> {
+/// Clients read the captured stdout both as `result` and as `output.stdout` (COMPAT.md): it is escaped
+/// once (not at all when it is plain text) and the reply refers to it twice (`Reply` pieces, one vectored
+/// write), never cloned as a `Value` nor copied (a reply can be tens of megabytes).
+fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Reply {
     let Value::Object(mut m) = v else {
-        return protocol::encode_reply(id, &Outcome::Success(v));
+        return protocol::encode_reply(id, &Outcome::Success(v)).into();
     };
     let stdout = match m.remove("stdout") {
         Some(Value::String(s)) => s,
         _ => String::new(),
     };
     let stderr = m.remove("stderr").unwrap_or_else(|| Value::from(""));
-    let mut out = Vec::with_capacity(2 * stdout.len() + stdout.len() / 3 + 256);
-    protocol::begin_success_reply(&mut out, id);
-    out.extend_from_slice(b"{\"executed\":true,\"output\":{\"stdout\":");
-    let escaped = out.len();
-    protocol::write_str(&mut out, &stdout);
-    let escaped = escaped..out.len();
-    protocol::write_field(&mut out, "stderr", &stderr);
-    out.extend_from_slice(b"},\"result\":");
-    if base64 {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(&stdout);
-        protocol::write_str(&mut out, &encoded);
-        out.extend_from_slice(b",\"result_is_base64\":true");
+    let encoded = base64.then(|| base64::engine::general_purpose::STANDARD.encode(&stdout));
+    let mut reply = Reply::with_body(protocol::json_string_contents(stdout));
+    let mut head = Vec::with_capacity(128);
+    protocol::begin_success_reply(&mut head, id);
+    head.extend_from_slice(b"{\"executed\":true,\"output\":{\"stdout\":\"");
+    reply.push(head);
+    reply.push_body();
+    let mut rest = Vec::with_capacity(256);
+    rest.push(b'"');
+    protocol::write_field(&mut rest, "stderr", &stderr);
+    rest.extend_from_slice(b"},\"result\":");
+    if let Some(encoded) = encoded {
+        protocol::write_str(&mut rest, &encoded);
+        rest.extend_from_slice(b",\"result_is_base64\":true");
     } else {
-        out.extend_from_within(escaped);
+        rest.push(b'"');
+        reply.push(rest);
+        reply.push_body();
+        rest = vec![b'"'];
     }
-    drop(stdout);
     for (k, val) in &m {
         if !matches!(
             k.as_str(),
             "executed" | "result" | "output" | "result_is_base64"
         ) {
-            protocol::write_field(&mut out, k, val);
+            protocol::write_field(&mut rest, k, val);
         }
     }
-    out.extend_from_slice(b"}}\n");
-    out
+    rest.extend_from_slice(b"}}\n");
+    reply.push(rest);
+    reply
 }
 
 #[cfg(test)]
@@ -1381,7 +1432,8 @@ mod tests {
 
     #[test]
     fn execute_code_reply_shapes() {
-        let parse = |bytes: Vec<u8>| -> Value {
+        let parse = |reply: Reply| -> Value {
+            let bytes = reply.to_vec();
             assert_eq!(memchr::memchr_iter(b'\n', &bytes).count(), 1);
             assert_eq!(bytes.last(), Some(&b'\n'));
             serde_json::from_slice(&bytes).unwrap_or(Value::Null)

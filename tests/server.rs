@@ -150,3 +150,70 @@ fn queued_jobs_are_refused_not_dropped_on_stop() {
         assert_eq!(v["ran"], json!(false), "{v}");
     }
 }
+
+/// A large `execute_code` reply carries its output twice (`result`, `output.stdout`) from one buffer,
+/// written with vectored writes. Through a slow reader with a small receive buffer those writes are
+/// partial many times over: every byte must still arrive once, in order, for plain text (sent from the
+/// output's own buffer) and for text that needs escaping; replies to id-less requests keep their order.
+#[test]
+fn large_execute_code_replies_survive_partial_vectored_writes() {
+    let cfg = bld_remote::server::Config {
+        port: 0,
+        main_thread_commands: vec!["execute_code".into()],
+        ..bld_remote::server::Config::default()
+    };
+    let mut server =
+        bld_remote::server::Server::start(cfg).unwrap_or_else(|e| panic!("start: {e}"));
+    let (done, main) = pump(&server);
+    let (mut w, mut r) = connect(&server);
+    w.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ok();
+    let plain: String = (0..3_000_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let escaped: String = (0..1_000_000)
+        .map(|i| ["x", "\n", "\"", "\\", "é", "\u{1}", "\t"][i % 7])
+        .collect();
+    // The test pump answers with the params: `stdout` becomes the captured output.
+    for out in [&plain, &escaped] {
+        let req =
+            json!({"type": "execute_code", "params": {"code": "x", "stdout": out, "stderr": "e"}});
+        w.write_all(req.to_string().as_bytes()).ok();
+    }
+    w.write_all(br#"{"type":"execute_code","id":"b64","params":{"code":"x","stdout":"hi\n","return_as_base64":true}}"#)
+        .ok();
+    w.write_all(br#"{"type":"ping"}"#).ok();
+    // Read slowly at first, so the writer meets a full socket mid-reply.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut seen_b64 = false;
+    let mut plain_replies = Vec::new();
+    for _ in 0..4 {
+        let v = read_reply(&mut r);
+        if v["id"] == json!("b64") {
+            assert_eq!(v["result"]["result"], json!("aGkK"), "{v}");
+            assert_eq!(v["result"]["result_is_base64"], json!(true));
+            assert_eq!(v["result"]["output"]["stdout"], json!("hi\n"));
+            seen_b64 = true;
+        } else {
+            plain_replies.push(v);
+        }
+    }
+    assert!(seen_b64);
+    assert_eq!(plain_replies.len(), 3);
+    for (v, want) in plain_replies.iter().zip([&plain, &escaped]) {
+        assert_eq!(v["status"], json!("success"));
+        assert_eq!(v["result"]["result"].as_str(), Some(want.as_str()));
+        assert_eq!(
+            v["result"]["output"]["stdout"].as_str(),
+            Some(want.as_str())
+        );
+        assert_eq!(v["result"]["output"]["stderr"], json!("e"));
+        assert_eq!(v["result"]["executed"], json!(true));
+    }
+    assert_eq!(plain_replies[2]["result"]["pong"], json!(true));
+    done.store(true, Ordering::SeqCst);
+    main.join().ok();
+    server.stop();
+}
