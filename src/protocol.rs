@@ -613,60 +613,79 @@ fn write_str_contents(out: &mut Vec<u8>, s: &str) {
 /// once (`execute_code`'s output is both `result` and `output.stdout`, COMPAT.md) holds its escaped
 /// contents once, in `body`, and is written as pieces with one vectored write: the string is neither
 /// copied nor escaped twice, and a reply of plain text needs no buffer of its own at all.
-#[derive(Debug, Default)]
-pub struct Reply {
-    body: Vec<u8>,
-    pieces: Vec<Piece>,
+#[derive(Debug)]
+pub enum Reply {
+    /// The common case: the whole reply in one buffer.
+    One(Vec<u8>),
+    /// Pieces, some of which are the shared `body`.
+    Pieces { body: Vec<u8>, pieces: Vec<Piece> },
 }
 
+/// A part of [`Reply::Pieces`].
 #[derive(Debug)]
-enum Piece {
+pub enum Piece {
     Bytes(Vec<u8>),
     Body,
 }
 
 impl From<Vec<u8>> for Reply {
     fn from(bytes: Vec<u8>) -> Self {
-        Self {
-            body: Vec::new(),
-            pieces: vec![Piece::Bytes(bytes)],
-        }
+        Self::One(bytes)
     }
 }
 
 impl Reply {
     /// A reply built of pieces around `body` (see [`Reply::push`], [`Reply::push_body`]).
     pub fn with_body(body: Vec<u8>) -> Self {
-        Self {
+        Self::Pieces {
             body,
             pieces: Vec::new(),
         }
     }
 
+    fn push_piece(&mut self, piece: Piece) {
+        match self {
+            Self::Pieces { pieces, .. } => pieces.push(piece),
+            Self::One(first) => {
+                let first = Piece::Bytes(std::mem::take(first));
+                *self = Self::Pieces {
+                    body: Vec::new(),
+                    pieces: vec![first, piece],
+                };
+            }
+        }
+    }
+
     /// Append bytes of its own.
     pub fn push(&mut self, bytes: Vec<u8>) {
-        self.pieces.push(Piece::Bytes(bytes));
+        self.push_piece(Piece::Bytes(bytes));
     }
 
     /// Append the shared body.
     pub fn push_body(&mut self) {
-        self.pieces.push(Piece::Body);
+        self.push_piece(Piece::Body);
     }
 
     /// The pieces in order, for a vectored write.
     pub fn slices(&self) -> Vec<&[u8]> {
-        self.pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Bytes(b) => b.as_slice(),
-                Piece::Body => self.body.as_slice(),
-            })
-            .collect()
+        match self {
+            Self::One(bytes) => vec![bytes.as_slice()],
+            Self::Pieces { body, pieces } => pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Bytes(b) => b.as_slice(),
+                    Piece::Body => body.as_slice(),
+                })
+                .collect(),
+        }
     }
 
     /// The whole reply in one buffer (tests, and callers that need contiguous bytes).
     pub fn to_vec(&self) -> Vec<u8> {
-        self.slices().concat()
+        match self {
+            Self::One(bytes) => bytes.clone(),
+            Self::Pieces { .. } => self.slices().concat(),
+        }
     }
 }
 
@@ -1075,7 +1094,10 @@ mod tests {
                 "plain text, nothing to escape"
             ])
         );
-        assert_eq!(Reply::from(b"abc".to_vec()).to_vec(), b"abc");
+        let mut one = Reply::from(b"abc".to_vec());
+        assert_eq!(one.to_vec(), b"abc");
+        one.push(b"def".to_vec());
+        assert_eq!(one.to_vec(), b"abcdef");
     }
 
     #[test]

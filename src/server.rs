@@ -1242,6 +1242,10 @@ impl Writer {
         if self.dead {
             return;
         }
+        if let Reply::One(bytes) = reply {
+            self.write(bytes);
+            return;
+        }
         let pieces = reply.slices();
         let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
         let mut rest = &mut slices[..];
