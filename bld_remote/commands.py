@@ -17,6 +17,11 @@ import time
 import traceback
 from typing import Any, Callable
 
+from ._core import OutputCapture
+
+# Client code may check ``isinstance(sys.stdout, io.TextIOBase)``; the capture is one.
+io.TextIOBase.register(OutputCapture)
+
 
 class CommandError(Exception):
     """A command failed in a way the client should see: message plus extra reply fields."""
@@ -212,7 +217,8 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(code, str):
         raise CommandError("execute_code needs 'code' (a string of Python)")
     namespace: dict[str, Any] = {"bpy": bpy, "__name__": "__main__", "__builtins__": __builtins__}
-    out, err = io.StringIO(), io.StringIO()
+    # Rust-side text files (src/py_capture.rs): the output is copied once, and the reply takes it as is.
+    out, err = OutputCapture(), OutputCapture()
     started = time.perf_counter()
     try:
         compiled = _compile(code)
@@ -232,12 +238,13 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
             f"{type(exc).__name__}: {exc}",
             exception=type(exc).__name__,
             traceback="".join(traceback.format_exception(type(exc), exc, tb)),
-            output={"stdout": out.getvalue(), "stderr": err.getvalue()},
+            output={"stdout": out, "stderr": err},
             duration=time.perf_counter() - started,
         ) from None
     reply: dict[str, Any] = {
-        "stdout": out.getvalue(),
-        "stderr": err.getvalue(),
+        # Converted by moving the text out (no Python str is made of it).
+        "stdout": out,
+        "stderr": err,
         "duration": time.perf_counter() - started,
     }
     if "result" in namespace:

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod mcp;
 pub mod protocol;
 mod py;
+mod py_capture;
 mod py_client;
 pub mod server;
 
@@ -35,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::step, m)?)?;
     m.add_function(wrap_pyfunction!(py::serve_forever, m)?)?;
     m.add_function(wrap_pyfunction!(py::report_progress, m)?)?;
+    m.add_class::<py_capture::OutputCapture>()?;
     m.add_class::<py_client::PyClient>()?;
     m.add_class::<py_client::ExecResult>()?;
     m.add_function(wrap_pyfunction!(py_client::cli_main, m)?)?;

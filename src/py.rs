@@ -19,6 +19,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::jobs::{Job, Msg, ProgressSink};
 use crate::protocol::Outcome;
+use crate::py_capture::OutputCapture;
 use crate::server::{Config, Server, Shared, StartError};
 
 /// Deepest Python structure converted to JSON; deeper parts become their `repr`.
@@ -563,6 +564,13 @@ pub fn py_to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
     }
     if obj.is_none() {
         return Value::Null;
+    }
+    if let Ok(capture) = obj.cast::<OutputCapture>() {
+        // execute_code's stdout/stderr: the captured text moves into the reply, uncopied.
+        return match capture.try_borrow_mut() {
+            Ok(mut c) => Value::String(c.take()),
+            Err(_) => Value::String(repr(obj)),
+        };
     }
     if let Ok(b) = obj.cast::<PyBool>() {
         return Value::Bool(b.is_true());

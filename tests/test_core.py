@@ -108,6 +108,46 @@ def test_execute_code_captures_output_and_result(served):
     assert r["duration"] >= 0
 
 
+def test_execute_code_stdout_behaves_as_a_text_file(served):
+    # Client code's sys.stdout is bld_remote's capture (src/py_capture.rs), not io.StringIO: it must
+    # behave like one for everything client code and libraries do with stdout.
+    code = (
+        "import io, sys\n"
+        "n = sys.stdout.write('h\\u00e9\\u20ac\\n')\n"  # 3 characters, 6 UTF-8 bytes, newline
+        "sys.stdout.writelines(['a', 'b\\n'])\n"
+        "print('x', 1, sep='-', flush=True)\n"
+        "sys.stdout.flush()\n"
+        "so_far = sys.stdout.getvalue()\n"
+        "try:\n    sys.stdout.write(b'bytes')\nexcept TypeError as e:\n    bad_type = str(e)\n"
+        "try:\n    sys.stdout.fileno()\nexcept io.UnsupportedOperation:\n    no_fileno = True\n"
+        "sys.stdout.write('\\ud800|')\n"  # a lone surrogate: replaced, never an error
+        "print('to stderr', file=sys.stderr)\n"
+        "result = {'n': n, 'so_far': so_far, 'bad_type': bad_type, 'no_fileno': no_fileno,\n"
+        "          'textio': isinstance(sys.stdout, io.TextIOBase), 'tty': sys.stdout.isatty(),\n"
+        "          'enc': sys.stdout.encoding, 'writable': sys.stdout.writable()}\n"
+        "sys.stdout.close()\n"
+        "try:\n    print('after close')\nexcept ValueError:\n    pass\n"
+    )
+    r = ok(call(served.port, "execute_code", code=code))
+    assert r["value"] == {
+        "n": 4,
+        "so_far": "h\u00e9\u20ac\nab\nx-1\n",
+        "bad_type": "string argument expected, got 'bytes'",
+        "no_fileno": True,
+        "textio": True,
+        "tty": False,
+        "enc": "utf-8",
+        "writable": True,
+    }
+    # Closing keeps what was written; later writes were refused. The surrogate's 3 bytes became U+FFFD
+    # each (what the reply always did with one).
+    assert r["result"] == "h\u00e9\u20ac\nab\nx-1\n" + "\ufffd" * 3 + "|"
+    assert r["output"] == {"stdout": r["result"], "stderr": "to stderr\n"}
+    # A print-heavy script: every line arrives, in order.
+    r = ok(call(served.port, "execute_code", code="for i in range(100000):\n    print(i)"))
+    assert r["result"] == "".join(f"{i}\n" for i in range(100000))
+
+
 def test_execute_code_changes_blender_state(served):
     with Conn(served.port) as c:
         ok(c.request("execute_code", code="bpy.data.objects['Cube'].location.x = 2.5"))
