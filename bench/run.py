@@ -256,8 +256,7 @@ def process_ticks(pid: int) -> int:
 
 def process_snapshot(pid: int) -> dict:
     """CPU ticks of the whole process, and per thread: name, switches."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    ticks = process_ticks(pid)
     threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

@@ -560,11 +560,10 @@ pub fn json_string_contents(s: String) -> Vec<u8> {
     }
 }
 
-/// Append `s` escaped as the inside of a JSON string (no quotes).
+/// Append `s` escaped as the inside of a JSON string (no quotes). Callers reserve room for it.
 fn write_str_contents(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
-    out.reserve(bytes.len());
     let mut run = 0; // start of the bytes not yet copied
     let mut i = 0;
     while i < bytes.len() {

@@ -1249,7 +1249,6 @@ impl Writer {
         let pieces = reply.slices();
         let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
         let mut rest = &mut slices[..];
-        IoSlice::advance_slices(&mut rest, 0);
         while !rest.is_empty() {
             match self.stream.write_vectored(rest) {
                 Ok(0) => {
@@ -1309,10 +1308,7 @@ fn shape_reply(id: Option<&Value>, shape: Shape, outcome: Outcome) -> Reply {
 /// [`execute_code_reply`]'s.
 fn legacy_success_reply(id: Option<&Value>, v: Value) -> Reply {
     let stdout = match v {
-        Value::Object(mut m) => match m.remove("stdout") {
-            Some(Value::String(s)) => s,
-            _ => String::new(),
-        },
+        Value::Object(mut m) => take_stdout(&mut m),
         _ => String::new(),
     };
     let mut reply = Reply::with_body(protocol::json_string_contents(stdout));
@@ -1327,6 +1323,14 @@ fn legacy_success_reply(id: Option<&Value>, v: Value) -> Reply {
     reply.push_body();
     reply.push(b"\",\"response\":\"OK\"}\n".to_vec());
     reply
+}
+
+/// The captured output in a job's result, moved out (empty when absent).
+fn take_stdout(m: &mut Map<String, Value>) -> String {
+    match m.remove("stdout") {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    }
 }
 
 /// Largest screenshot file sent inline; bigger ones are only on disk (`filepath`).
@@ -1375,10 +1379,7 @@ fn execute_code_reply(id: Option<&Value>, v: Value, base64: bool) -> Reply {
     let Value::Object(mut m) = v else {
         return protocol::encode_reply(id, &Outcome::Success(v)).into();
     };
-    let stdout = match m.remove("stdout") {
-        Some(Value::String(s)) => s,
-        _ => String::new(),
-    };
+    let stdout = take_stdout(&mut m);
     let stderr = m.remove("stderr").unwrap_or_else(|| Value::from(""));
     let encoded = base64.then(|| base64::engine::general_purpose::STANDARD.encode(&stdout));
     let mut reply = Reply::with_body(protocol::json_string_contents(stdout));

@@ -44,6 +44,17 @@ TOOLS = {
     "remove_persist_data",
     "render_image",
 }
+# A hand-written 2025-11-25 initialize, for the tests that speak to the server without the SDK.
+RAW_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
 
 
 def bld_remote() -> str:
@@ -219,17 +230,7 @@ def test_stdout_carries_only_mcp(served):
         text=True,
     )
     try:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "raw", "version": "0"},
-            },
-        }
-        out, _err = proc.communicate(json.dumps(init) + "\n", timeout=30)
+        out, _err = proc.communicate(json.dumps(RAW_INITIALIZE) + "\n", timeout=30)
         assert proc.returncode == 0
         lines = [line for line in out.splitlines() if line.strip()]
         assert lines, "no reply on stdout"
@@ -344,18 +345,7 @@ def test_blender_down_then_back_is_a_tool_error_then_works(start_blender):
 
 
 def raw_post(url: str, headers: dict[str, str]) -> tuple[int, str]:
-    body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "raw", "version": "0"},
-            },
-        }
-    ).encode()
+    body = json.dumps(RAW_INITIALIZE).encode()
     req = urllib.request.Request(
         url,
         data=body,
