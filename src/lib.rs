@@ -2,7 +2,7 @@
 //! cdylib; the pure-Rust core (protocol, jobs, server) is usable and tested without Python.
 //! This file is only the manifest of modules and exports.
 
-mod alloc;
+pub mod alloc;
 pub mod blender;
 pub mod cli;
 pub mod client;

@@ -50,6 +50,9 @@ impl std::fmt::Display for StreamError {
     }
 }
 
+/// Frames of this size or more are handed over in the decoder's own buffer rather than copied out.
+const HAND_OVER_BYTES: usize = 64 * 1024;
+
 /// Incremental splitter of a byte stream into complete top-level JSON objects.
 #[derive(Debug)]
 pub struct Decoder {
@@ -72,6 +75,9 @@ pub struct Decoder {
     max_bytes: usize,
     max_depth: usize,
     failed: bool,
+    /// Frames of this size or more are handed over rather than copied ([`HAND_OVER_BYTES`]; the fuzz
+    /// check varies it, so that both ways are compared).
+    hand_over_bytes: usize,
 }
 
 const HTTP_METHODS: [&[u8]; 9] = [
@@ -101,6 +107,7 @@ impl Decoder {
             max_bytes: max_bytes.max(2),
             max_depth: max_depth.clamp(1, MAX_SUPPORTED_DEPTH),
             failed: false,
+            hand_over_bytes: HAND_OVER_BYTES,
         }
     }
 
@@ -283,12 +290,21 @@ impl Decoder {
         let start = self.start.take().unwrap_or(0);
         self.depth = 0;
         self.openers = 0;
-        if start == 0 && end == self.buf.len() {
-            // The common case for large requests: hand over the buffer without copying it.
+        let len = end - start;
+        if len >= self.hand_over_bytes && len >= (self.buf.len() - start) / 2 {
+            // A large frame that is most of the buffer (a large request, perhaps followed by a newline
+            // or the start of the next one): hand the buffer over instead of copying the frame out,
+            // and keep only what follows it.
+            let rest = self.buf[end..].to_vec();
+            let mut frame = std::mem::replace(&mut self.buf, rest);
+            frame.truncate(end);
+            if start > 0 {
+                frame.drain(..start);
+            }
             self.consumed += end as u64;
             self.head = 0;
             self.scanned = 0;
-            return std::mem::take(&mut self.buf);
+            return frame;
         }
         self.head = end;
         self.scanned = end;
@@ -715,8 +731,9 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         [a, b, rest @ ..] => ([usize::from(*a) % 64 + 1, usize::from(*b) % 7 + 1], rest),
         _ => ([1, 1], data),
     };
-    let run = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+    let run = |pieces: &mut dyn Iterator<Item = &[u8]>, hand_over_bytes: usize| {
         let mut d = Decoder::new(MAX_BYTES, MAX_DEPTH);
+        d.hand_over_bytes = hand_over_bytes;
         let mut events: Vec<Result<Vec<u8>, StreamError>> = Vec::new();
         let mut fed = 0usize;
         'outer: for piece in pieces {
@@ -747,7 +764,8 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         }
         events
     };
-    let whole = run(&mut std::iter::once(stream));
+    // In one read, frames always copied out; in pieces, frames of a few bytes already handed over.
+    let whole = run(&mut std::iter::once(stream), usize::MAX);
     // Alternate two read sizes, so boundaries fall everywhere.
     let mut at = 0usize;
     let mut turn = 0usize;
@@ -760,7 +778,7 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         at += n;
         Some(&stream[at - n..at])
     });
-    let split = run(&mut pieces);
+    let split = run(&mut pieces, sizes[1]);
     // A stream error can be found at a different point when the input stops mid-way, but the frames
     // before it and the error kind must agree.
     assert_eq!(
@@ -897,6 +915,46 @@ mod tests {
         // After a stream error the decoder yields nothing more.
         d.feed(b"{\"type\":\"ping\"}");
         assert_eq!(d.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn large_frames_are_handed_over_with_what_follows_them_kept() {
+        let big = format!(
+            r#"{{"type":"put","params":{{"data":"{}"}}}}"#,
+            "x".repeat(200_000)
+        );
+        // Preceded by a small request, followed by a newline, a whole request and half of another,
+        // then garbage: every frame comes out whole and the garbage's offset counts every byte.
+        let mut d = decoder();
+        d.feed(b" {\"type\":\"a\"}");
+        d.feed(big.as_bytes());
+        d.feed(b"\n{\"type\":\"b\"}{\"type\":");
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                r#"{"type":"a"}"#.to_string(),
+                big.clone(),
+                r#"{"type":"b"}"#.to_string()
+            ]
+        );
+        d.feed(b"\"c\"} x");
+        assert_eq!(d.next_frame(), Ok(Some(br#"{"type":"c"}"#.to_vec())));
+        let offset = 1 + 12 + big.len() as u64 + 1 + 12 + 12 + 1;
+        assert_eq!(
+            d.next_frame(),
+            Err(StreamError::Garbage { byte: b'x', offset })
+        );
+        // The same stream in one read.
+        let mut d = decoder();
+        d.feed(format!(" {{\"type\":\"a\"}}{big}\n{{\"type\":\"b\"}}").as_bytes());
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                r#"{"type":"a"}"#.to_string(),
+                big,
+                r#"{"type":"b"}"#.to_string()
+            ]
+        );
     }
 
     #[test]

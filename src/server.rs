@@ -156,6 +156,8 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Option<JoinHandle<()>>,
+    /// Unmaps large buffers kept for reuse once they go unused (src/alloc.rs); its stop flag.
+    trimmer: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 fn is_loopback_host(host: &str, addr: &SocketAddr) -> bool {
@@ -223,9 +225,18 @@ impl Server {
                 addr: addr.to_string(),
                 source: e,
             })?;
+        let trim_stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&trim_stop);
+        // Without it, kept buffers are still unmapped at the next large allocation: not fatal.
+        let trimmer = std::thread::Builder::new()
+            .name("bld_remote-trim".into())
+            .spawn(move || crate::alloc::run_trimmer(&stop))
+            .ok()
+            .map(|h| (h, trim_stop));
         Ok(Server {
             shared,
             listener: Some(handle),
+            trimmer,
         })
     }
 
@@ -280,6 +291,13 @@ impl Server {
             job.refuse(not_run("the service is stopping; the request was not run"));
         }
         self.shared.queue.wake();
+        // Large buffers kept for reuse go back to the system with the service.
+        if let Some((h, stop)) = self.trimmer.take() {
+            stop.store(true, Ordering::SeqCst);
+            crate::alloc::wake_trimmers();
+            let _ = h.join();
+        }
+        crate::alloc::release_kept();
     }
 }
 
@@ -387,6 +405,8 @@ impl Shared {
                 "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),
             },
             "version": env!("CARGO_PKG_VERSION"),
+            // Freed large buffers kept warm for the next large request (src/alloc.rs).
+            "kept_buffer_bytes": crate::alloc::kept_bytes(),
         });
         if let Value::Object(m) = &mut v {
             for (k, val) in &self.config.info {
@@ -582,14 +602,14 @@ fn cancel(state: &JobState) -> (Outcome, Option<Outcome>) {
 /// also settle a job now (`settle_out`: its seq and the reply it gets).
 fn control(
     shared: &Arc<Shared>,
-    req: &Request,
+    req: &mut Request,
     by_id: &HashMap<String, (u64, Arc<JobState>)>,
     settle_out: &mut Option<(u64, Outcome)>,
 ) -> Option<Outcome> {
     if req.legacy {
         return None;
     }
-    let p = &req.params;
+    let p = &mut req.params;
     let outcome = match req.command.as_str() {
         "ping" => Outcome::Success(json!({"pong": true, "message": "pong"})),
         "get_status" => Outcome::Success(shared.status()),
@@ -608,8 +628,10 @@ fn control(
         }
         "put_persist_data" => match str_param(p, "key") {
             Ok(key) => {
-                let data = p.get("data").cloned().unwrap_or(Value::Null);
-                shared.persist_put(key.to_string(), data);
+                let key = key.to_string();
+                // Moved, not copied: the request is answered here and dropped.
+                let data = p.remove("data").unwrap_or(Value::Null);
+                shared.persist_put(key.clone(), data);
                 Outcome::Success(Value::String(format!("Data stored with key: {key}")))
             }
             Err(e) => e,
@@ -867,7 +889,7 @@ fn handle_frame(
     done_tx: &Sender<Completion>,
     progress_tx: &Sender<Progress>,
 ) -> ToWriter {
-    let request = match protocol::parse_request(frame) {
+    let mut request = match protocol::parse_request(frame) {
         Ok(r) => r,
         Err(bad) => {
             return ToWriter::Ready {
@@ -902,7 +924,7 @@ fn handle_frame(
         }
     }
     let mut settle = None;
-    if let Some(outcome) = control(shared, &request, by_id, &mut settle) {
+    if let Some(outcome) = control(shared, &mut request, by_id, &mut settle) {
         shared.served.fetch_add(1, Ordering::Relaxed);
         return ToWriter::Ready {
             framed: id.is_some(),
