@@ -14,7 +14,9 @@
 //! for back-to-back 64 MiB requests, while a 4 MiB request reused jemalloc's warm cache and paid nothing
 //! of the kind. So freed large blocks are **kept for reuse**, as jemalloc keeps smaller ones: up to
 //! 8 blocks and 512 MiB of mappings (`KEEP_BLOCKS`, `KEEP_BYTES`), marked `MADV_FREE` (the kernel may take their
-//! pages back whenever it needs memory; until then a reuse costs no fault). A kept block that is not
+//! pages back whenever it needs memory; until then a reuse costs no fault). Blocks are kept only while a
+//! service runs in the process (its trimmer, below): a process that only uses the client keeps nothing.
+//! A kept block that is not
 //! reused within `KEEP_FOR` (10 s) is unmapped by [`run_trimmer`] — a thread of the service that sleeps
 //! until then, and sleeps without a timeout while nothing is kept, so an idle service still never
 //! wakes — or at the next large allocation or free, whichever comes first; [`release_kept`] (called
@@ -94,12 +96,16 @@ mod large {
     struct Cache {
         slots: [Option<Kept>; KEEP_BLOCKS],
         bytes: usize,
+        /// Running [`run_trimmer`]s. Blocks are kept only while one runs (while a service runs in this
+        /// process): a process that merely uses the client keeps nothing.
+        trimmers: usize,
     }
 
     /// Freed mappings kept for reuse. A fixed array: the allocator must not allocate while holding it.
     static CACHE: Mutex<Cache> = Mutex::new(Cache {
         slots: [None; KEEP_BLOCKS],
         bytes: 0,
+        trimmers: 0,
     });
 
     /// Signalled when the cache gets its first block, and to stop trimmers.
@@ -169,9 +175,9 @@ mod large {
         }
 
         /// Keep `base..base+len`, evicting the oldest kept blocks to make room; false when it is too
-        /// large to keep at all.
+        /// large to keep at all, or no trimmer runs.
         fn keep(&mut self, base: usize, len: usize, now: Instant, out: &mut Evicted) -> bool {
-            if len > KEEP_BYTES {
+            if len > KEEP_BYTES || self.trimmers == 0 {
                 return false;
             }
             loop {
@@ -198,9 +204,11 @@ mod large {
     }
 
     /// Unmap kept blocks as they pass [`KEEP_FOR`] unused, until `stop` is set (then call
-    /// [`wake_trimmers`]). Sleeps without a timeout while nothing is kept.
+    /// [`wake_trimmers`]). Sleeps without a timeout while nothing is kept. Blocks are kept only while a
+    /// trimmer runs; when the last one returns, every kept block is unmapped.
     pub fn run_trimmer(stop: &AtomicBool) {
         let mut c = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        c.trimmers += 1;
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             let mut out: Evicted = [None; KEEP_BLOCKS + 1];
@@ -222,6 +230,12 @@ mod large {
                         .0
                 }
             };
+        }
+        c.trimmers -= 1;
+        let last = c.trimmers == 0;
+        drop(c);
+        if last {
+            release_kept();
         }
     }
 
@@ -451,6 +465,7 @@ mod large {
             Cache {
                 slots: [None; KEEP_BLOCKS],
                 bytes: 0,
+                trimmers: 1,
             }
         }
 
@@ -486,8 +501,11 @@ mod large {
             let t0 = Instant::now();
             let mut c = cache();
             let mut out: Evicted = [None; KEEP_BLOCKS + 1];
-            // Too large to keep at all.
+            // Too large to keep at all; nothing is kept without a trimmer.
             assert!(!c.keep(0x9000, KEEP_BYTES + 1, t0, &mut out));
+            c.trimmers = 0;
+            assert!(!c.keep(0x9000, 8 * M, t0, &mut out));
+            c.trimmers = 1;
             // Byte bound: the oldest go first.
             let quarter = KEEP_BYTES / 4;
             for i in 0..4 {

@@ -31,9 +31,57 @@ fn touch(v: &mut [u8], byte: u8) -> u64 {
     minor_faults() - before
 }
 
+/// A running trimmer (as a service has), stopped and joined when dropped.
+struct Trimmer(Option<std::thread::JoinHandle<()>>, Arc<AtomicBool>);
+
+impl Trimmer {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let t = Trimmer(Some(std::thread::spawn(move || run_trimmer(&flag))), stop);
+        // Until it has registered, frees are not kept.
+        std::thread::sleep(Duration::from_millis(50));
+        t
+    }
+}
+
+impl Drop for Trimmer {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::SeqCst);
+        wake_trimmers();
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn without_a_service_nothing_is_kept() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    drop(
+        vec![1u8; 2 * LARGE]
+            .into_iter()
+            .map(|b| b + 1)
+            .collect::<Vec<u8>>(),
+    );
+    assert_eq!(kept_bytes(), 0);
+    // A trimmer's end releases what was kept.
+    let t = Trimmer::start();
+    drop(
+        vec![1u8; 2 * LARGE]
+            .into_iter()
+            .map(|b| b + 1)
+            .collect::<Vec<u8>>(),
+    );
+    assert!(kept_bytes() >= 2 * LARGE);
+    drop(t);
+    assert_eq!(kept_bytes(), 0);
+}
+
 #[test]
 fn freed_large_blocks_are_reused_warm_and_released() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let _trimmer = Trimmer::start();
     release_kept();
     assert_eq!(kept_bytes(), 0);
     let size = 4 * LARGE;

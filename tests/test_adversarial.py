@@ -567,6 +567,45 @@ def test_prints_50_mb(adv):
     assert_healthy(adv, "print_50mb")
 
 
+def test_large_buffers_kept_for_reuse_are_released_when_unused(adv):
+    """After a 50 MB reply the service keeps its freed large buffers warm for the next large request
+    (src/alloc.rs), and its trimmer thread gives them back once unused for 10 s: Blender's memory returns
+    to where it was, with no request to prompt it."""
+
+    def kept() -> int:
+        with Conn(adv.port) as c:
+            return ok(c.request("get_status"))["kept_buffer_bytes"]
+
+    code = "import sys; sys.stdout.write('y' * 50_000_000)"
+    with Conn(adv.port, timeout=60) as c:
+        ok(c.request("execute_code", code=code))  # buffers of this size exist and are kept
+        time.sleep(11)  # ...and released, so that "before" is the settled state
+        before = rss_mb(adv.pid)
+        assert kept() == 0
+        r = ok(c.request("execute_code", code=code))
+    assert len(r["result"]) == 50_000_000
+    freed_at = time.monotonic()
+    held = kept()
+    while held == 0 and time.monotonic() - freed_at < 2:  # the writer frees the reply after its last byte
+        held = kept()
+    assert held >= 50_000_000, f"the 50 MB output's buffer is not kept: {held}"
+    while kept() and time.monotonic() - freed_at < 20:
+        time.sleep(0.25)
+    released_after = time.monotonic() - freed_at
+    after = rss_mb(adv.pid)
+    record(
+        "kept_buffers",
+        kept_mb=round(held / (1 << 20)),
+        released_after_s=round(released_after, 1),
+        rss_before_mb=round(before),
+        rss_after_release_mb=round(after),
+    )
+    assert kept() == 0, f"still kept after {released_after:.1f} s"
+    assert 5 <= released_after < 20  # 10 s after the last free; some blocks are freed before the reply ends
+    assert after - before < 30, f"RSS {before:.0f} -> {after:.0f} MB once the kept buffers were released"
+    assert_healthy(adv, "kept_buffers")
+
+
 def test_http_to_the_json_port_gets_4xx_and_close(adv):
     for raw in [
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Mozilla/5.0\r\nAccept: text/html\r\n\r\n",
