@@ -82,8 +82,8 @@ mod large {
     /// 128 MiB, the parsed 64 MiB string, the string it replaces — come to about 260 MiB; what is kept
     /// in memory is only what those requests touched.
     pub const KEEP_BYTES: usize = 512 << 20;
-    /// A kept block not reused for this long is unmapped at the next large allocation or free (jemalloc's
-    /// default `dirty_decay_ms` is the same 10 s).
+    /// A kept block not reused for this long is unmapped by the trimmer, or at the next large allocation
+    /// or free if that comes first (jemalloc's default `dirty_decay_ms` is the same 10 s).
     pub const KEEP_FOR: Duration = Duration::from_secs(10);
 
     #[derive(Clone, Copy)]
@@ -398,7 +398,8 @@ mod large {
     pub unsafe fn dealloc(p: *mut u8) {
         // SAFETY: per the contract.
         let (base, len) = unsafe { mapping_of(p) };
-        if len <= KEEP_BYTES {
+        // Only what may be kept is advised (before it is kept: once kept, another thread may take it).
+        if len <= KEEP_BYTES && with_cache(|c| c.trimmers > 0) {
             // SAFETY: the whole mapping is ours and its contents no longer matter. Advice only: on
             // failure (a kernel before 4.5) the pages simply stay.
             unsafe {
