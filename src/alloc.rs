@@ -19,8 +19,7 @@
 //! A kept block that is not
 //! reused within `KEEP_FOR` (10 s) is unmapped by [`run_trimmer`] — a thread of the service that sleeps
 //! until then, and sleeps without a timeout while nothing is kept, so an idle service still never
-//! wakes — or at the next large allocation or free, whichever comes first; [`release_kept`] (called
-//! when the service stops) unmaps them all. Blocks made zeroed (`vec![0; n]`) are always fresh
+//! wakes; [`release_kept`] (called when the service stops) unmaps them all. Blocks made zeroed (`vec![0; n]`) are always fresh
 //! mappings, which the kernel zeroes.
 //!
 //! Each mapping starts with a one-page header holding its length, so a block may sit in a mapping
@@ -82,8 +81,8 @@ mod large {
     /// 128 MiB, the parsed 64 MiB string, the string it replaces — come to about 260 MiB; what is kept
     /// in memory is only what those requests touched.
     pub const KEEP_BYTES: usize = 512 << 20;
-    /// A kept block not reused for this long is unmapped by the trimmer, or at the next large allocation
-    /// or free if that comes first (jemalloc's default `dirty_decay_ms` is the same 10 s).
+    /// A kept block not reused for this long is unmapped by the trimmer (jemalloc's default
+    /// `dirty_decay_ms` is the same 10 s).
     pub const KEEP_FOR: Duration = Duration::from_secs(10);
 
     #[derive(Clone, Copy)]
@@ -350,13 +349,7 @@ mod large {
         let Some(need) = mapping_len(size) else {
             return ptr::null_mut();
         };
-        let mut out: Evicted = [None; KEEP_BLOCKS + 1];
-        let reused = with_cache(|c| {
-            let r = c.take(need, growing);
-            c.expire(Instant::now(), &mut out);
-            r
-        });
-        unmap_all(&out);
+        let reused = with_cache(|c| c.take(need, growing));
         let (base, len) = match reused {
             Some((base, len)) if len >= need => (base as *mut u8, len),
             Some((base, len)) => {
@@ -408,10 +401,8 @@ mod large {
         }
         let mut out: Evicted = [None; KEEP_BLOCKS + 1];
         let kept = with_cache(|c| {
-            let now = Instant::now();
-            c.expire(now, &mut out);
             let was_empty = c.bytes == 0;
-            let kept = c.keep(base as usize, len, now, &mut out);
+            let kept = c.keep(base as usize, len, Instant::now(), &mut out);
             if kept && was_empty {
                 // Trimmers sleep without a timeout while nothing is kept: give them one.
                 CHANGED.notify_all();

@@ -227,7 +227,7 @@ impl Server {
             })?;
         let trim_stop = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&trim_stop);
-        // Without it, kept buffers are still unmapped at the next large allocation: not fatal.
+        // Without it nothing is kept for reuse (src/alloc.rs): slower large requests, not an error.
         let trimmer = std::thread::Builder::new()
             .name("bld_remote-trim".into())
             .spawn(move || crate::alloc::run_trimmer(&stop))
