@@ -22,6 +22,7 @@ bl_info = {
 }
 
 from ._core import (  # noqa: E402
+    __version__,
     BlenderConnectionError,
     BlenderTimeoutError,
     Client,
@@ -38,8 +39,6 @@ from .service import (  # noqa: E402
     step,
     stop_mcp_service,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BlenderConnectionError",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bld_remote needs on a fresh Debian machine and builds it. Idempotent: quick when done before.
 #   - Debian packages: Blender (3.4.1), Xvfb for GUI tests
-#   - .venv: maturin, pytest and friends (pinned), then the bld_remote wheel built from this checkout
+#   - .venv: maturin, pytest and friends (pinned), then the two wheels built from this checkout
 # Needs: a Rust toolchain (cargo >= 1.88) and Python >= 3.10 with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +35,18 @@ if ! cmp -s requirements-dev.txt .venv/.requirements-dev.txt 2>/dev/null; then
   cp requirements-dev.txt .venv/.requirements-dev.txt
 fi
 
-say "building the wheel (maturin build --release)"
+# Two wheels (docs/PACKAGING.md): bld_remote (the package and add-on Blender loads, with `Client`) and
+# bld_remote_cli (the `bld-remote` command and MCP server, a binary that Blender never loads).
+say "building the wheels (maturin build --release)"
 rm -rf dist
-maturin build --release -q -o dist 2>&1 | grep -v '^🔗\|^🐍\|^📡' >&2 || true
-wheel=$(ls dist/*.whl 2>/dev/null | head -1)
-[ -n "$wheel" ] || { echo "error: maturin produced no wheel" >&2; exit 1; }
+quiet() { grep -v '^🔗\|^🐍\|^📡\|^📦\|^🍹' >&2 || true; }
+maturin build --release -q -o dist 2>&1 | quiet
+maturin build --release -q -o dist -m crates/cli/Cargo.toml 2>&1 | quiet
+wheel=$(ls dist/bld_remote-*.whl 2>/dev/null | head -1)
+cli_wheel=$(ls dist/bld_remote_cli-*.whl 2>/dev/null | head -1)
+[ -n "$wheel" ] && [ -n "$cli_wheel" ] || { echo "error: maturin did not produce both wheels" >&2; exit 1; }
+# One at a time: an older bld_remote wheel owned bin/bld-remote, and uninstalling it must not remove the
+# command that the CLI wheel installs.
 pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel"
-say "ready: $(blender --version 2>/dev/null | head -1), wheel $(basename "$wheel")"
+pip install -q --disable-pip-version-check --force-reinstall --no-deps "$cli_wheel"
+say "ready: $(blender --version 2>/dev/null | head -1), wheels $(basename "$wheel") $(basename "$cli_wheel")"

@@ -53,18 +53,9 @@ pub fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
             set(py, &err, "address", Some(addr.as_str()));
             err
         }
-        ClientError::Timeout { addr, detail } => {
+        ClientError::Timeout { addr, ran, .. } => {
             let err = BlenderTimeoutError::new_err(text);
             set(py, &err, "address", Some(addr.as_str()));
-            // The service's own timeout replies say whether the request had started; a client-side
-            // timeout cannot know.
-            let ran = if detail.contains("was not run") {
-                Some(false)
-            } else if detail.contains("started in Blender") {
-                Some(true)
-            } else {
-                None
-            };
             let _ = err.value(py).setattr("ran", ran);
             err
         }

@@ -1,32 +1,23 @@
-//! `bld_remote`: drive a running Blender over TCP. The native module `bld_remote._core` is this crate's
-//! cdylib; the pure-Rust core (protocol, jobs, server) is usable and tested without Python.
+//! `bld_remote._core`: the native module that Blender's process loads, and nothing more. It joins the
+//! pure-Rust service (crates/core: protocol, jobs, server, client) to Python: the main-thread pump, JSON to
+//! Python and back, `OutputCapture`, the Client binding, and errors as exceptions. The command line and the
+//! MCP server are a separate binary (crates/cli) and are never linked here.
 //! This file is only the manifest of modules and exports.
 
-pub mod alloc;
-pub mod blender;
-pub mod cli;
-pub mod client;
 mod error;
-pub mod instances;
-pub mod jobs;
-pub mod mcp;
-pub mod protocol;
 mod py;
 mod py_capture;
 mod py_client;
-pub mod server;
 
+use bld_remote_core::{client, instances, jobs, protocol, server};
 use pyo3::prelude::*;
-
-/// Large buffers (64 MiB requests and replies) as huge-page mappings that grow without copying: see
-/// src/alloc.rs.
-#[global_allocator]
-static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 /// The native half of the `bld_remote` package. Use the Python API in `bld_remote`, not this directly.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("__version__", bld_remote_core::config::VERSION)?;
+    m.add("DEFAULT_PORT", bld_remote_core::config::DEFAULT_PORT)?;
+    m.add("DEFAULT_HOST", bld_remote_core::config::DEFAULT_HOST)?;
     m.add_function(wrap_pyfunction!(py::start, m)?)?;
     m.add_function(wrap_pyfunction!(py::stop, m)?)?;
     m.add_function(wrap_pyfunction!(py::request_stop, m)?)?;
@@ -39,7 +30,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_capture::OutputCapture>()?;
     m.add_class::<py_client::PyClient>()?;
     m.add_class::<py_client::ExecResult>()?;
-    m.add_function(wrap_pyfunction!(py_client::cli_main, m)?)?;
     error::add_to_module(m)?;
     Ok(())
 }

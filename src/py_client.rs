@@ -3,7 +3,6 @@
 //! every network wait and the whole CLI run with the GIL released (`py.detach`), coming back only to let
 //! Python run its signal handlers.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -14,8 +13,8 @@ use serde_json::{Map, Value};
 
 use crate::client::{exec_output, Client, ClientError};
 use crate::error::{client_error, BlenderConnectionError};
+use crate::instances;
 use crate::py::{json_to_py, py_to_json};
-use crate::{cli, instances};
 
 /// Default per-request timeout of `bld_remote.Client`, in seconds.
 const DEFAULT_TIMEOUT: f64 = 60.0;
@@ -276,30 +275,4 @@ impl PyClient {
                 .map_or_else(|| "None".into(), |t| t.as_secs_f64().to_string())
         )
     }
-}
-
-/// The `bld-remote` command: parse `argv` (``sys.argv``) and run; returns the exit status.
-#[pyfunction]
-pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
-    let file: String = py.import("bld_remote")?.getattr("__file__")?.extract()?;
-    let package_dir = PathBuf::from(file)
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default();
-    let interrupted = || Python::attach(|py| py.check_signals().is_err());
-    let terminate = |pid: u32| {
-        Python::attach(|py| -> PyResult<()> {
-            let signal = py.import("signal")?;
-            py.import("os")?
-                .call_method1("kill", (pid, signal.getattr("SIGTERM")?))?;
-            Ok(())
-        })
-        .is_ok()
-    };
-    let host = cli::Host {
-        package_dir,
-        interrupted: &interrupted,
-        terminate: &terminate,
-    };
-    Ok(py.detach(|| cli::run(argv, &host)))
 }

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import SERVE, BlenderProcess, blender_env, built_wheel, runtime_argv  # noqa: E402
+from helpers import SERVE, BlenderProcess, blender_env, built_cli_wheel, built_wheel, runtime_argv  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,8 @@ def served(user_scripts):
 
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory) -> Path:
-    """A fresh venv with only the built wheel installed: returns its bin/ folder (bld-remote, python)."""
+    """A fresh venv with only the two built wheels installed (the package, and the `bld-remote` command):
+    returns its bin/ folder (bld-remote, python)."""
     venv = tmp_path_factory.mktemp("cli_venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -84,6 +85,7 @@ def installed(tmp_path_factory) -> Path:
             "--no-index",
             "-q",
             str(built_wheel()),
+            str(built_cli_wheel()),
         ],
         check=True,
     )

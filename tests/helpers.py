@@ -36,19 +36,30 @@ def blender_binary() -> str:
     return found
 
 
-def built_wheel() -> Path:
-    """The wheel under test: $BLD_REMOTE_WHEEL, else the newest dist/*.whl, else build one now."""
-    if os.environ.get("BLD_REMOTE_WHEEL"):
-        return Path(os.environ["BLD_REMOTE_WHEEL"])
-    wheels = sorted(glob.glob(str(ROOT / "dist" / "*.whl")), key=os.path.getmtime)
+def _newest_wheel(pattern: str, env: str, build: list[str]) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    wheels = sorted(glob.glob(str(ROOT / "dist" / pattern)), key=os.path.getmtime)
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "maturin", "build", "--release", "-o", str(ROOT / "dist")],
+            [sys.executable, "-m", "maturin", "build", "--release", "-o", str(ROOT / "dist"), *build],
             cwd=ROOT,
             check=True,
         )
-        wheels = sorted(glob.glob(str(ROOT / "dist" / "*.whl")), key=os.path.getmtime)
+        wheels = sorted(glob.glob(str(ROOT / "dist" / pattern)), key=os.path.getmtime)
     return Path(wheels[-1])
+
+
+def built_wheel() -> Path:
+    """The package wheel under test (bld_remote and its native module): $BLD_REMOTE_WHEEL, else the newest
+    dist/bld_remote-*.whl, else build one now."""
+    return _newest_wheel("bld_remote-*.whl", "BLD_REMOTE_WHEEL", [])
+
+
+def built_cli_wheel() -> Path:
+    """The `bld-remote` command's wheel (crates/cli): $BLD_REMOTE_CLI_WHEEL, else the newest
+    dist/bld_remote_cli-*.whl, else build one now."""
+    return _newest_wheel("bld_remote_cli-*.whl", "BLD_REMOTE_CLI_WHEEL", ["-m", "crates/cli/Cargo.toml"])
 
 
 def free_port() -> int:

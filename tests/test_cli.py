@@ -330,12 +330,7 @@ def test_help_and_usage_errors(installed, runtime_dir):
         assert sub in r.stdout
     r = cli(installed, "exec", env=env)
     assert r.returncode == 2 and "required" in r.stderr
-    r = subprocess.run(
-        [str(installed / "python"), "-P", "-m", "bld_remote.cli", "--version"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    r = cli(installed, "--version", env=env)
     assert r.returncode == 0 and r.stdout.startswith("bld-remote 0.")
 
 

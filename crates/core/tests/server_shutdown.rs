@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bld_remote::server::{Config, Server};
+use bld_remote_core::server::{Config, Server};
 use serde_json::json;
 
 mod common;

@@ -1,7 +1,6 @@
 //! `bld-remote`: the command line. Parsed with clap; every subcommand is plain Rust over [`crate::client`],
-//! [`crate::instances`] and [`crate::blender`]. It runs inside the Python entry point (`bld_remote.cli:main`)
-//! with the GIL released; [`Host`] is all it needs from Python: where the installed package is, whether a
-//! signal arrived, and how to send SIGTERM.
+//! [`crate::instances`] and [`crate::blender`]. [`Host`] is all it needs from the process it runs in
+//! (src/main.rs): where the installed Python package is, whether a signal arrived, and how to send SIGTERM.
 //!
 //! Exit status: 0 success; 1 failure (the remote code raised, Blender not found, port busy, start failed);
 //! 2 usage error; 3 no service reachable (refused, lost, no instance, several instances); 4 timeout;
@@ -29,12 +28,13 @@ pub const EXIT_TIMEOUT: i32 = 4;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// The default service port (blender-remote's).
-pub const DEFAULT_PORT: u16 = 6688;
+pub use bld_remote_core::config::DEFAULT_PORT;
 
 /// What the CLI needs from the process it runs in.
 pub struct Host<'a> {
-    /// The installed `bld_remote` package folder (holds `__init__.py` and the native module).
-    pub package_dir: PathBuf,
+    /// Finds the installed `bld_remote` package folder (holds `__init__.py` and the native module);
+    /// asked only by the commands that load it into Blender.
+    pub package_dir: &'a (dyn Fn() -> Result<PathBuf, String> + Sync),
     /// True once SIGINT/SIGTERM/SIGHUP arrived (polled at least every 100 ms while waiting).
     pub interrupted: &'a (dyn Fn() -> bool + Sync),
     /// Send SIGTERM (Windows: terminate) to a process; false when that failed.
@@ -496,14 +496,13 @@ fn copy_package(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 fn install(a: &InstallArgs, host: &Host<'_>) -> i32 {
-    let package_dir = host.package_dir.clone();
-    if !package_dir.join("__init__.py").is_file() {
-        errln(&format!(
-            "the bld_remote package is not at {}",
-            package_dir.display()
-        ));
-        return EXIT_FAILURE;
-    }
+    let package_dir = match (host.package_dir)() {
+        Ok(d) => d,
+        Err(e) => {
+            errln(&e);
+            return EXIT_FAILURE;
+        }
+    };
     let found = match find_blender(a.blender.as_deref()) {
         Ok(f) => f,
         Err(rc) => return rc,
@@ -712,13 +711,13 @@ fn start(a: StartArgs, host: &Host<'_>) -> i32 {
         Ok(f) => f,
         Err(rc) => return rc,
     };
-    if !host.package_dir.join("__init__.py").is_file() {
-        errln(&format!(
-            "the bld_remote package is not at {}",
-            host.package_dir.display()
-        ));
-        return EXIT_FAILURE;
-    }
+    let package_dir = match (host.package_dir)() {
+        Ok(d) => d,
+        Err(e) => {
+            errln(&e);
+            return EXIT_FAILURE;
+        }
+    };
     if let Some(scene) = &a.scene {
         if !scene.is_file() {
             errln(&format!("--scene {}: no such file", scene.display()));
@@ -743,7 +742,7 @@ fn start(a: StartArgs, host: &Host<'_>) -> i32 {
         cmd.arg(scene);
     }
     cmd.arg("--python-expr")
-        .arg(blender::bootstrap_expr(&host.package_dir, &a.host, port));
+        .arg(blender::bootstrap_expr(&package_dir, &a.host, port));
     if let Some(after) = after {
         cmd.arg("--").args(after);
     }
@@ -877,8 +876,9 @@ mod tests {
     fn usage_errors_exit_2_and_help_exits_0() {
         let no = || false;
         let term = |_| false;
+        let nowhere = || Err("no package".to_string());
         let host = Host {
-            package_dir: PathBuf::from("/nonexistent"),
+            package_dir: &nowhere,
             interrupted: &no,
             terminate: &term,
         };

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bld_remote::jobs::Msg;
-use bld_remote::protocol::Outcome;
-use bld_remote::server::{Config, Server};
+use bld_remote_core::jobs::Msg;
+use bld_remote_core::protocol::Outcome;
+use bld_remote_core::server::{Config, Server};
 use serde_json::Value;
 
 /// A "main thread" that answers `echo` with its params and `sleep` after `params.ms` milliseconds.

@@ -29,6 +29,8 @@ use crate::jobs::{
 };
 use crate::protocol::{self, Decoder, Outcome, Reply, Request, StreamError};
 
+pub use crate::config::Config;
+
 const READ_CHUNK: usize = 256 * 1024;
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
 const MAX_PIPELINED: usize = 4096;
@@ -39,60 +41,6 @@ const LINGER: Duration = Duration::from_secs(2);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Progress reports a connection may have waiting for its writer; more are dropped (never blocking).
 const PROGRESS_BACKLOG: usize = 256;
-/// Default deadline of a request that carries no `timeout`.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default time a request may take to arrive, from its first byte to its last.
-pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub host: String,
-    pub port: u16,
-    /// Required on every request when set; always required when `host` is not loopback.
-    pub token: Option<String>,
-    pub max_request_bytes: usize,
-    pub max_depth: usize,
-    pub max_connections: usize,
-    pub queue_capacity: usize,
-    /// Close a connection that sends nothing between requests for this long (`None`: never, the default:
-    /// existing clients keep one connection open and idle for hours; see docs/PROTOCOL.md).
-    pub idle_timeout: Option<Duration>,
-    /// A request must arrive completely within this time of its first byte (slow-client protection).
-    pub request_read_timeout: Duration,
-    /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
-    pub default_timeout: Option<Duration>,
-    /// A client that does not read its replies for this long is disconnected.
-    pub write_timeout: Duration,
-    /// `gui` or `background`: reported by `get_status`.
-    pub mode: String,
-    /// Commands the main thread handles (registered by the Python side). Others are unknown.
-    pub main_thread_commands: Vec<String>,
-    /// Extra fields for `get_status` (Blender version, open file...), set by the embedding side.
-    pub info: Map<String, Value>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            host: "127.0.0.1".into(),
-            port: 6688,
-            token: None,
-            max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
-            max_depth: protocol::DEFAULT_MAX_DEPTH,
-            max_connections: 256,
-            queue_capacity: 4096,
-            idle_timeout: None,
-            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
-            default_timeout: Some(DEFAULT_TIMEOUT),
-            write_timeout: Duration::from_secs(30),
-            mode: "background".into(),
-            main_thread_commands: Vec::new(),
-            info: Map::new(),
-        }
-    }
-}
-
 /// Errors starting a service.
 #[derive(Debug)]
 pub enum StartError {
@@ -156,8 +104,6 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Option<JoinHandle<()>>,
-    /// Unmaps large buffers kept for reuse once they go unused (src/alloc.rs); its stop flag.
-    trimmer: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 fn is_loopback_host(host: &str, addr: &SocketAddr) -> bool {
@@ -225,18 +171,9 @@ impl Server {
                 addr: addr.to_string(),
                 source: e,
             })?;
-        let trim_stop = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&trim_stop);
-        // Without it nothing is kept for reuse (src/alloc.rs): slower large requests, not an error.
-        let trimmer = std::thread::Builder::new()
-            .name("bld_remote-trim".into())
-            .spawn(move || crate::alloc::run_trimmer(&stop))
-            .ok()
-            .map(|h| (h, trim_stop));
         Ok(Server {
             shared,
             listener: Some(handle),
-            trimmer,
         })
     }
 
@@ -291,13 +228,6 @@ impl Server {
             job.refuse(not_run("the service is stopping; the request was not run"));
         }
         self.shared.queue.wake();
-        // Large buffers kept for reuse go back to the system with the service.
-        if let Some((h, stop)) = self.trimmer.take() {
-            stop.store(true, Ordering::SeqCst);
-            crate::alloc::wake_trimmers();
-            let _ = h.join();
-        }
-        crate::alloc::release_kept();
     }
 }
 
@@ -405,8 +335,6 @@ impl Shared {
                 "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),
             },
             "version": env!("CARGO_PKG_VERSION"),
-            // Freed large buffers kept warm for the next large request (src/alloc.rs).
-            "kept_buffer_bytes": crate::alloc::kept_bytes(),
         });
         if let Value::Object(m) = &mut v {
             for (k, val) in &self.config.info {
@@ -544,7 +472,7 @@ fn truthy(v: &Value) -> bool {
 
 /// Token comparison without an early exit on the first differing byte (the one used for every token:
 /// the service's and the MCP HTTP bearer's).
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Length is not secret; content is compared without an early exit.
     if a.len() != b.len() {
         return false;

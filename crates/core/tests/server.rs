@@ -157,13 +157,13 @@ fn queued_jobs_are_refused_not_dropped_on_stop() {
 /// output's own buffer) and for text that needs escaping; replies to id-less requests keep their order.
 #[test]
 fn large_execute_code_replies_survive_partial_vectored_writes() {
-    let cfg = bld_remote::server::Config {
+    let cfg = bld_remote_core::server::Config {
         port: 0,
         main_thread_commands: vec!["execute_code".into()],
-        ..bld_remote::server::Config::default()
+        ..bld_remote_core::server::Config::default()
     };
     let mut server =
-        bld_remote::server::Server::start(cfg).unwrap_or_else(|e| panic!("start: {e}"));
+        bld_remote_core::server::Server::start(cfg).unwrap_or_else(|e| panic!("start: {e}"));
     let (done, main) = pump(&server);
     let (mut w, mut r) = connect(&server);
     w.set_read_timeout(Some(Duration::from_secs(60))).ok();

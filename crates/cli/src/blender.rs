@@ -26,11 +26,10 @@ pub const STRIPPED_ENV: [&str; 7] = [
 /// (`os.pathsep`-separated files or folders; empty: search none).
 pub const LOCATIONS_ENV: &str = "BLD_REMOTE_BLENDER_LOCATIONS";
 
-/// Where Blender was found, and how.
+/// Where Blender was found.
 #[derive(Debug, Clone)]
 pub struct Found {
     pub path: PathBuf,
-    pub how: String,
 }
 
 /// Blender could not be found: everything that was tried, for the error message.
@@ -192,10 +191,7 @@ fn default_locations() -> Vec<PathBuf> {
 pub fn find(explicit: Option<&Path>) -> Result<Found, NotFound> {
     if let Some(p) = explicit {
         return resolve_candidate(p)
-            .map(|path| Found {
-                path,
-                how: "--blender".into(),
-            })
+            .map(|path| Found { path })
             .ok_or_else(|| NotFound {
                 tried: vec![p.display().to_string()],
                 explicit: Some(format!(
@@ -214,36 +210,25 @@ pub fn find(explicit: Option<&Path>) -> Result<Found, NotFound> {
                 None
             }
         });
-        return resolved
-            .map(|path| Found {
-                path,
-                how: "$BLENDER".into(),
-            })
-            .ok_or_else(|| NotFound {
-                tried: vec![format!("$BLENDER={}", p.display())],
-                explicit: Some(format!(
-                    "$BLENDER is {}, which is not an executable file (nor a folder holding one)",
-                    p.display()
-                )),
-            });
+        return resolved.map(|path| Found { path }).ok_or_else(|| NotFound {
+            tried: vec![format!("$BLENDER={}", p.display())],
+            explicit: Some(format!(
+                "$BLENDER is {}, which is not an executable file (nor a folder holding one)",
+                p.display()
+            )),
+        });
     }
     let mut tried = vec![
         "--blender (not given)".to_string(),
         "$BLENDER (not set)".to_string(),
     ];
     if let Some(path) = search_path(&OsString::from(exe_name())) {
-        return Ok(Found {
-            path,
-            how: "PATH".into(),
-        });
+        return Ok(Found { path });
     }
     tried.push(format!("`{}` on PATH", exe_name()));
     for loc in default_locations() {
         if let Some(path) = resolve_candidate(&loc) {
-            return Ok(Found {
-                path,
-                how: "usual install location".into(),
-            });
+            return Ok(Found { path });
         }
         tried.push(loc.display().to_string());
     }

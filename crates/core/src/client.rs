@@ -30,7 +30,14 @@ pub enum ClientError {
     /// The connection broke or closed before the reply was complete.
     Lost { addr: String, detail: String },
     /// No reply within the timeout (client side), or the service says the request timed out.
-    Timeout { addr: String, detail: String },
+    Timeout {
+        addr: String,
+        detail: String,
+        /// Whether the request had started in Blender: `Some(false)` means it never ran and never will
+        /// (safe to retry); `Some(true)` that it started (its side effects may have happened); `None`
+        /// that nobody can tell (the client gave up waiting on its own).
+        ran: Option<bool>,
+    },
     /// The service answered with an error reply (the remote code raised, unknown command, auth...).
     Remote {
         message: String,
@@ -57,7 +64,7 @@ impl std::fmt::Display for ClientError {
                 write!(f, "cannot connect to bld_remote at {addr}: {source}")
             }
             Self::Lost { addr, detail } => write!(f, "connection to {addr} lost: {detail}"),
-            Self::Timeout { addr, detail } => write!(f, "{addr}: {detail}"),
+            Self::Timeout { addr, detail, .. } => write!(f, "{addr}: {detail}"),
             Self::Remote { message, .. } => f.write_str(message),
             Self::Protocol { addr, detail } => {
                 write!(f, "{addr} does not speak the bld_remote protocol: {detail}")
@@ -68,6 +75,17 @@ impl std::fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {}
+
+/// Whether a request ran, from the fields of the service's error reply (never from its text): `ran` is
+/// `false` when it never ran; `state: "running"` when it had started (`ran` is then `"unknown"`: it may
+/// still be running).
+pub fn ran_field(reply: &Map<String, Value>) -> Option<bool> {
+    match reply.get("ran") {
+        Some(Value::Bool(b)) => Some(*b),
+        _ if reply.get("state").and_then(Value::as_str) == Some("running") => Some(true),
+        _ => None,
+    }
+}
 
 /// What `execute_code` returned, in the shape scripts want.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,6 +207,7 @@ impl Client {
             return Err(ClientError::Timeout {
                 addr,
                 detail: "timed out connecting".into(),
+                ran: Some(false),
             });
         }
         Err(ClientError::Connect { addr, source: last })
@@ -311,13 +330,11 @@ impl Client {
                     .and_then(Value::as_str)
                     .unwrap_or("the service replied with an error and no message")
                     .to_string();
-                if reply.get("timeout").and_then(Value::as_bool) == Some(true)
-                    || (reply.get("ran").and_then(Value::as_bool) == Some(false)
-                        && message.starts_with("timed out"))
-                {
+                if reply.get("timeout").and_then(Value::as_bool) == Some(true) {
                     return Err(ClientError::Timeout {
                         addr: self.addr_text(),
                         detail: message,
+                        ran: ran_field(reply),
                     });
                 }
                 let text = |k: &str| reply.get(k).and_then(Value::as_str).map(str::to_string);
@@ -383,6 +400,7 @@ impl Client {
                                 "no reply within {:.1} s (the request may still be running in Blender)",
                                 self.timeout.map_or(0.0, |t| t.as_secs_f64())
                             ),
+                            ran: None,
                         });
                     }
                     left.min(POLL)
@@ -543,7 +561,7 @@ mod tests {
         let port = fake(|req| {
             let id = req["id"].clone();
             let v = if req["type"] == "slow" {
-                json!({"id": id, "status": "error", "message": "timed out while queued", "ran": false})
+                json!({"id": id, "status": "error", "message": "timed out while queued", "ran": false, "timeout": true})
             } else {
                 json!({"id": id, "status": "error", "message": "ZeroDivisionError: division by zero",
                        "exception": "ZeroDivisionError", "traceback": "Traceback...",
@@ -570,7 +588,10 @@ mod tests {
         assert!(c.is_connected(), "a remote error keeps the connection");
         assert!(matches!(
             c.call("slow", Map::new()),
-            Err(ClientError::Timeout { .. })
+            Err(ClientError::Timeout {
+                ran: Some(false),
+                ..
+            })
         ));
     }
 

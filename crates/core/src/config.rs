@@ -1,0 +1,412 @@
+//! Facts written once and read everywhere: the version, the default host and port, and the service's
+//! configuration, from explicit settings, else the environment, else the defaults. The extension
+//! (`bld_remote._core`, and through it `start_mcp_service()` and the add-on), the CLI and the MCP server all
+//! read these; nothing else parses a `BLD_REMOTE_*` service variable. Pure data; runs on the caller's thread.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::protocol;
+
+/// The version of every crate and both wheels (the workspace's `Cargo.toml` is its only source).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The default service port (blender-remote's).
+pub const DEFAULT_PORT: u16 = 6688;
+
+/// The default bind address: loopback. Any other address requires a token.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+
+/// The service's default deadline for a request that carries no `timeout` of its own.
+pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Default time a request may take to arrive, from its first byte to its last.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest a timeout setting may be (a day); 0 means "none" where a limit can be off.
+pub const MAX_SECONDS: f64 = 86_400.0;
+
+/// The environment variables, in one place.
+pub mod env {
+    pub const PORT: &str = "BLD_REMOTE_MCP_PORT";
+    pub const START_NOW: &str = "BLD_REMOTE_MCP_START_NOW";
+    pub const LOG_LEVEL: &str = "BLD_REMOTE_LOG_LEVEL";
+    pub const TOKEN: &str = "BLD_REMOTE_TOKEN";
+    pub const MAX_REQUEST_BYTES: &str = "BLD_REMOTE_MAX_REQUEST_BYTES";
+    pub const MAX_CONNECTIONS: &str = "BLD_REMOTE_MAX_CONNECTIONS";
+    pub const QUEUE_CAPACITY: &str = "BLD_REMOTE_QUEUE_CAPACITY";
+    pub const MAX_DEPTH: &str = "BLD_REMOTE_MAX_DEPTH";
+    pub const IDLE_TIMEOUT: &str = "BLD_REMOTE_IDLE_TIMEOUT";
+    pub const DEFAULT_TIMEOUT: &str = "BLD_REMOTE_DEFAULT_TIMEOUT";
+    pub const REQUEST_READ_TIMEOUT: &str = "BLD_REMOTE_REQUEST_READ_TIMEOUT";
+}
+
+/// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// Required on every request when set; always required when `host` is not loopback.
+    pub token: Option<String>,
+    pub max_request_bytes: usize,
+    pub max_depth: usize,
+    pub max_connections: usize,
+    pub queue_capacity: usize,
+    /// Close a connection that sends nothing between requests for this long (`None`: never, the default:
+    /// existing clients keep one connection open and idle for hours; see docs/PROTOCOL.md).
+    pub idle_timeout: Option<Duration>,
+    /// A request must arrive completely within this time of its first byte (slow-client protection).
+    pub request_read_timeout: Duration,
+    /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
+    pub default_timeout: Option<Duration>,
+    /// A client that does not read its replies for this long is disconnected.
+    pub write_timeout: Duration,
+    /// `gui` or `background`: reported by `get_status`.
+    pub mode: String,
+    /// Commands the main thread handles (registered by the Python side). Others are unknown.
+    pub main_thread_commands: Vec<String>,
+    /// Extra fields for `get_status` (Blender version, open file...), set by the embedding side.
+    pub info: Map<String, Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: DEFAULT_HOST.into(),
+            port: DEFAULT_PORT,
+            token: None,
+            max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
+            max_depth: protocol::DEFAULT_MAX_DEPTH,
+            max_connections: 256,
+            queue_capacity: 4096,
+            idle_timeout: None,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
+            default_timeout: Some(DEFAULT_REQUEST_DEADLINE),
+            write_timeout: Duration::from_secs(30),
+            mode: "background".into(),
+            main_thread_commands: Vec::new(),
+            info: Map::new(),
+        }
+    }
+}
+
+/// Settings given explicitly (keyword arguments of `start_mcp_service()`, the add-on's preferences).
+/// `None` falls back to the environment, then to the default. Timeouts are seconds; 0 turns a limit off.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub token: Option<String>,
+    pub max_request_bytes: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub queue_capacity: Option<u64>,
+    pub max_depth: Option<u64>,
+    pub idle_timeout: Option<f64>,
+    pub default_timeout: Option<f64>,
+    pub request_read_timeout: Option<f64>,
+}
+
+/// A variable or setting that is out of range: the message names it and says what it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the values come from: the process environment, or a map (tests).
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment. Empty variables count as unset.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<S: std::hash::BuildHasher> Source for std::collections::HashMap<&str, &str, S> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .map(|v| (*v).to_string())
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// A port number: 0 (pick a free one) to 65535.
+pub fn parse_port(name: &str, raw: &str) -> Result<u16, ConfigError> {
+    raw.trim().parse::<u16>().map_err(|_| {
+        ConfigError(format!(
+            "{name} must be a port number (0-65535), got {raw:?}"
+        ))
+    })
+}
+
+fn parse_count(name: &str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match raw.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError(format!(
+            "{name} must be a whole number from {min} to {max}, got {raw:?}"
+        ))),
+    }
+}
+
+fn check_count(name: &str, n: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    parse_count(name, &n.to_string(), min, max)
+}
+
+/// Seconds for a timeout setting: 0 means none (`Ok(None)`); otherwise a finite number from 1 ms to a day.
+pub fn seconds(name: &str, s: f64) -> Result<Option<Duration>, ConfigError> {
+    if s == 0.0 {
+        return Ok(None);
+    }
+    if s.is_finite() && (0.001..=MAX_SECONDS).contains(&s) {
+        return Ok(Some(Duration::from_secs_f64(s)));
+    }
+    Err(ConfigError(format!(
+        "{name} must be a number of seconds from 0.001 to {MAX_SECONDS} (or 0 for no limit), got {s}"
+    )))
+}
+
+fn parse_seconds(name: &str, raw: &str) -> Result<Option<Duration>, ConfigError> {
+    let s: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError(format!("{name} must be a number of seconds, got {raw:?}")))?;
+    seconds(name, s)
+}
+
+/// `1/true/yes/on` (any case) is true; anything else false.
+pub fn truthy(raw: &str) -> bool {
+    matches!(
+        raw.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// The port from `BLD_REMOTE_MCP_PORT`, if set. An unusable value is an error, never ignored.
+pub fn port_from(src: &dyn Source) -> Result<Option<u16>, ConfigError> {
+    src.get(env::PORT)
+        .map(|raw| parse_port(env::PORT, &raw))
+        .transpose()
+}
+
+/// What the add-on and blender-remote's `get_startup_options()` report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupOptions {
+    pub host: String,
+    pub port: u16,
+    /// `BLD_REMOTE_MCP_START_NOW`: start the service when the add-on registers.
+    pub start_now: bool,
+    /// `BLD_REMOTE_LOG_LEVEL`, upper-cased (DEBUG, INFO, WARNING, ERROR, CRITICAL); INFO by default.
+    pub log_level: String,
+}
+
+impl StartupOptions {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let log_level = src
+            .get(env::LOG_LEVEL)
+            .map_or_else(|| "INFO".to_string(), |l| l.trim().to_ascii_uppercase());
+        if !matches!(
+            log_level.as_str(),
+            "DEBUG" | "INFO" | "WARNING" | "ERROR" | "CRITICAL"
+        ) {
+            return Err(ConfigError(format!(
+                "{} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {log_level:?}",
+                env::LOG_LEVEL
+            )));
+        }
+        Ok(Self {
+            host: DEFAULT_HOST.into(),
+            port: port_from(src)?.unwrap_or(DEFAULT_PORT),
+            start_now: src.get(env::START_NOW).is_some_and(|v| truthy(&v)),
+            log_level,
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&ProcessEnv)
+    }
+}
+
+impl Config {
+    /// The service's configuration: each explicit setting, else its environment variable, else the
+    /// default. Every number is range-checked here, where it enters; the message names the culprit.
+    pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let count = |given: Option<u64>,
+                     name: &str,
+                     var: &str,
+                     min: u64,
+                     max: u64,
+                     default: usize|
+         -> Result<usize, ConfigError> {
+            let n = match (given, src.get(var)) {
+                (Some(n), _) => check_count(name, n, min, max)?,
+                (None, Some(raw)) => parse_count(var, &raw, min, max)?,
+                (None, None) => return Ok(default),
+            };
+            usize::try_from(n).map_err(|_| ConfigError(format!("{name} is too large")))
+        };
+        let timeout = |given: Option<f64>,
+                       name: &str,
+                       var: &str,
+                       default: Option<Duration>|
+         -> Result<Option<Duration>, ConfigError> {
+            match (given, src.get(var)) {
+                (Some(s), _) => seconds(name, s),
+                (None, Some(raw)) => parse_seconds(var, &raw),
+                (None, None) => Ok(default),
+            }
+        };
+        let port = match settings.port {
+            Some(p) => p,
+            None => port_from(src)?.unwrap_or(DEFAULT_PORT),
+        };
+        let host = settings
+            .host
+            .clone()
+            .filter(|h| !h.trim().is_empty())
+            .unwrap_or(d.host);
+        let token = settings
+            .token
+            .clone()
+            .or_else(|| src.get(env::TOKEN))
+            .filter(|t| !t.is_empty());
+        Ok(Config {
+            host,
+            port,
+            token,
+            max_request_bytes: count(
+                settings.max_request_bytes,
+                "max_request_bytes",
+                env::MAX_REQUEST_BYTES,
+                1024,
+                1 << 40,
+                d.max_request_bytes,
+            )?,
+            max_connections: count(
+                settings.max_connections,
+                "max_connections",
+                env::MAX_CONNECTIONS,
+                1,
+                65_536,
+                d.max_connections,
+            )?,
+            queue_capacity: count(
+                settings.queue_capacity,
+                "queue_capacity",
+                env::QUEUE_CAPACITY,
+                1,
+                1 << 20,
+                d.queue_capacity,
+            )?,
+            max_depth: count(
+                settings.max_depth,
+                "max_depth",
+                env::MAX_DEPTH,
+                1,
+                10_000,
+                d.max_depth,
+            )?,
+            idle_timeout: timeout(
+                settings.idle_timeout,
+                "idle_timeout",
+                env::IDLE_TIMEOUT,
+                d.idle_timeout,
+            )?,
+            default_timeout: timeout(
+                settings.default_timeout,
+                "default_timeout",
+                env::DEFAULT_TIMEOUT,
+                d.default_timeout,
+            )?,
+            // 0 = no limit: a day is as good as none, and keeps the reader's arithmetic simple.
+            request_read_timeout: timeout(
+                settings.request_read_timeout,
+                "request_read_timeout",
+                env::REQUEST_READ_TIMEOUT,
+                Some(d.request_read_timeout),
+            )?
+            .unwrap_or(Duration::from_secs(86_400)),
+            ..d
+        })
+    }
+
+    /// [`Config::resolve`] against the process environment.
+    pub fn from_env(settings: &Settings) -> Result<Config, ConfigError> {
+        Self::resolve(settings, &ProcessEnv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn explicit_beats_env_beats_default() {
+        let env = HashMap::from([(env::PORT, "7000"), (env::MAX_CONNECTIONS, "9")]);
+        let c = Config::resolve(&Settings::default(), &env).unwrap();
+        assert_eq!((c.port, c.max_connections), (7000, 9));
+        let s = Settings {
+            port: Some(0),
+            max_connections: Some(3),
+            ..Settings::default()
+        };
+        let c = Config::resolve(&s, &env).unwrap();
+        assert_eq!((c.port, c.max_connections), (0, 3));
+        let c = Config::resolve(&Settings::default(), &HashMap::new()).unwrap();
+        assert_eq!((c.port, c.max_connections), (DEFAULT_PORT, 256));
+    }
+
+    #[test]
+    fn bad_numbers_are_errors_that_name_the_culprit() {
+        for (var, raw) in [
+            (env::PORT, "70000"),
+            (env::PORT, "-1"),
+            (env::MAX_CONNECTIONS, "0"),
+            (env::IDLE_TIMEOUT, "1e20"),
+            (env::IDLE_TIMEOUT, "nan"),
+            (env::DEFAULT_TIMEOUT, "-5"),
+            (env::MAX_REQUEST_BYTES, "lots"),
+        ] {
+            let env = HashMap::from([(var, raw)]);
+            let e = Config::resolve(&Settings::default(), &env).unwrap_err();
+            assert!(e.0.contains(var), "{e}");
+        }
+        let s = Settings {
+            idle_timeout: Some(f64::INFINITY),
+            ..Settings::default()
+        };
+        assert!(Config::resolve(&s, &HashMap::new())
+            .unwrap_err()
+            .0
+            .contains("idle_timeout"));
+    }
+
+    #[test]
+    fn zero_turns_a_timeout_off() {
+        let env = HashMap::from([(env::DEFAULT_TIMEOUT, "0"), (env::IDLE_TIMEOUT, "2.5")]);
+        let c = Config::resolve(&Settings::default(), &env).unwrap();
+        assert_eq!(c.default_timeout, None);
+        assert_eq!(c.idle_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn startup_options() {
+        let env = HashMap::from([(env::START_NOW, "Yes"), (env::LOG_LEVEL, "debug")]);
+        let o = StartupOptions::from_source(&env).unwrap();
+        assert!(o.start_now && o.log_level == "DEBUG" && o.port == DEFAULT_PORT);
+        let env = HashMap::from([(env::LOG_LEVEL, "LOUD")]);
+        assert!(StartupOptions::from_source(&env).is_err());
+    }
+}
