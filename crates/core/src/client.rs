@@ -76,6 +76,40 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+/// The one reading of a service reply, shared by every client (this one, the MCP server's): a success is
+/// its `result`; an error with `"timeout": true` is a [`ClientError::Timeout`] whose `ran` comes from the
+/// fields; any other error is [`ClientError::Remote`] with the whole reply kept.
+pub fn interpret_reply(addr: &str, mut reply: Map<String, Value>) -> Result<Value, ClientError> {
+    match reply.get("status").and_then(Value::as_str) {
+        Some("success") => Ok(reply.remove("result").unwrap_or(Value::Null)),
+        Some("error") => {
+            let message = reply
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the service replied with an error and no message")
+                .to_string();
+            if reply.get("timeout").and_then(Value::as_bool) == Some(true) {
+                return Err(ClientError::Timeout {
+                    addr: addr.to_string(),
+                    detail: message,
+                    ran: ran_field(&reply),
+                });
+            }
+            let text = |k: &str| reply.get(k).and_then(Value::as_str).map(str::to_string);
+            Err(ClientError::Remote {
+                exception: text("exception"),
+                traceback: text("traceback"),
+                message,
+                reply,
+            })
+        }
+        _ => Err(ClientError::Protocol {
+            addr: addr.to_string(),
+            detail: "reply has no 'status'".into(),
+        }),
+    }
+}
+
 /// Whether a request ran, from the fields of the service's error reply (never from its text): `ran` is
 /// `false` when it never ran; `state: "running"` when it had started (`ran` is then `"unknown"`: it may
 /// still be running).
@@ -322,34 +356,7 @@ impl Client {
     }
 
     fn interpret(&self, reply: &mut Map<String, Value>) -> Result<Value, ClientError> {
-        match reply.get("status").and_then(Value::as_str) {
-            Some("success") => Ok(reply.remove("result").unwrap_or(Value::Null)),
-            Some("error") => {
-                let message = reply
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("the service replied with an error and no message")
-                    .to_string();
-                if reply.get("timeout").and_then(Value::as_bool) == Some(true) {
-                    return Err(ClientError::Timeout {
-                        addr: self.addr_text(),
-                        detail: message,
-                        ran: ran_field(reply),
-                    });
-                }
-                let text = |k: &str| reply.get(k).and_then(Value::as_str).map(str::to_string);
-                Err(ClientError::Remote {
-                    exception: text("exception"),
-                    traceback: text("traceback"),
-                    message,
-                    reply: std::mem::take(reply),
-                })
-            }
-            _ => Err(ClientError::Protocol {
-                addr: self.addr_text(),
-                detail: "reply has no 'status'".into(),
-            }),
-        }
+        interpret_reply(&self.addr_text(), std::mem::take(reply))
     }
 
     fn write_request(&mut self, request: &[u8]) -> Result<(), ClientError> {
