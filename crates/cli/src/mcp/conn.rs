@@ -60,7 +60,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unreachable(m) | Self::Lost(m) => f.write_str(m),
-            // The detail alone: the tool results name the address elsewhere.
+            // The detail alone: it already says that Blender did not answer, and in how long.
             Self::Service(ClientError::Timeout { detail, .. }) => f.write_str(detail),
             Self::Service(e) => write!(f, "{e}"),
             Self::Cancelled => f.write_str("cancelled"),
