@@ -48,9 +48,9 @@ pub enum CallError {
     Unreachable(String),
     /// The connection broke while the request was in flight: whether it ran is unknown.
     Lost(String),
-    /// The service answered with an error ([`ClientError::Remote`]: the whole reply kept; [`ClientError::Timeout`]
-    /// with `ran` read from its fields), or gave no reply within the deadline plus [`REPLY_GRACE`]
-    /// ([`ClientError::Timeout`] with `ran: None`).
+    /// The service answered with an error ([`ClientError::Remote`], the whole reply kept;
+    /// [`ClientError::Timeout`], `ran` read from its fields), or gave no reply within the deadline plus
+    /// [`REPLY_GRACE`] ([`ClientError::Timeout`] with `ran: None`).
     Service(ClientError),
     /// The MCP client cancelled the call.
     Cancelled,
