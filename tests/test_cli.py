@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from helpers import (
     Started,
     blender_binary,
     blender_env,
+    built_wheel,
     call,
     children_of,
     cli_env,
@@ -332,6 +335,24 @@ def test_help_and_usage_errors(installed, runtime_dir):
     assert r.returncode == 2 and "required" in r.stderr
     r = cli(installed, "--version", env=env)
     assert r.returncode == 0 and r.stdout.startswith("bld-remote 0.")
+
+
+# The command's crates, as they appear in panic locations (registry paths survive stripping).
+CLI_CRATES = re.compile(rb"[/\\](tokio|hyper|hyper-util|rmcp|clap|clap_builder|png|schemars)-[0-9]+\.[0-9]+")
+
+
+def test_cli_crates_are_not_in_the_module_blender_loads():
+    """The CLI is its own wheel (docs/PACKAGING.md): the `_core` module Blender loads links none of its
+    crates, and stays small."""
+    with zipfile.ZipFile(built_wheel()) as wheel:
+        (name,) = [n for n in wheel.namelist() if re.fullmatch(r"bld_remote/_core[^/]*\.so", n)]
+        module = wheel.read(name)
+        assert not any(n.endswith("/bld-remote") for n in wheel.namelist()), (
+            "the command is in the package wheel"
+        )
+    found = sorted({m.group(1).decode() for m in CLI_CRATES.finditer(module)})
+    assert found == [], f"{name} links {found}"
+    assert len(module) < 4 * 1024 * 1024, f"{name} is {len(module)} bytes"
 
 
 # --- GUI mode ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! Finding a Blender executable, the environment to give it, the startup expression that loads `bld_remote`
 //! from the installed package, and running short Blender jobs (asking it for its user folders, enabling the
-//! add-on). Pure Rust; used by the CLI on its calling thread.
+//! add-on). Used by `start` and `install` on the main thread.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

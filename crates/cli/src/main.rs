@@ -1,7 +1,8 @@
 //! `bld-remote`: the command line beside Blender (start, exec, status, ls, install, mcp, ...). This file
 //! wires the process to the command: signals, how to find the installed Python package, the exit status.
-//! Every subcommand lives in cli.rs (clap) over bld-remote-core's client and instance descriptors; the MCP
-//! server in mcp/. Nothing here is ever loaded into Blender's process.
+//! The subcommands live in cli/ (arguments, the start supervisor, install, queries) over bld-remote-core's
+//! client and instance descriptors; the MCP server in mcp/. Runs on the main thread. Nothing here is ever
+//! loaded into Blender's process.
 
 mod blender;
 mod cli;

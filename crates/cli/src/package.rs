@@ -1,6 +1,7 @@
 //! Where the installed `bld_remote` Python package is: `bld-remote start` and `install` load it into
 //! Blender straight from there. The command ships in its own wheel, so it asks, in order:
 //! `$BLD_REMOTE_PACKAGE_DIR`; the Python next to this executable (a venv's `bin/`); `python3` on PATH.
+//! Asked on the main thread, only by `start` and `install` (see docs/PACKAGING.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -2,7 +2,9 @@
 //! carries an `id`), shared by every tool call in flight. Replies are matched to calls by id, progress lines
 //! (`{"id": N, "progress": {...}}`) are routed to the call that asked for them, and a call that is cancelled
 //! or abandoned sends `cancel` for its id on the same connection, so a request still queued in Blender never
-//! runs. Async (tokio); runs inside `bld-remote mcp`, never in Blender.
+//! runs. Replies are read by bld-remote-core's [`interpret_reply`], as every other client reads them (same
+//! timeout rules: `ran` comes from the reply's fields). Async: the reader and writer are tasks on the tokio
+//! runtime of `bld-remote mcp` (see [`super::run`]), ended when their [`Link`] closes; never in Blender.
 //!
 //! Why not `crate::client::Client`: it is blocking and owns its stream for the length of one call, so it
 //! cannot carry several concurrent MCP tool calls on one connection, deliver progress lines, or send
@@ -16,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bld_remote_core::client::{interpret_reply, ClientError};
+use bld_remote_core::config::{port_from, ProcessEnv, DEFAULT_HOST, DEFAULT_PORT};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -26,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 /// How long connecting may take before Blender counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Extra time granted beyond the deadline sent to the service, so the service's own timeout reply (which
-/// says whether the request ran) normally wins the race.
-const GRACE: Duration = Duration::from_secs(2);
+/// says whether the request ran) normally wins the race. The same 2 s as bld-remote-core's blocking client.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// Where the service is: an explicit port, or "find it" (the single live instance).
 #[derive(Debug, Clone)]
@@ -38,19 +42,16 @@ pub struct Target {
 }
 
 /// Why a call produced no result.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum CallError {
     /// No service to talk to (not running, refused, several instances...).
     Unreachable(String),
     /// The connection broke while the request was in flight: whether it ran is unknown.
     Lost(String),
-    /// No reply in time. `ran`: whether the request had started in Blender, when known.
-    Timeout { message: String, ran: Option<bool> },
-    /// The service answered with an error reply.
-    Remote {
-        message: String,
-        reply: Map<String, Value>,
-    },
+    /// The service answered with an error ([`ClientError::Remote`], the whole reply kept;
+    /// [`ClientError::Timeout`], `ran` read from its fields), or gave no reply within the deadline plus
+    /// [`REPLY_GRACE`] ([`ClientError::Timeout`] with `ran: None`).
+    Service(ClientError),
     /// The MCP client cancelled the call.
     Cancelled,
 }
@@ -59,22 +60,26 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unreachable(m) | Self::Lost(m) => f.write_str(m),
-            Self::Timeout { message, .. } | Self::Remote { message, .. } => f.write_str(message),
+            // The detail alone: it already says that Blender did not answer, and in how long.
+            Self::Service(ClientError::Timeout { detail, .. }) => f.write_str(detail),
+            Self::Service(e) => write!(f, "{e}"),
             Self::Cancelled => f.write_str("cancelled"),
         }
     }
 }
 
-type Reply = Result<Map<String, Value>, CallError>;
+/// What the reader task hands a waiting call: the raw reply (read by [`interpret_reply`] in the call), or
+/// why none will come.
+type PendingReply = Result<Map<String, Value>, CallError>;
 
 struct Pending {
-    reply: oneshot::Sender<Reply>,
+    reply: oneshot::Sender<PendingReply>,
     progress: Option<mpsc::UnboundedSender<Value>>,
 }
 
 /// One live connection: a writer task fed by a channel (so a drop guard can send `cancel` synchronously)
 /// and a reader task that routes replies and progress by id.
-struct Conn {
+struct Link {
     addr: String,
     /// The service token for this address: explicit, else `$BLD_REMOTE_TOKEN` (not `auto`), else the
     /// owner-only instance descriptor's (resolved per connection: the target may change on reconnect).
@@ -85,7 +90,7 @@ struct Conn {
     closed: CancellationToken,
 }
 
-impl Conn {
+impl Link {
     fn send(&self, msg: &Value) -> bool {
         let mut bytes = serde_json::to_vec(msg).unwrap_or_default();
         bytes.push(b'\n');
@@ -93,7 +98,7 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for Link {
     fn drop(&mut self) {
         self.closed.cancel();
     }
@@ -104,14 +109,14 @@ pub struct Backend {
     target: Target,
     /// Default deadline for a request (sent to the service as `timeout`).
     pub timeout: Duration,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
     next_id: AtomicU64,
 }
 
 /// Sends `cancel` for a request that is dropped before its reply arrived (the MCP call was cancelled, or
 /// the transport dropped the handler).
 struct CancelOnDrop {
-    conn: Arc<Conn>,
+    link: Arc<Link>,
     id: u64,
     cancel_id: u64,
     armed: bool,
@@ -122,9 +127,9 @@ impl Drop for CancelOnDrop {
         if !self.armed {
             return;
         }
-        self.conn.pending.lock().remove(&self.id);
-        if self.conn.alive.load(Ordering::SeqCst) {
-            let sent = self.conn.send(&json!({
+        self.link.pending.lock().remove(&self.id);
+        if self.link.alive.load(Ordering::SeqCst) {
+            let sent = self.link.send(&json!({
                 "id": self.cancel_id,
                 "type": "cancel",
                 "params": {"id": self.id},
@@ -148,40 +153,46 @@ impl Backend {
         Self {
             target,
             timeout,
-            conn: tokio::sync::Mutex::new(None),
+            link: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
         }
     }
 
     /// Where the service is now: `--port`, else `BLD_REMOTE_MCP_PORT`, else the single live instance, else
-    /// the default port 6688 (services started by other tools write no descriptor).
+    /// the default port (services started by other tools write no descriptor).
     pub fn resolve(&self) -> Result<(String, u16), String> {
         let host = || {
             self.target
                 .host
                 .clone()
-                .unwrap_or_else(|| "127.0.0.1".into())
+                .unwrap_or_else(|| DEFAULT_HOST.into())
         };
         if let Some(port) = self.target.port {
             return Ok((host(), port));
         }
-        if let Some(port) = std::env::var("BLD_REMOTE_MCP_PORT")
-            .ok()
-            .and_then(|p| p.trim().parse::<u16>().ok())
+        // Read as every bld_remote reads it (a bad value is an error; `run` refuses it at start). 0 asks a
+        // service for a free port, so it names none to connect to: find the instance instead.
+        if let Some(port) = port_from(&ProcessEnv)
+            .map_err(|e| e.to_string())?
             .filter(|p| *p != 0)
         {
             return Ok((host(), port));
         }
-        match crate::instances::pick(self.target.host.as_deref(), None) {
-            Ok(hp) => Ok(hp),
-            Err(e) if e.starts_with("no running") => Ok((host(), crate::cli::DEFAULT_PORT)),
-            Err(e) => Err(e),
+        let (alive, _) = crate::instances::live(true);
+        let mut on_host = alive
+            .into_iter()
+            .filter(|d| self.target.host.as_deref().is_none_or(|h| h == d.host));
+        match (on_host.next(), on_host.next()) {
+            (None, _) => Ok((host(), DEFAULT_PORT)),
+            (Some(d), None) => Ok((d.host, d.port)),
+            // Several: `pick` refuses to guess, with a message that lists them.
+            _ => crate::instances::pick(self.target.host.as_deref(), None),
         }
     }
 
     /// The live connection, or a new one.
-    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
-        let mut guard = self.conn.lock().await;
+    async fn connection(&self) -> Result<Arc<Link>, CallError> {
+        let mut guard = self.link.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.alive.load(Ordering::SeqCst) {
                 return Ok(Arc::clone(c));
@@ -272,7 +283,7 @@ impl Backend {
                 }
             });
         }
-        let conn = Arc::new(Conn {
+        let link = Arc::new(Link {
             addr,
             token: crate::instances::resolve_token(self.target.token.clone(), &host, port),
             out: out_tx,
@@ -280,13 +291,13 @@ impl Backend {
             alive,
             closed,
         });
-        *guard = Some(Arc::clone(&conn));
-        Ok(conn)
+        *guard = Some(Arc::clone(&link));
+        Ok(link)
     }
 
     /// The address of the current connection, if one is open.
     pub async fn connected_addr(&self) -> Option<String> {
-        let g = self.conn.lock().await;
+        let g = self.link.lock().await;
         g.as_ref()
             .filter(|c| c.alive.load(Ordering::SeqCst))
             .map(|c| c.addr.clone())
@@ -302,12 +313,12 @@ impl Backend {
         progress: Option<mpsc::UnboundedSender<Value>>,
         ct: &CancellationToken,
     ) -> Result<Value, CallError> {
-        let conn = self.connection().await?;
+        let link = self.connection().await?;
         let timeout = timeout.unwrap_or(self.timeout);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().insert(
+        link.pending.lock().insert(
             id,
             Pending {
                 reply: tx,
@@ -320,33 +331,34 @@ impl Backend {
             "params": Value::Object(params),
             "timeout": timeout.as_secs_f64().max(0.001),
         });
-        if let (Some(token), Value::Object(m)) = (&conn.token, &mut request) {
+        if let (Some(token), Value::Object(m)) = (&link.token, &mut request) {
             m.insert("token".into(), Value::String(token.clone()));
         }
         let mut guard = CancelOnDrop {
-            conn: Arc::clone(&conn),
+            link: Arc::clone(&link),
             id,
             cancel_id,
             armed: true,
         };
-        if !conn.send(&request) {
+        if !link.send(&request) {
             guard.armed = false;
-            conn.pending.lock().remove(&id);
+            link.pending.lock().remove(&id);
             return Err(CallError::Lost(format!(
                 "the connection to Blender ({}) was lost before the request was sent; it did not run",
-                conn.addr
+                link.addr
             )));
         }
         let outcome = tokio::select! {
             r = rx => r.unwrap_or_else(|_| Err(CallError::Lost("the connection to Blender was lost".into()))),
-            () = tokio::time::sleep(timeout + GRACE) => Err(CallError::Timeout {
-                message: format!(
+            () = tokio::time::sleep(timeout + REPLY_GRACE) => Err(CallError::Service(ClientError::Timeout {
+                addr: link.addr.clone(),
+                detail: format!(
                     "Blender did not answer within {:.0} s; the request may still be running (it was \
                      cancelled if it had not started)",
                     timeout.as_secs_f64()
                 ),
                 ran: None,
-            }),
+            })),
             () = ct.cancelled() => Err(CallError::Cancelled),
         };
         // A reply (success or error) settles the request; anything else leaves the guard armed to cancel it.
@@ -364,7 +376,7 @@ impl Backend {
                 return Err(e);
             }
         };
-        interpret(reply)
+        interpret_reply(&link.addr, reply).map_err(CallError::Service)
     }
 }
 
@@ -389,52 +401,9 @@ fn route(pending: &Mutex<HashMap<u64, Pending>>, msg: Map<String, Value>) {
     }
 }
 
-fn interpret(mut reply: Map<String, Value>) -> Result<Value, CallError> {
-    if reply.get("status").and_then(Value::as_str) == Some("success") {
-        return Ok(reply.remove("result").unwrap_or(Value::Null));
-    }
-    let message = reply
-        .get("message")
-        .and_then(Value::as_str)
-        .unwrap_or("the service replied with an error and no message")
-        .to_string();
-    if reply.get("timeout").and_then(Value::as_bool) == Some(true) {
-        let ran = reply.get("ran").and_then(Value::as_bool);
-        return Err(CallError::Timeout { message, ran });
-    }
-    Err(CallError::Remote { message, reply })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn interpret_success_error_and_timeout() {
-        let ok = json!({"id": 1, "status": "success", "result": {"a": 1}});
-        let Value::Object(ok) = ok else { return };
-        assert_eq!(interpret(ok).ok(), Some(json!({"a": 1})));
-        let Value::Object(e) =
-            json!({"id": 1, "status": "error", "message": "boom", "traceback": "tb"})
-        else {
-            return;
-        };
-        assert!(
-            matches!(interpret(e), Err(CallError::Remote { ref message, .. }) if message == "boom")
-        );
-        let Value::Object(t) = json!({"id": 1, "status": "error", "message": "timed out", "timeout": true,
-                                      "ran": false})
-        else {
-            return;
-        };
-        assert!(matches!(
-            interpret(t),
-            Err(CallError::Timeout {
-                ran: Some(false),
-                ..
-            })
-        ));
-    }
 
     #[test]
     fn progress_lines_go_to_their_call_only() {

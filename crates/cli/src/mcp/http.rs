@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service as _;
 
 use super::conn::{log, Backend};
-use super::{BlenderMcp, McpArgs};
+use super::tools::BlenderMcp;
+use super::McpArgs;
 
 /// The endpoint path.
 pub const PATH: &str = "/mcp";

@@ -162,13 +162,13 @@ mod tests {
     #[test]
     fn small_images_pass_unchanged_large_ones_shrink_under_budget() {
         let png = noise_png(64, 48);
-        let f = fit_png(png.clone(), png.len()).unwrap_or_else(|e| panic!("{e}"));
+        let f = fit_png(png.clone(), png.len()).unwrap();
         assert_eq!(f.png, png);
         assert_eq!((f.width, f.height, f.scaled_from), (64, 48, None));
 
         let png = noise_png(400, 300);
         let budget = png.len() / 3;
-        let f = fit_png(png, budget).unwrap_or_else(|e| panic!("{e}"));
+        let f = fit_png(png, budget).unwrap();
         assert!(f.png.len() <= budget);
         assert_eq!(f.scaled_from, Some((400, 300)));
         assert!(
@@ -177,7 +177,7 @@ mod tests {
             f.width,
             f.height
         );
-        let again = decode(&f.png).unwrap_or_else(|e| panic!("{e}"));
+        let again = decode(&f.png).unwrap();
         assert_eq!((again.width, again.height), (f.width, f.height));
     }
 

@@ -1,26 +1,16 @@
-//! `bld-remote mcp`: an MCP server (official Rust SDK `rmcp`) that lets LLM clients drive a running Blender
-//! through the bld_remote service. Transports: stdio (default; stdout carries nothing but MCP, logs go to
-//! stderr) and Streamable HTTP (`--http`, see [`http`]). Runs in the `bld-remote` process on a small tokio
-//! runtime, with the GIL released; it never runs inside Blender.
-//!
-//! Each tool is one request to the service over [`conn::Backend`] (framed mode, one shared connection):
-//! progress lines from the service become MCP progress notifications, an MCP cancellation becomes the
-//! service's `cancel` (a request still queued never runs; a running one has its result discarded), and a
-//! service that is down or goes away becomes a tool error that says so; the next call reconnects.
+//! The MCP tools: their argument types (whose doc comments become the JSON schemas the model reads), the
+//! rmcp tool router and handlers, and how each reply or failure becomes the text or image the model gets.
+//! Each handler is one request over [`Backend`]. Runs as tasks on the tokio runtime of `bld-remote mcp`
+//! (see [`super::run`]).
 
-// Doc comments in this module are user-facing text too (clap help, JSON-schema descriptions the model reads).
+// Doc comments here are user-facing text (JSON-schema descriptions the model reads).
 #![allow(clippy::doc_markdown)]
-
-mod conn;
-mod http;
-mod image;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use clap::Args;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
@@ -29,138 +19,15 @@ use rmcp::model::{
 };
 use rmcp::schemars::{self, JsonSchema};
 use rmcp::service::RequestContext;
-use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler, ServiceExt};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-pub use conn::{Backend, CallError, Target};
+use bld_remote_core::client::ClientError;
 
-/// Default budget for one image in a tool result (PNG bytes, before base64).
-pub const DEFAULT_MAX_IMAGE_BYTES: usize = 1024 * 1024;
-
-/// `bld-remote mcp` options.
-#[derive(Args, Debug, Clone)]
-pub struct McpArgs {
-    /// The bld_remote service's port. Default: $BLD_REMOTE_MCP_PORT, else the only running instance
-    /// (`bld-remote ls`), else 6688. Re-resolved on every reconnect.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// The bld_remote service's address.
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Auth token of the bld_remote service, if it requires one. Default: $BLD_REMOTE_TOKEN.
-    #[arg(long)]
-    pub token: Option<String>,
-    /// Seconds a request to Blender may take before the tool call fails (queued requests are then dropped).
-    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
-    pub timeout: f64,
-    /// Serve MCP over Streamable HTTP at ADDR (e.g. 127.0.0.1:8000, endpoint /mcp) instead of stdio.
-    #[arg(long, value_name = "ADDR")]
-    pub http: Option<String>,
-    /// Bearer token HTTP clients must send (`Authorization: Bearer ...`). Default: $BLD_REMOTE_MCP_HTTP_TOKEN.
-    /// Required when --http binds anything but loopback.
-    #[arg(long, value_name = "TOKEN")]
-    pub http_token: Option<String>,
-    /// Extra browser Origin allowed over HTTP (scheme://host[:port|:*]); loopback origins always are.
-    #[arg(long, value_name = "ORIGIN")]
-    pub allow_origin: Vec<String>,
-    /// Extra Host header value allowed over HTTP (loopback names always are).
-    #[arg(long, value_name = "HOST")]
-    pub allow_host: Vec<String>,
-    /// Largest image (PNG bytes) put in a tool result; larger renders and screenshots are scaled down.
-    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES")]
-    pub max_image_bytes: usize,
-}
-
-/// Run the server until the client disconnects (stdio) or `interrupted()` turns true. Returns the exit
-/// status.
-pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> i32 {
-    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
-        conn::log("--timeout must be a positive number of seconds");
-        return 2;
-    }
-    // Explicit only here; each connection resolves the rest (env, then the instance descriptor).
-    let token = args.token.clone().filter(|t| !t.is_empty());
-    let backend = Arc::new(Backend::new(
-        Target {
-            host: args.host.clone(),
-            port: args.port,
-            token,
-        },
-        Duration::from_secs_f64(args.timeout),
-    ));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bld-remote-mcp")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            conn::log(&format!("cannot start the async runtime: {e}"));
-            return 1;
-        }
-    };
-    let max_image = args.max_image_bytes.max(1024);
-    let shutdown = CancellationToken::new();
-    let status = runtime.block_on(async {
-        let serve = async {
-            match &args.http {
-                None => serve_stdio(Arc::clone(&backend), max_image, shutdown.clone()).await,
-                Some(addr) => {
-                    http::serve(
-                        &args,
-                        addr,
-                        Arc::clone(&backend),
-                        max_image,
-                        shutdown.clone(),
-                    )
-                    .await
-                }
-            }
-        };
-        tokio::pin!(serve);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                r = &mut serve => break r,
-                _ = tick.tick() => {
-                    if !shutdown.is_cancelled() && interrupted() {
-                        conn::log("signal received: shutting down");
-                        shutdown.cancel();
-                    }
-                }
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match status {
-        Ok(()) => 0,
-        Err(e) => {
-            conn::log(&e);
-            1
-        }
-    }
-}
-
-async fn serve_stdio(
-    backend: Arc<Backend>,
-    max_image: usize,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let server = BlenderMcp::new(backend, max_image);
-    let running = server
-        .serve_with_ct(rmcp::transport::stdio(), shutdown.child_token())
-        .await
-        .map_err(|e| format!("MCP session failed to start: {e}"))?;
-    running
-        .waiting()
-        .await
-        .map_err(|e| format!("MCP session ended with an error: {e}"))?;
-    Ok(())
-}
+use super::conn::{Backend, CallError};
+use super::image;
 
 // --- tool arguments ---------------------------------------------------------------------------------------
 
@@ -279,18 +146,22 @@ fn pretty(v: &Value) -> String {
 /// A failed call → the tool error the model reads.
 fn call_error_result(e: &CallError) -> CallToolResult {
     match e {
-        CallError::Remote { message, reply } => {
+        CallError::Service(ClientError::Remote {
+            message, traceback, ..
+        }) => {
             let mut text = format!("Blender reported an error: {message}");
-            if let Some(tb) = reply.get("traceback").and_then(Value::as_str) {
+            if let Some(tb) = traceback {
                 text.push_str("\n\n");
                 text.push_str(tb.trim_end());
             }
             error_result(text)
         }
-        CallError::Timeout { message, ran } => error_result(match ran {
-            Some(false) => format!("Timed out: {message} (it did not run)"),
-            _ => format!("Timed out: {message}"),
+        // `ran` comes from the reply's fields (bld-remote-core's interpret_reply), never from its text.
+        CallError::Service(ClientError::Timeout { detail, ran, .. }) => error_result(match ran {
+            Some(false) => format!("Timed out: {detail} (it did not run)"),
+            _ => format!("Timed out: {detail}"),
         }),
+        CallError::Service(e) => error_result(e.to_string()),
         CallError::Cancelled => error_result("Cancelled."),
         CallError::Unreachable(m) | CallError::Lost(m) => error_result(m.clone()),
     }
@@ -540,7 +411,7 @@ impl BlenderMcp {
             .await;
         Ok(match r {
             Ok(v) => text_result(exec_text(&v, None)),
-            Err(CallError::Remote { message, reply })
+            Err(CallError::Service(ClientError::Remote { message, reply, .. }))
                 if reply.contains_key("traceback") || reply.contains_key("output") =>
             {
                 error_result(exec_text(&Value::Object(reply.clone()), Some(&message)))
@@ -573,7 +444,9 @@ impl BlenderMcp {
             .await;
         let reply = match r {
             Ok(v) => v,
-            Err(CallError::Remote { message, .. }) if message.contains("background mode") => {
+            Err(CallError::Service(ClientError::Remote { message, .. }))
+                if message.contains("background mode") =>
+            {
                 return Ok(error_result(format!(
                     "No viewport to capture: this Blender runs headless (background mode), without a \
                      user interface. Use the render_image tool to see the scene instead. ({message})"
@@ -828,6 +701,38 @@ mod tests {
         assert_eq!(a.as_ref().and_then(|a| a.destructive_hint), Some(true));
         let required = code.and_then(|t| t.input_schema.get("required").cloned());
         assert_eq!(required, Some(json!(["code"])));
+    }
+
+    /// The text a failed call shows the model, through bld-remote-core's reply interpreter.
+    fn failure_text(reply: Value) -> String {
+        let Value::Object(reply) = reply else {
+            return String::new();
+        };
+        let e = bld_remote_core::client::interpret_reply("127.0.0.1:1", reply).unwrap_err();
+        serde_json::to_string(&call_error_result(&CallError::Service(e))).unwrap()
+    }
+
+    #[test]
+    fn a_timeout_says_whether_it_ran_from_the_reply_fields() {
+        let never = failure_text(
+            json!({"id": 1, "status": "error", "message": "queued too long",
+                                        "timeout": true, "ran": false}),
+        );
+        assert!(
+            never.contains("Timed out: queued too long (it did not run)"),
+            "{never}"
+        );
+        let started = failure_text(json!({"id": 1, "status": "error", "message": "too slow",
+                                          "timeout": true, "ran": "unknown", "state": "running"}));
+        assert!(started.contains("Timed out: too slow"), "{started}");
+        assert!(!started.contains("did not run"), "{started}");
+        let raised = failure_text(json!({"id": 1, "status": "error", "message": "boom",
+                                         "traceback": "Traceback ...\nValueError: boom"}));
+        assert!(
+            raised.contains("Blender reported an error: boom"),
+            "{raised}"
+        );
+        assert!(raised.contains("ValueError: boom"), "{raised}");
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! The command line's shape: clap's structs for `bld-remote` and each subcommand (flags, defaults, help
+//! text). Only data: parsing happens in [`super::run`], on the main thread. The help text printed here is
+//! part of the interface (scripts read `--help`), so wording changes are behaviour changes.
+
+use std::path::PathBuf;
+
+use bld_remote_core::config::DEFAULT_HOST;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bld-remote",
+    bin_name = "bld-remote",
+    version,
+    about = "Start Blender serving bld_remote, run code in it, find running instances.",
+    after_help = "Exit status: 0 ok, 1 failure, 2 usage, 3 no service reachable, 4 timeout, 130 interrupted; \
+                  `start` exits with Blender's status.\nDocs: docs/CLI.md"
+)]
+pub(super) struct Cli {
+    #[command(subcommand)]
+    pub(super) command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum Cmd {
+    /// Start Blender with the service running (headless with --background) and print the ready line.
+    Start(StartArgs),
+    /// Install the add-on into Blender's user add-ons, enable it and save the preferences.
+    Install(InstallArgs),
+    /// Disable the add-on, save the preferences and remove it from Blender's user add-ons.
+    Uninstall(InstallArgs),
+    /// Run Python in the running Blender; print its stdout and stderr.
+    Exec(ExecArgs),
+    /// Show the service's status.
+    Status(StatusArgs),
+    /// Stop the service (a headless Blender then exits).
+    Shutdown(ShutdownArgs),
+    /// List running instances (and delete descriptors of dead ones).
+    Ls(LsArgs),
+    /// Serve MCP (stdio by default, or Streamable HTTP with --http) for LLM clients, talking to Blender.
+    Mcp(crate::mcp::McpArgs),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct StartArgs {
+    /// Run Blender headless (`blender --background`); the main thread serves until the service stops.
+    #[arg(short = 'b', long)]
+    pub(super) background: bool,
+    /// Port to listen on (0: a free one, named in the ready line). Default: `$BLD_REMOTE_MCP_PORT`, else 6688.
+    #[arg(long)]
+    pub(super) port: Option<u16>,
+    /// Address to listen on. Anything but loopback needs a token (`$BLD_REMOTE_TOKEN`).
+    #[arg(long, default_value = DEFAULT_HOST)]
+    pub(super) host: String,
+    /// The Blender executable (or a folder holding it). Default: $BLENDER, PATH, usual install locations.
+    #[arg(long, value_name = "PATH")]
+    pub(super) blender: Option<PathBuf>,
+    /// A .blend file to open.
+    #[arg(long, value_name = "FILE.blend")]
+    pub(super) scene: Option<PathBuf>,
+    /// Seconds to wait for the service to accept connections.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    pub(super) ready_timeout: f64,
+    /// Extra arguments for Blender, after `--`. A further `--` passes the rest to Python's sys.argv.
+    #[arg(last = true, value_name = "BLENDER ARGS")]
+    pub(super) blender_args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct InstallArgs {
+    /// The Blender executable (or a folder holding it). Default: $BLENDER, PATH, usual install locations.
+    #[arg(long, value_name = "PATH")]
+    pub(super) blender: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(super) struct Target {
+    /// The service's port. Default: the only running instance (see `bld-remote ls`).
+    #[arg(long)]
+    pub(super) port: Option<u16>,
+    /// The service's address.
+    #[arg(long)]
+    pub(super) host: Option<String>,
+    /// Auth token, for services that require one. Default: `$BLD_REMOTE_TOKEN`.
+    #[arg(long)]
+    pub(super) token: Option<String>,
+    /// Give up waiting for the reply after this many seconds (default: wait as long as it takes).
+    #[arg(long, value_name = "SECONDS")]
+    pub(super) timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["code", "file"])))]
+pub(super) struct ExecArgs {
+    /// The code to run.
+    #[arg(short = 'c', value_name = "CODE")]
+    pub(super) code: Option<String>,
+    /// A Python file to run (`-`: read standard input).
+    #[arg(value_name = "FILE")]
+    pub(super) file: Option<PathBuf>,
+    /// Print the whole result as one JSON object (stdout, stderr, result, duration) instead.
+    #[arg(long)]
+    pub(super) json: bool,
+    #[command(flatten)]
+    pub(super) target: Target,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct StatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub(super) json: bool,
+    #[command(flatten)]
+    pub(super) target: Target,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct ShutdownArgs {
+    /// Seconds to wait for the port to close (0: do not wait).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub(super) wait: f64,
+    #[command(flatten)]
+    pub(super) target: Target,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct LsArgs {
+    /// Print the live instances' descriptors as a JSON list.
+    #[arg(long)]
+    pub(super) json: bool,
+}
