@@ -43,6 +43,9 @@ echo "==> stubtest bld_remote._core (installed wheel)" >&2
 cd "$work"
 installed=$(python -c 'import bld_remote._core as c, pathlib; print(pathlib.Path(c.__file__).parent)')
 case "$installed" in
-  "$root/bld_remote") echo "error: bld_remote is imported from the checkout ($installed), not the wheel" >&2; exit 1 ;;
+  "$root/bld_remote")
+    echo "error: bld_remote is imported from the checkout ($installed), not the wheel: an editable install" \
+      "(maturin develop) is in this venv; bash scripts/setup.sh reinstalls the wheel" >&2
+    exit 1 ;;
 esac
 python -m mypy.stubtest bld_remote._core --mypy-config-file "$work/stubtest.ini"
