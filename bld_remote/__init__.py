@@ -6,10 +6,14 @@ Inside Blender (``import bld_remote`` or the add-on)::
     bld_remote.keep_alive()                   # headless: serve on the main thread until stopped
 
 The network work happens on native threads (``bld_remote._core``); only command handlers that touch ``bpy``
-run here, on Blender's main thread. Importing this package has no side effects and does not need ``bpy``.
+run here, on Blender's main thread. Importing this package has no side effects and does not need ``bpy``;
+inside an interactive Blender it also imports ``gui`` (defining, not registering, the add-on's classes), so
+the GUI's pump is there for ``start_mcp_service()``.
 """
 
 from __future__ import annotations
+
+import sys
 
 bl_info = {
     "name": "bld_remote",
@@ -22,7 +26,7 @@ bl_info = {
 }
 
 from ._core import (  # noqa: E402
-    __version__,
+    __version__ as __version__,
     BlenderConnectionError,
     BlenderTimeoutError,
     Client,
@@ -39,6 +43,12 @@ from .service import (  # noqa: E402
     step,
     stop_mcp_service,
 )
+
+# Only where bpy is already loaded (never import it here: a script that only wants `Client` must not pay for
+# it) and has an event loop: a background Blender serves with keep_alive(), not the GUI's pump.
+_bpy = sys.modules.get("bpy")
+if _bpy is not None and not getattr(getattr(_bpy, "app", None), "background", True):
+    from . import gui  # noqa: F401 - registers the GUI's pump with the service
 
 __all__ = [
     "BlenderConnectionError",

@@ -1,15 +1,55 @@
 """Native half of bld_remote (Rust, PyO3). Use the API in ``bld_remote``; this module is private."""
 
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict, final
+
+__all__ = [
+    "__version__",
+    "DEFAULT_PORT",
+    "DEFAULT_HOST",
+    "start",
+    "stop",
+    "request_stop",
+    "is_running",
+    "stop_requested",
+    "status",
+    "token",
+    "startup_options",
+    "step",
+    "serve_forever",
+    "report_progress",
+    "OutputCapture",
+    "Client",
+    "ExecResult",
+    "BlenderConnectionError",
+    "BlenderTimeoutError",
+    "RemoteError",
+]
 
 __version__: str
+"""The version of the wheel (the workspace's Cargo.toml)."""
+DEFAULT_PORT: int
+"""The default service port, 6688."""
+DEFAULT_HOST: str
+"""The default bind address, ``"127.0.0.1"``."""
+
+class _StartupOptions(TypedDict):
+    """What ``startup_options()`` returns."""
+
+    host: str
+    port: int
+    port_from_env: bool
+    start_now: bool
+    log_level: str
+
+# --- the service (src/service.rs) -----------------------------------------------------------------------
 
 def start(
-    host: str,
-    port: int,
-    handler: Callable[[str, dict[str, Any]], tuple[bool, Any]],
+    handler: Callable[[str, dict[str, Any]], Any],
     commands: list[str],
     mode: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
     token: str | None = None,
     info: dict[str, Any] | None = None,
     max_request_bytes: int | None = None,
@@ -17,8 +57,15 @@ def start(
     queue_capacity: int | None = None,
     idle_timeout: float | None = None,
     default_timeout: float | None = None,
-) -> tuple[str, int]:
-    """Bind and start serving on native threads. Raises OSError (bind), ValueError (config), RuntimeError."""
+    request_read_timeout: float | None = None,
+    max_depth: int | None = None,
+) -> tuple[str, int] | None:
+    """Bind and start serving on native threads; returns the bound ``(host, port)``.
+
+    Each setting left as None comes from its ``BLD_REMOTE_*`` variable, else the default
+    (``bld_remote_core::config::Config::from_env``); a bad value raises ValueError naming it. ``token="auto"``
+    is a fresh random token. Already running: None when the address asked for is the one served, else
+    RuntimeError. OSError when the port cannot be bound."""
 
 def stop() -> bool:
     """Stop and join every thread (deferred until the current job replies when called from inside one)."""
@@ -26,17 +73,38 @@ def stop() -> bool:
 def request_stop() -> bool:
     """Ask the pump to stop the service; safe from signal handlers and other threads."""
 
-def is_running() -> bool: ...
-def stop_requested() -> bool: ...
-def status() -> dict[str, Any] | None: ...
+def is_running() -> bool:
+    """True while the service accepts connections."""
+
+def stop_requested() -> bool:
+    """True once a stop was asked for and not yet performed."""
+
+def status() -> dict[str, Any] | None:
+    """The service's ``get_status`` dict, or None when it is not running."""
+
+def token() -> str | None:
+    """The token the running service requires (None: it requires none, or none runs)."""
+
+def startup_options() -> _StartupOptions:
+    """``BLD_REMOTE_MCP_PORT``, ``BLD_REMOTE_MCP_START_NOW`` and ``BLD_REMOTE_LOG_LEVEL``, parsed in Rust.
+
+    ``port_from_env`` says whether ``port`` came from the variable. A bad value raises ValueError."""
+
+# --- the pump (src/pump.rs) -----------------------------------------------------------------------------
+
 def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) -> int:
     """Run up to max_jobs jobs on this thread, waiting up to timeout seconds (GIL released) for the first."""
 
 def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
     """Headless pump: block (GIL released) and run jobs until the service stops."""
 
-# --- client side (src/py_client.rs, src/error.rs) ------------------------------------------------------
+def report_progress(progress: float, total: float | None = None, message: str | None = None) -> bool:
+    """Report the running job's progress to its client (framed requests only); False when nobody listens."""
 
+# --- execute_code's output, the client side and the exceptions (src/capture.rs, client.rs, error.rs) ------
+
+# pyo3 classes cannot be subclassed.
+@final
 class OutputCapture:
     """``sys.stdout``/``sys.stderr`` of ``execute_code``: a write-only text file kept in Rust.
 
@@ -90,6 +158,7 @@ class RemoteError(RuntimeError):
     """``{"stdout": ..., "stderr": ...}`` printed before the failure (execute_code)."""
     reply: dict[str, Any]
 
+@final
 class ExecResult:
     """What ``Client.execute`` returns. Also readable as ``r["stdout"]``."""
 
@@ -103,8 +172,9 @@ class ExecResult:
     @property
     def duration(self) -> float:
         """Seconds the code ran in Blender."""
-    def __getitem__(self, key: str) -> Any: ...
+    def __getitem__(self, key: str, /) -> Any: ...
 
+@final
 class Client:
     """A connection to a running bld_remote service (framed mode: ids, one JSON reply per line).
 
@@ -112,13 +182,13 @@ class Client:
     ``timeout`` is per request in seconds (None: no limit). ``token`` defaults to ``$BLD_REMOTE_TOKEN``.
     Every wait releases the GIL; Ctrl+C interrupts it. Thread-safe; calls are serialised."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         host: str | None = None,
         port: int | None = None,
-        timeout: float | None = 60.0,
+        timeout: float | None = ...,  # 60 s (DEFAULT_CLIENT_TIMEOUT in crates/core/src/config.rs)
         token: str | None = None,
-    ) -> None: ...
+    ) -> Client: ...
     @property
     def host(self) -> str: ...
     @property
@@ -140,9 +210,3 @@ class Client:
     def close(self) -> None: ...
     def __enter__(self) -> Client: ...
     def __exit__(self, *exc: object) -> bool: ...
-
-def cli_main(argv: list[str]) -> int:
-    """Run the ``bld-remote`` command line (``sys.argv``); returns the exit status."""
-
-def report_progress(progress: float, total: float | None = None, message: str | None = None) -> bool:
-    """Report the running job's progress to its client (framed requests only); False when nobody listens."""

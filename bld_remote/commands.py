@@ -46,7 +46,7 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
             return True, handler(params)
     except CommandError as exc:
         return False, {"message": exc.message, **exc.extra}
-    except BaseException as exc:  # noqa: BLE001 - nothing a client sends may escape into Blender
+    except BaseException as exc:  # nothing a client sends may escape into Blender
         return False, {
             "message": f"{type(exc).__name__}: {exc}",
             "exception": type(exc).__name__,
@@ -84,7 +84,7 @@ def _undo_push(command: str) -> None:
             return
         # bpy.ops called from Python push no undo steps of their own, so this is the command's only step.
         bpy.ops.ed.undo_push(message=f"bld_remote: {command}")
-    except BaseException as exc:  # noqa: BLE001 - the command's reply matters more than its undo step
+    except BaseException as exc:  # the command's reply matters more than its undo step
         print(f"bld_remote [WARNING] no undo step for {command}: {exc!r}", file=sys.stderr, flush=True)
 
 
@@ -226,10 +226,10 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         try:
-            exec(compiled, namespace)  # noqa: S102 - running client code is this tool's purpose
+            exec(compiled, namespace)  # running client code is this tool's purpose
         finally:
             sys.stdout, sys.stderr = saved
-    except BaseException as exc:  # noqa: BLE001 - SystemExit in client code must not end Blender
+    except BaseException as exc:  # SystemExit in client code must not end Blender
         # Start the traceback at the client's code, not at this module's frames (exec, _compile).
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
@@ -452,7 +452,7 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
         count[0] += 1
         try:
             _core.report_progress(float(count[0]), None, message)
-        except BaseException:  # noqa: BLE001 - progress must never break a render
+        except BaseException:  # progress must never break a render
             pass
 
     def on_pre(*_args: Any) -> None:
@@ -559,7 +559,7 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
         for obj, attr, value in reversed(saved):
             try:
                 setattr(obj, attr, value)
-            except Exception:  # noqa: BLE001 - restore what can be restored
+            except Exception:  # restore what can be restored
                 pass
 
 

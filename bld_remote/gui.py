@@ -1,6 +1,8 @@
 """GUI mode: the timer pump, the keeper modal operator, the add-on preferences and the Start/Stop operators.
 
-Runs on Blender's main thread, and needs ``bpy``: ``service`` imports this module only inside Blender. In an
+Runs on Blender's main thread, and needs ``bpy``: the package imports this module only inside an interactive
+Blender (and ``register()`` does). This module imports ``service``, never the reverse: on import it registers
+its pump with ``service.set_gui_pump``, which ``start_mcp_service()`` and ``stop_mcp_service()`` call. In an
 interactive Blender two drivers can run the service's jobs, both through ``_core.step`` with a time budget:
 
 - the **timer pump**, one persistent ``bpy.app.timers`` callback (the default). It never raises (Blender drops a
@@ -18,7 +20,6 @@ unregisters the classes in reverse order.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -92,10 +93,10 @@ def _pump() -> float | None:
         if ran or time.monotonic() - _last_activity < ACTIVE_WINDOW:
             return ACTIVE_INTERVAL
         return IDLE_INTERVAL
-    except BaseException as exc:  # noqa: BLE001 - a raising timer is silently removed by Blender
+    except BaseException as exc:  # a raising timer is silently removed by Blender
         try:
             service._log("ERROR", f"pump error: {exc!r}")
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass
         return 0.1
 
@@ -135,11 +136,11 @@ def _on_load_post(*_args: Any) -> None:
             _end_keeper(bpy.context.window_manager)
         if _core.is_running():
             ensure_pump()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         service._log("ERROR", f"could not re-arm the pump after loading a file: {exc!r}")
 
 
-_on_load_post._bld_remote_handler = True  # type: ignore[attr-defined]
+_on_load_post._bld_remote_handler = True
 
 
 # --- the keeper modal operator --------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _end_keeper(wm: Any) -> None:
     if timer is not None:
         try:
             wm.event_timer_remove(timer)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             service._log("WARNING", f"could not remove the keeper's timer: {exc!r}")
     if _core.is_running():
         ensure_pump()
@@ -191,7 +192,7 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
         if not _core.is_running():
             try:
                 start_from_preferences()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.report({"ERROR"}, f"bld_remote could not start: {exc}")
                 return {"CANCELLED"}
         window = context.window or (
@@ -220,7 +221,7 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
                 if not _core.is_running():
                     _end_keeper(context.window_manager)
                     return {"FINISHED"}
-        except BaseException as exc:  # noqa: BLE001 - never take the UI down with us
+        except BaseException as exc:  # never take the UI down with us
             service._log("ERROR", f"keeper error: {exc!r}")
         return {"PASS_THROUGH"}
 
@@ -228,7 +229,7 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
         # Blender calls this when it frees the handler (a file load, the window closing).
         try:
             _end_keeper(context.window_manager)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             service._log("ERROR", f"keeper cancel: {exc!r}")
 
 
@@ -247,10 +248,12 @@ def preferences() -> Any:
 def start_from_preferences(*, use_env_port: bool = False) -> dict[str, Any]:
     """Start with the host and port from the preferences (defaults when not an add-on). Returns the status."""
     prefs = preferences()
-    host = prefs.host if prefs is not None and prefs.host.strip() else service.DEFAULT_HOST
-    port = prefs.port if prefs is not None else service.DEFAULT_PORT
-    if use_env_port and os.environ.get("BLD_REMOTE_MCP_PORT", "").strip():
-        port = service._env_port()
+    host = prefs.host if prefs is not None and prefs.host.strip() else _core.DEFAULT_HOST
+    port = prefs.port if prefs is not None else _core.DEFAULT_PORT
+    if use_env_port:
+        options = _core.startup_options()  # BLD_REMOTE_MCP_PORT, parsed (and checked) in Rust
+        if options["port_from_env"]:
+            port = options["port"]
     return service.start_mcp_service(port=port, host=host.strip())
 
 
@@ -273,7 +276,7 @@ class BLD_REMOTE_OT_start(bpy.types.Operator):
     def execute(self, context: Any) -> set[str]:
         try:
             status = start_from_preferences()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.report({"ERROR"}, f"bld_remote could not start: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"bld_remote listening on {status['host']}:{status['port']}")
@@ -299,12 +302,12 @@ class BLD_REMOTE_AddonPreferences(bpy.types.AddonPreferences):
     host: bpy.props.StringProperty(  # type: ignore[valid-type]
         name="Host",
         description="Address to listen on. Anything but loopback requires a token (BLD_REMOTE_TOKEN)",
-        default=service.DEFAULT_HOST,
+        default=_core.DEFAULT_HOST,
     )
     port: bpy.props.IntProperty(  # type: ignore[valid-type]
         name="Port",
         description="TCP port (0 picks a free one). BLD_REMOTE_MCP_PORT overrides it for automatic start",
-        default=service.DEFAULT_PORT,
+        default=_core.DEFAULT_PORT,
         min=0,
         max=65535,
     )
@@ -323,12 +326,12 @@ class BLD_REMOTE_AddonPreferences(bpy.types.AddonPreferences):
         layout.prop(self, "auto_start")
         status = service.get_status()
         box = layout.box()
-        row = box.row()
-        row.label(text=status_line(status), icon="CHECKMARK" if status.get("running") else "CANCEL")
+        # The status gets a row of its own: next to the button, the column was too narrow for the address.
+        box.label(text=status_line(status), icon="CHECKMARK" if status.get("running") else "CANCEL")
         if status.get("running"):
-            row.operator(BLD_REMOTE_OT_stop.bl_idname, icon="PAUSE")
+            box.operator(BLD_REMOTE_OT_stop.bl_idname, icon="PAUSE")
         else:
-            row.operator(BLD_REMOTE_OT_start.bl_idname, icon="PLAY")
+            box.operator(BLD_REMOTE_OT_start.bl_idname, icon="PLAY")
 
 
 classes = (
@@ -340,7 +343,7 @@ classes = (
 
 
 def _should_auto_start() -> bool:
-    if os.environ.get("BLD_REMOTE_MCP_START_NOW", "").strip().lower() in service._TRUTHY:
+    if _core.startup_options()["start_now"]:  # BLD_REMOTE_MCP_START_NOW
         return True
     prefs = preferences()
     return bool(prefs is not None and prefs.auto_start)
@@ -349,11 +352,11 @@ def _should_auto_start() -> bool:
 def register() -> None:
     for cls in classes:
         bpy.utils.register_class(cls)
-    if _should_auto_start():
-        try:
+    try:
+        if _should_auto_start():
             start_from_preferences(use_env_port=True)
-        except Exception as exc:  # noqa: BLE001 - never break Blender's add-on loading
-            service._log("ERROR", f"could not start on register: {exc}")
+    except Exception as exc:  # never break Blender's add-on loading
+        service._log("ERROR", f"could not start on register: {exc}")
 
 
 def unregister() -> None:
@@ -365,3 +368,7 @@ def unregister() -> None:
     remove_pump()
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)
+
+
+# The service arms and removes this pump (it never imports this module: see service.set_gui_pump).
+service.set_gui_pump(ensure_pump, remove_pump)

@@ -12,33 +12,35 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from . import _core, commands
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 6688
-_TRUTHY = {"1", "true", "yes", "on"}
+# From the native module, where they are written once (crates/core/src/config.rs).
+DEFAULT_HOST: str = _core.DEFAULT_HOST
+DEFAULT_PORT: int = _core.DEFAULT_PORT
 _LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 
 
 def _log(level: str, message: str) -> None:
-    wanted = _LOG_LEVELS.get(os.environ.get("BLD_REMOTE_LOG_LEVEL", "INFO").upper(), 20)
+    try:
+        wanted = _LOG_LEVELS[_core.startup_options()["log_level"]]
+    except ValueError:  # a bad BLD_REMOTE_* variable must not stop a log line (nor a signal handler)
+        wanted = _LOG_LEVELS["INFO"]
     if _LOG_LEVELS.get(level, 20) >= wanted:
         print(f"bld_remote [{level}] {message}", file=sys.stderr, flush=True)
 
 
-def _env_port() -> int:
-    raw = os.environ.get("BLD_REMOTE_MCP_PORT", "").strip()
-    if not raw:
-        return DEFAULT_PORT
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ValueError(f"BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {raw!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"BLD_REMOTE_MCP_PORT must be a port number (0-65535), got {raw!r}")
-    return port
+# The interactive Blender's pump (the timer, or the keeper operator): `gui` registers it when imported, so
+# this module never imports `gui` (which imports this one). `bld_remote/__init__.py` imports `gui` inside
+# an interactive Blender, so it is registered before any service can start there.
+_gui_pump: tuple[Callable[[], None], Callable[[], None]] | None = None
+
+
+def set_gui_pump(ensure: Callable[[], None], remove: Callable[[], None]) -> None:
+    """Register what arms (``ensure``, idempotent) and removes (``remove``) the GUI's pump."""
+    global _gui_pump
+    _gui_pump = (ensure, remove)
 
 
 def _blender_info() -> tuple[str, dict[str, Any]]:
@@ -81,38 +83,16 @@ def start_mcp_service(
     (``BLD_REMOTE_DEFAULT_TIMEOUT``, 300), ``request_read_timeout`` (``BLD_REMOTE_REQUEST_READ_TIMEOUT``,
     60), ``max_depth`` (``BLD_REMOTE_MAX_DEPTH``, 100). See docs/PROTOCOL.md.
     """
-    if port is None:
-        port = _env_port()
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
         raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
-    host = host or DEFAULT_HOST
-    if token is None:
-        token = os.environ.get("BLD_REMOTE_TOKEN") or None
-    if token is not None and token.strip().lower() == "auto":
-        import secrets
-
-        token = secrets.token_urlsafe(32)
-    max_request_bytes = _env_limit(max_request_bytes, "BLD_REMOTE_MAX_REQUEST_BYTES", int)
-    max_connections = _env_limit(max_connections, "BLD_REMOTE_MAX_CONNECTIONS", int)
-    queue_capacity = _env_limit(queue_capacity, "BLD_REMOTE_QUEUE_CAPACITY", int)
-    max_depth = _env_limit(max_depth, "BLD_REMOTE_MAX_DEPTH", int)
-    idle_timeout = _env_limit(idle_timeout, "BLD_REMOTE_IDLE_TIMEOUT", float)
-    default_timeout = _env_limit(default_timeout, "BLD_REMOTE_DEFAULT_TIMEOUT", float)
-    request_read_timeout = _env_limit(request_read_timeout, "BLD_REMOTE_REQUEST_READ_TIMEOUT", float)
-    if _core.is_running():
-        status = get_status()
-        if port in (0, status["port"]) and host == status["host"]:
-            return status
-        raise RuntimeError(
-            f"bld_remote is already serving on {status['host']}:{status['port']}; stop_mcp_service() first"
-        )
     mode, info = _blender_info()
-    bound_host, bound_port = _core.start(
-        host,
-        port,
+    # None: the environment variable, else the default, resolved (and range-checked) in Rust.
+    bound = _core.start(
         commands.dispatch,
         sorted(commands.HANDLERS),
         mode,
+        host=host or None,
+        port=port,
         token=token,
         info=info,
         max_request_bytes=max_request_bytes,
@@ -123,40 +103,22 @@ def start_mcp_service(
         request_read_timeout=request_read_timeout,
         max_depth=max_depth,
     )
-    global _token
-    _token = token
+    if bound is None:  # already serving the address asked for
+        return get_status()
+    bound_host, bound_port = bound
     if mode == "gui":
-        from . import gui
-
-        gui.ensure_pump()
+        if _gui_pump is not None:
+            _gui_pump[0]()
+        else:
+            _log("WARNING", "no GUI pump is registered: requests wait until step() is called")
     # The ready line: tools (and `bld-remote start`) wait for exactly this.
     print(f"bld_remote listening on {bound_host}:{bound_port} (pid {os.getpid()})", flush=True)
     return get_status()
 
 
-def _env_limit(value: Any, name: str, kind: type) -> Any:
-    """An explicit argument wins; else the environment variable ``name``; else None (the default)."""
-    if value is not None:
-        return value
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        parsed = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if parsed < 0:
-        raise ValueError(f"{name} must not be negative, got {raw!r}")
-    return parsed
-
-
-# The running service's token, for in-process tools (the instance descriptor file). Never sent on the wire.
-_token: str | None = None
-
-
 def current_token() -> str | None:
     """The token the running service requires (None when it requires none, or is not running)."""
-    return _token if _core.is_running() else None
+    return _core.token()
 
 
 def stop_mcp_service() -> bool:
@@ -201,7 +163,7 @@ def keep_alive() -> None:
     if not _core.is_running():
         raise RuntimeError("bld_remote is not running: call start_mcp_service() before keep_alive()")
     on_main = threading.current_thread() is threading.main_thread()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if on_main:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -234,11 +196,5 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 def _remove_gui_pump() -> None:
-    try:
-        import bpy
-    except ImportError:
-        return
-    if not bpy.app.background:
-        from . import gui
-
-        gui.remove_pump()
+    if _gui_pump is not None:
+        _gui_pump[1]()

@@ -8,8 +8,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::Value;
 
-use crate::client::ClientError;
-use crate::py::json_to_py;
+use bld_remote_core::client::ClientError;
+
+use crate::convert::json_to_py;
 
 pyo3::create_exception!(
     bld_remote,

@@ -1,35 +1,50 @@
 //! `bld_remote._core`: the native module that Blender's process loads, and nothing more. It joins the
-//! pure-Rust service (crates/core: protocol, jobs, server, client) to Python: the main-thread pump, JSON to
-//! Python and back, `OutputCapture`, the Client binding, and errors as exceptions. The command line and the
-//! MCP server are a separate binary (crates/cli) and are never linked here.
-//! This file is only the manifest of modules and exports.
+//! pure-Rust service (crates/core: protocol, jobs, server, client) to Python. The command line and the MCP
+//! server are a separate binary (crates/cli) and are never linked here.
+//!
+//! This file is only the manifest of modules and exports; it runs once, on the importing thread.
+//!
+//! | module     | owns                                                           | thread                  |
+//! |------------|----------------------------------------------------------------|-------------------------|
+//! | `service`  | start/stop/status of the one service, its descriptor, options  | the calling Python one  |
+//! | `pump`     | `step`, `serve_forever`, running a job, handler results         | Blender's main thread   |
+//! | `signals`  | `SignalForwarder`: signal wake-ups for the blocked pump         | its own, never the GIL  |
+//! | `convert`  | JSON <-> Python                                                 | whoever holds the GIL   |
+//! | `capture`  | `OutputCapture`, execute_code's stdout/stderr                  | Blender's main thread   |
+//! | `client`   | the `Client` binding and `ExecResult`                          | the calling Python one  |
+//! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
+mod capture;
+mod client;
+mod convert;
 mod error;
-mod py;
-mod py_capture;
-mod py_client;
+mod pump;
+mod service;
+mod signals;
 
-use bld_remote_core::{client, instances, jobs, protocol, server};
+use bld_remote_core::{config, instances};
 use pyo3::prelude::*;
 
 /// The native half of the `bld_remote` package. Use the Python API in `bld_remote`, not this directly.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", bld_remote_core::config::VERSION)?;
-    m.add("DEFAULT_PORT", bld_remote_core::config::DEFAULT_PORT)?;
-    m.add("DEFAULT_HOST", bld_remote_core::config::DEFAULT_HOST)?;
-    m.add_function(wrap_pyfunction!(py::start, m)?)?;
-    m.add_function(wrap_pyfunction!(py::stop, m)?)?;
-    m.add_function(wrap_pyfunction!(py::request_stop, m)?)?;
-    m.add_function(wrap_pyfunction!(py::is_running, m)?)?;
-    m.add_function(wrap_pyfunction!(py::stop_requested, m)?)?;
-    m.add_function(wrap_pyfunction!(py::status, m)?)?;
-    m.add_function(wrap_pyfunction!(py::step, m)?)?;
-    m.add_function(wrap_pyfunction!(py::serve_forever, m)?)?;
-    m.add_function(wrap_pyfunction!(py::report_progress, m)?)?;
-    m.add_class::<py_capture::OutputCapture>()?;
-    m.add_class::<py_client::PyClient>()?;
-    m.add_class::<py_client::ExecResult>()?;
+    m.add("__version__", config::VERSION)?;
+    m.add("DEFAULT_PORT", config::DEFAULT_PORT)?;
+    m.add("DEFAULT_HOST", config::DEFAULT_HOST)?;
+    m.add_function(wrap_pyfunction!(service::start, m)?)?;
+    m.add_function(wrap_pyfunction!(service::stop, m)?)?;
+    m.add_function(wrap_pyfunction!(service::request_stop, m)?)?;
+    m.add_function(wrap_pyfunction!(service::is_running, m)?)?;
+    m.add_function(wrap_pyfunction!(service::stop_requested, m)?)?;
+    m.add_function(wrap_pyfunction!(service::status, m)?)?;
+    m.add_function(wrap_pyfunction!(service::token, m)?)?;
+    m.add_function(wrap_pyfunction!(service::startup_options, m)?)?;
+    m.add_function(wrap_pyfunction!(pump::step, m)?)?;
+    m.add_function(wrap_pyfunction!(pump::serve_forever, m)?)?;
+    m.add_function(wrap_pyfunction!(pump::report_progress, m)?)?;
+    m.add_class::<capture::OutputCapture>()?;
+    m.add_class::<client::PyClient>()?;
+    m.add_class::<client::ExecResult>()?;
     error::add_to_module(m)?;
     Ok(())
 }

@@ -609,7 +609,7 @@ def test_disable_enable_cycles_leak_nothing_then_prefs_and_factory_settings(tmp_
         assert report["cycles"][5]["off"]["keeper"] == ["RUNNING_MODAL", True, False, True], report["cycles"][
             5
         ]
-        # Total threads, and bld_remote's (listener, trimmer): as before the cycles.
+        # Total threads, and bld_remote's (the listener): as before the cycles.
         # Every thread as before the cycles, by name — except that the allocator Blender is linked with
         # (jemalloc) may have started a background purge thread for an arena our threads used: a pool it
         # bounds itself (about one per CPU), which does not grow with the number of cycles.
@@ -618,8 +618,8 @@ def test_disable_enable_cycles_leak_nothing_then_prefs_and_factory_settings(tmp_
         assert after[jemalloc] <= before[jemalloc] + 2, (before, after)
         del before[jemalloc], after[jemalloc]
         assert after == before, f"extra threads: {dict(after - before)}, missing: {dict(before - after)}"
-        # The service's own threads: the listener and the buffer trimmer (src/alloc.rs).
-        assert report["before"][1] == 2 and report["after"][1] == 2
+        # The service's own thread while no client is connected: the listener (there is no trimmer any more).
+        assert report["before"][1] == 1 and report["after"][1] == 1
 
         prefs = json.loads(b.wait_for(r"^PREFS (.*)$", 60)[1])
         assert prefs["started_without"] is False
@@ -629,10 +629,10 @@ def test_disable_enable_cycles_leak_nothing_then_prefs_and_factory_settings(tmp_
         assert prefs["start_button"] == [True, True, True], prefs
         assert prefs["stopped_on_disable"] is True  # and served again since, by a plain start_mcp_service()
 
-        # Seen from outside: two bld_remote threads (listener, trimmer; a new thread names itself once it runs),
+        # Seen from outside: one bld_remote thread (the listener; a new thread names itself once it runs),
         # and no more threads than after the cycles, give or take the allocator's pool.
         deadline = time.monotonic() + 5
-        while (seen := _proc_threads(b.blender_pid))[1] != 2:
+        while (seen := _proc_threads(b.blender_pid))[1] != 1:
             assert time.monotonic() < deadline, (seen, report["after"])
             time.sleep(0.1)
         assert seen[0] <= report["after"][0] + 2, (seen, report["after"])

@@ -21,6 +21,10 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// The service's default deadline for a request that carries no `timeout` of its own.
 pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(300);
 
+/// The client side's default wait for one reply (`bld_remote.Client(timeout=...)`): distinct from
+/// [`DEFAULT_REQUEST_DEADLINE`], which is how long the service lets a request without its own `timeout` run.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Default time a request may take to arrive, from its first byte to its last.
 pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,7 +1,8 @@
-//! Python bindings of the client side: `bld_remote.Client` (a pyclass over [`crate::client::Client`]),
-//! `ExecResult`, and `cli_main`, the body of the `bld-remote` command. Runs on the calling Python thread;
-//! every network wait and the whole CLI run with the GIL released (`py.detach`), coming back only to let
-//! Python run its signal handlers.
+//! The Client binding: `bld_remote.Client` (a pyclass over `bld_remote_core::client::Client`) and
+//! `ExecResult`, what `Client.execute` returns.
+//!
+//! Runs on the calling Python thread; every network wait releases the GIL (`py.detach`), coming back only
+//! every 100 ms to let Python run its signal handlers (Ctrl+C).
 
 use std::time::Duration;
 
@@ -11,13 +12,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use serde_json::{Map, Value};
 
-use crate::client::{exec_output, Client, ClientError};
+use bld_remote_core::client::{exec_output, Client, ClientError};
+use bld_remote_core::config::DEFAULT_CLIENT_TIMEOUT;
+
+use crate::convert::{dict_to_map, json_to_py};
 use crate::error::{client_error, BlenderConnectionError};
 use crate::instances;
-use crate::py::{json_to_py, py_to_json};
-
-/// Default per-request timeout of `bld_remote.Client`, in seconds.
-const DEFAULT_TIMEOUT: f64 = 60.0;
 
 /// A connection to a running `bld_remote` service.
 ///
@@ -133,7 +133,7 @@ impl PyClient {
     /// limit); the service also drops a request still queued when it runs out. ``token``: for services that
     /// require one (default ``$BLD_REMOTE_TOKEN``).
     #[new]
-    #[pyo3(signature = (host=None, port=None, timeout=Some(DEFAULT_TIMEOUT), token=None))]
+    #[pyo3(signature = (host=None, port=None, timeout=Some(DEFAULT_CLIENT_TIMEOUT.as_secs_f64()), token=None))]
     fn new(
         py: Python<'_>,
         host: Option<String>,
@@ -188,14 +188,7 @@ impl PyClient {
         command: &str,
         params: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let params = match params {
-            Some(d) => match py_to_json(d.as_any(), 0) {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            },
-            None => Map::new(),
-        };
-        let v = self.request(py, command, params)?;
+        let v = self.request(py, command, dict_to_map(params))?;
         Ok(json_to_py(py, &v)?.unbind())
     }
 

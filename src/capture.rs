@@ -3,13 +3,15 @@
 //! A text file that appends to a Rust `String`. `io.StringIO` cost three copies of the output on
 //! Blender's main thread (the write into its buffer, `getvalue()`, the conversion to the reply), each a
 //! fresh block from Blender's allocator: 64 MB of output took ~45 ms per copy. Here the text is copied
-//! once, into a buffer that grows without copying (src/alloc.rs), and the reply takes that buffer as it
-//! is: converting an `OutputCapture` to JSON (`py::py_to_json`) moves its text out.
+//! once, into a `String` that grows by doubling, and the reply takes that buffer as it is: converting an
+//! `OutputCapture` to JSON (`convert::py_to_json`) moves its text out.
 //!
 //! It behaves as `io.StringIO` does for writing (`write` takes `str` only and returns the number of
 //! characters; `writelines`, `flush`, `getvalue`, `isatty`, `fileno` raising `io.UnsupportedOperation`)
 //! and is registered as an `io.TextIOBase` (`bld_remote/commands.py`). Differences, on purpose: `encoding`
 //! is `"utf-8"` (what the reply is), and `close()` keeps the text, which is still sent.
+//!
+//! Runs on Blender's main thread: client code writes to it inside a job, holding the GIL.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
