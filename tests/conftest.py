@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import SERVE, BlenderProcess, blender_env, built_cli_wheel, built_wheel, runtime_argv  # noqa: E402
+from helpers import SERVE, BlenderProcess, blender_env, built_cli_wheel, built_wheel, runtime_argv
 
 
 @pytest.fixture(scope="session")
