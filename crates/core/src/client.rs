@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::jobs::Phase;
+
 /// Longest single blocking wait, so that an interrupt (Ctrl+C) is noticed quickly.
 const POLL: Duration = Duration::from_millis(100);
 /// Extra time the client waits beyond the deadline it sends, so the service's own "timed out" reply (which
@@ -116,7 +118,9 @@ pub fn interpret_reply(addr: &str, mut reply: Map<String, Value>) -> Result<Valu
 pub fn ran_field(reply: &Map<String, Value>) -> Option<bool> {
     match reply.get("ran") {
         Some(Value::Bool(b)) => Some(*b),
-        _ if reply.get("state").and_then(Value::as_str) == Some("running") => Some(true),
+        _ if reply.get("state").and_then(Value::as_str) == Some(Phase::Running.name()) => {
+            Some(true)
+        }
         _ => None,
     }
 }

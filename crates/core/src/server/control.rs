@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use super::Shared;
-use crate::jobs::{not_run, JobState};
+use crate::jobs::{not_run, JobState, Phase};
 use crate::protocol::{Outcome, Request};
 
 fn str_param<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, Outcome> {
@@ -24,22 +24,24 @@ fn str_param<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, 
 fn cancel(state: &JobState) -> (Outcome, Option<Outcome>) {
     if state.cancel() {
         return (
-            Outcome::Success(json!({"cancelled": true, "state": "queued", "ran": false})),
+            Outcome::Success(
+                json!({"cancelled": true, "state": Phase::Queued.name(), "ran": false}),
+            ),
             Some(not_run(
                 "cancelled: the request was not run and never will be",
             )),
         );
     }
-    match state.phase_name() {
-        "running" => {
+    match state.phase() {
+        Phase::Running => {
             let mut extra = Map::new();
             extra.insert("ran".into(), Value::from("unknown"));
-            extra.insert("state".into(), Value::from("running"));
+            extra.insert("state".into(), Value::from(Phase::Running.name()));
             extra.insert("cancelled".into(), Value::Bool(true));
             (
                 Outcome::Success(json!({
                     "cancelled": true,
-                    "state": "running",
+                    "state": Phase::Running.name(),
                     "ran": "unknown",
                     "message": "the request is already running in Blender and cannot be stopped; \
                                 its result will be discarded",
@@ -51,7 +53,7 @@ fn cancel(state: &JobState) -> (Outcome, Option<Outcome>) {
             )
         }
         phase => (
-            Outcome::Success(json!({"cancelled": false, "state": phase})),
+            Outcome::Success(json!({"cancelled": false, "state": phase.name()})),
             None,
         ),
     }

@@ -179,7 +179,7 @@ fn read_loop(
             request_began = None;
         }
         if by_id.len() > 1024 {
-            by_id.retain(|_, (_, s)| matches!(s.phase_name(), "queued" | "running"));
+            by_id.retain(|_, (_, s)| s.phase().is_pending());
         }
     };
     if let ReadEnd::Error(bytes) = end {
