@@ -26,8 +26,7 @@ fn pipelined_replies_match_ids_and_jobs_keep_their_order() {
         };
         batch.push_str(&req.to_string());
     }
-    w.write_all(batch.as_bytes())
-        .unwrap_or_else(|e| panic!("write: {e}"));
+    w.write_all(batch.as_bytes()).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let mut last_job = -1;
     for _ in 0..200 {
@@ -162,8 +161,7 @@ fn large_execute_code_replies_survive_partial_vectored_writes() {
         main_thread_commands: vec!["execute_code".into()],
         ..bld_remote_core::server::Config::default()
     };
-    let mut server =
-        bld_remote_core::server::Server::start(cfg).unwrap_or_else(|e| panic!("start: {e}"));
+    let mut server = bld_remote_core::server::Server::start(cfg).unwrap();
     let (done, main) = pump(&server);
     let (mut w, mut r) = connect(&server);
     w.set_read_timeout(Some(Duration::from_secs(60))).ok();

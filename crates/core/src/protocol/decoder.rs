@@ -476,7 +476,7 @@ mod tests {
         d.feed(&bytes[emoji + 2..]);
         let f = frames(&mut d);
         assert_eq!(f, vec![text.to_string()]);
-        let req = parse_request(f[0].as_bytes()).unwrap_or_else(|e| panic!("{e:?}"));
+        let req = parse_request(f[0].as_bytes()).unwrap();
         assert_eq!(req.params["code"], json!("print('\u{1F600} é 中')"));
     }
 

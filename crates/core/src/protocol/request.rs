@@ -114,17 +114,16 @@ mod tests {
     #[test]
     fn parses_requests_ids_params_and_legacy_form() {
         let r = parse_request(br#"{"type":"get_object_info","params":{"name":"Cube"},"id":3}"#);
-        let r = r.unwrap_or_else(|e| panic!("{e:?}"));
+        let r = r.unwrap();
         assert_eq!(r.command, "get_object_info");
         assert_eq!(r.id, Some(json!(3)));
         assert_eq!(r.params["name"], json!("Cube"));
         assert!(!r.legacy);
 
-        let r = parse_request(br#"{"type":"ping"}"#).unwrap_or_else(|e| panic!("{e:?}"));
+        let r = parse_request(br#"{"type":"ping"}"#).unwrap();
         assert!(r.params.is_empty() && r.id.is_none());
 
-        let r = parse_request(br#"{"code":"print(1)","message":"hi"}"#)
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        let r = parse_request(br#"{"code":"print(1)","message":"hi"}"#).unwrap();
         assert!(r.legacy);
         assert_eq!(r.command, "execute_code");
         assert_eq!(r.params["code"], json!("print(1)"));
