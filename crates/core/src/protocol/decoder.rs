@@ -44,15 +44,20 @@ impl std::fmt::Display for StreamError {
     }
 }
 
-/// Frames of this size or more are handed over in the decoder's own buffer rather than copied out.
-const HAND_OVER_BYTES: usize = 64 * 1024;
-
 /// Incremental splitter of a byte stream into complete top-level JSON objects.
+///
+/// It owns the connection's read buffer: the socket is read straight into it ([`Decoder::read_from`]),
+/// frames are lent out of it ([`Decoder::next_frame`]) and never copied, and it keeps its size between
+/// requests, so a client sending large requests on one connection pays for growing it (fresh pages) once.
+/// Its size is bounded by the request size limit plus two reads; it is freed with the connection.
 #[derive(Debug)]
 pub struct Decoder {
+    /// The bytes received; `buf[..filled]` is data, the rest is zeroed room for the next read (kept
+    /// initialised, so reads need no `unsafe` and room is zeroed once, when the buffer grows).
     buf: Vec<u8>,
-    /// Bytes of `buf` already handed out or skipped; dropped on the next `feed` (one move per read, so
-    /// many requests arriving in one read cost O(n), not O(n * requests)).
+    filled: usize,
+    /// Bytes of `buf` already handed out or skipped; dropped before the next read (one move per read,
+    /// so many requests arriving in one read cost O(n), not O(n * requests)).
     head: usize,
     /// Bytes of `buf` already scanned.
     scanned: usize,
@@ -69,9 +74,6 @@ pub struct Decoder {
     max_bytes: usize,
     max_depth: usize,
     failed: bool,
-    /// Frames of this size or more are handed over rather than copied ([`HAND_OVER_BYTES`]; the fuzz
-    /// check varies it, so that both ways are compared).
-    hand_over_bytes: usize,
 }
 
 const HTTP_METHODS: [&[u8]; 9] = [
@@ -90,6 +92,7 @@ impl Decoder {
     pub fn new(max_bytes: usize, max_depth: usize) -> Self {
         Self {
             buf: Vec::new(),
+            filled: 0,
             head: 0,
             scanned: 0,
             start: None,
@@ -101,17 +104,42 @@ impl Decoder {
             max_bytes: max_bytes.max(2),
             max_depth: max_depth.clamp(1, MAX_SUPPORTED_DEPTH),
             failed: false,
-            hand_over_bytes: HAND_OVER_BYTES,
         }
     }
 
-    /// Append bytes read from the socket.
+    /// One `read` from `r` straight into the buffer (no intermediate copy), with room for at least
+    /// `chunk` bytes. `Ok(0)` is the end of the stream.
+    pub fn read_from(
+        &mut self,
+        r: &mut impl std::io::Read,
+        chunk: usize,
+    ) -> std::io::Result<usize> {
+        let room = self.make_room(chunk);
+        let n = r.read(room)?;
+        self.filled += n;
+        if self.failed {
+            // Nothing after a stream error is ever decoded; keep nothing.
+            self.filled = 0;
+        }
+        Ok(n)
+    }
+
+    /// Append bytes (as if read from the socket).
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.failed {
             return;
         }
+        self.make_room(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Drop what was handed out, then make sure at least `want` bytes of room follow the data; return
+    /// the room. The buffer doubles (amortised O(1) per byte) but stops doubling past the size limit:
+    /// a request can never need more than the limit plus what one read brings.
+    fn make_room(&mut self, want: usize) -> &mut [u8] {
         if self.head > 0 {
-            self.buf.drain(..self.head);
+            self.buf.copy_within(self.head..self.filled, 0);
+            self.filled -= self.head;
             self.scanned -= self.head;
             if let Some(s) = self.start.as_mut() {
                 *s -= self.head;
@@ -119,16 +147,27 @@ impl Decoder {
             self.consumed += self.head as u64;
             self.head = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        let need = self.filled + want;
+        if self.buf.len() < need {
+            let cap = self.max_bytes.saturating_add(2 * want);
+            let doubled = (self.buf.len() * 2).min(cap);
+            self.buf.resize(need.max(doubled), 0);
+        }
+        &mut self.buf[self.filled..]
     }
 
     /// Bytes held that do not yet form a complete object (0 when idle between requests).
     pub fn pending_bytes(&self) -> usize {
-        self.buf.len()
+        self.filled
             - self
                 .start
                 .unwrap_or(self.head.max(self.scanned))
-                .min(self.buf.len())
+                .min(self.filled)
+    }
+
+    /// Bytes the buffer holds room for (what the connection keeps between requests).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buf.len()
     }
 
     /// True when a request has begun but is not complete (a disconnect now is "mid-request").
@@ -136,17 +175,24 @@ impl Decoder {
         self.start.is_some()
     }
 
-    /// The next complete object's bytes, `Ok(None)` when more input is needed, or the error that ends
-    /// the stream.
-    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, StreamError> {
+    /// The next complete object's bytes, lent out of the buffer (valid until the next read or call),
+    /// `Ok(None)` when more input is needed, or the error that ends the stream.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, StreamError> {
         if self.failed {
             return Ok(None);
         }
         match self.scan() {
-            Ok(Some(end)) => Ok(Some(self.take_frame(end))),
+            Ok(Some(end)) => {
+                let start = self.start.take().unwrap_or(0);
+                self.depth = 0;
+                self.openers = 0;
+                self.head = end;
+                self.scanned = end;
+                Ok(Some(&self.buf[start..end]))
+            }
             Ok(None) => {
                 if let Some(start) = self.start {
-                    if self.buf.len() - start > self.max_bytes {
+                    if self.filled - start > self.max_bytes {
                         return Err(self.fail(StreamError::TooLarge {
                             limit: self.max_bytes,
                         }));
@@ -154,9 +200,9 @@ impl Decoder {
                 } else {
                     // Nothing started: the whitespace scanned so far is dropped on the next feed.
                     self.head = self.scanned;
-                    if self.head == self.buf.len() {
+                    if self.head == self.filled {
                         self.consumed += self.head as u64;
-                        self.buf.clear();
+                        self.filled = 0;
                         self.head = 0;
                         self.scanned = 0;
                     }
@@ -170,12 +216,13 @@ impl Decoder {
     fn fail(&mut self, e: StreamError) -> StreamError {
         self.failed = true;
         self.buf = Vec::new();
+        self.filled = 0;
         e
     }
 
     /// Scan forward; return the end offset (exclusive) of a complete object.
     fn scan(&mut self) -> Result<Option<usize>, StreamError> {
-        let buf = &self.buf;
+        let buf = &self.buf[..self.filled];
         let mut i = self.scanned;
         while i < buf.len() {
             if self.in_string {
@@ -279,31 +326,6 @@ impl Decoder {
         }
         Ok(None)
     }
-
-    fn take_frame(&mut self, end: usize) -> Vec<u8> {
-        let start = self.start.take().unwrap_or(0);
-        self.depth = 0;
-        self.openers = 0;
-        let len = end - start;
-        if len >= self.hand_over_bytes && len >= (self.buf.len() - start) / 2 {
-            // A large frame that is most of the buffer (a large request, perhaps followed by a newline
-            // or the start of the next one): hand the buffer over instead of copying the frame out,
-            // and keep only what follows it.
-            let rest = self.buf[end..].to_vec();
-            let mut frame = std::mem::replace(&mut self.buf, rest);
-            frame.truncate(end);
-            if start > 0 {
-                frame.drain(..start);
-            }
-            self.consumed += end as u64;
-            self.head = 0;
-            self.scanned = 0;
-            return frame;
-        }
-        self.head = end;
-        self.scanned = end;
-        self.buf[start..end].to_vec()
-    }
 }
 
 /// The decoder's invariants, checked on arbitrary input: used by the `cargo fuzz` target
@@ -312,8 +334,9 @@ impl Decoder {
 ///
 /// The first two bytes of `data` pick the read sizes; the rest is the byte stream. Checked: feeding the
 /// stream whole and in pieces yields the same frames and the same final error (the decoder's state
-/// survives read boundaries); every frame is a balanced `{...}` within the size limit; the decoder holds
-/// no more than it was fed; after an error it yields nothing; parsing a frame and encoding a reply for it
+/// survives read boundaries), whether fed (`feed`) or read (`read_from`, as connections do); every frame
+/// is a balanced `{...}` within the size limit; the decoder holds no more than it was fed, and its buffer
+/// stays within the size limit plus a few reads; after an error it yields nothing; parsing a frame and encoding a reply for it
 /// never panic and give one line of valid JSON.
 #[doc(hidden)]
 pub fn fuzz_check_decoder(data: &[u8]) {
@@ -323,17 +346,31 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         [a, b, rest @ ..] => ([usize::from(*a) % 64 + 1, usize::from(*b) % 7 + 1], rest),
         _ => ([1, 1], data),
     };
-    let run = |pieces: &mut dyn Iterator<Item = &[u8]>, hand_over_bytes: usize| {
+    let run = |pieces: &mut dyn Iterator<Item = &[u8]>, read: bool| {
         let mut d = Decoder::new(MAX_BYTES, MAX_DEPTH);
-        d.hand_over_bytes = hand_over_bytes;
         let mut events: Vec<Result<Vec<u8>, StreamError>> = Vec::new();
         let mut fed = 0usize;
+        let mut largest = 0usize;
         'outer: for piece in pieces {
-            d.feed(piece);
+            if read {
+                let mut from = piece;
+                let n = d.read_from(&mut from, piece.len());
+                assert!(
+                    n.is_ok_and(|n| n == piece.len()),
+                    "read_from read less than offered"
+                );
+            } else {
+                d.feed(piece);
+            }
             fed += piece.len();
+            largest = largest.max(piece.len());
+            assert!(
+                d.buffer_bytes() <= MAX_BYTES + 3 * largest + 64,
+                "the buffer grew past the size limit plus a few reads"
+            );
             loop {
                 match d.next_frame() {
-                    Ok(Some(frame)) => events.push(Ok(frame)),
+                    Ok(Some(frame)) => events.push(Ok(frame.to_vec())),
                     Ok(None) => break,
                     Err(e) => {
                         events.push(Err(e));
@@ -356,8 +393,8 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         }
         events
     };
-    // In one read, frames always copied out; in pieces, frames of a few bytes already handed over.
-    let whole = run(&mut std::iter::once(stream), usize::MAX);
+    // Fed in one piece; then read in pieces.
+    let whole = run(&mut std::iter::once(stream), false);
     // Alternate two read sizes, so boundaries fall everywhere.
     let mut at = 0usize;
     let mut turn = 0usize;
@@ -370,7 +407,7 @@ pub fn fuzz_check_decoder(data: &[u8]) {
         at += n;
         Some(&stream[at - n..at])
     });
-    let split = run(&mut pieces, sizes[1]);
+    let split = run(&mut pieces, true);
     // A stream error can be found at a different point when the input stops mid-way, but the frames
     // before it and the error kind must agree.
     assert_eq!(
@@ -417,9 +454,14 @@ mod tests {
     fn frames(d: &mut Decoder) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(Some(f)) = d.next_frame() {
-            out.push(String::from_utf8(f).unwrap_or_default());
+            out.push(String::from_utf8(f.to_vec()).unwrap_or_default());
         }
         out
+    }
+
+    /// The next frame, copied (frames are lent out of the decoder's buffer).
+    fn next(d: &mut Decoder) -> Result<Option<Vec<u8>>, StreamError> {
+        d.next_frame().map(|f| f.map(<[u8]>::to_vec))
     }
 
     #[test]
@@ -497,9 +539,9 @@ mod tests {
     fn garbage_between_objects_is_a_stream_error() {
         let mut d = decoder();
         d.feed(b"{\"type\":\"ping\"} xyz");
-        assert_eq!(d.next_frame(), Ok(Some(b"{\"type\":\"ping\"}".to_vec())));
+        assert_eq!(next(&mut d), Ok(Some(b"{\"type\":\"ping\"}".to_vec())));
         assert!(matches!(
-            d.next_frame(),
+            next(&mut d),
             Err(StreamError::Garbage {
                 byte: b'x',
                 offset: 16
@@ -507,11 +549,11 @@ mod tests {
         ));
         // After a stream error the decoder yields nothing more.
         d.feed(b"{\"type\":\"ping\"}");
-        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(next(&mut d), Ok(None));
     }
 
     #[test]
-    fn large_frames_are_handed_over_with_what_follows_them_kept() {
+    fn large_frames_are_lent_with_what_follows_them_kept() {
         let big = format!(
             r#"{{"type":"put","params":{{"data":"{}"}}}}"#,
             "x".repeat(200_000)
@@ -531,10 +573,10 @@ mod tests {
             ]
         );
         d.feed(b"\"c\"} x");
-        assert_eq!(d.next_frame(), Ok(Some(br#"{"type":"c"}"#.to_vec())));
+        assert_eq!(next(&mut d), Ok(Some(br#"{"type":"c"}"#.to_vec())));
         let offset = 1 + 12 + big.len() as u64 + 1 + 12 + 12 + 1;
         assert_eq!(
-            d.next_frame(),
+            next(&mut d),
             Err(StreamError::Garbage { byte: b'x', offset })
         );
         // The same stream in one read.
@@ -551,12 +593,43 @@ mod tests {
     }
 
     #[test]
+    fn the_read_buffer_is_kept_between_requests_and_bounded() {
+        let big = format!(
+            r#"{{"type":"put","params":{{"data":"{}"}}}}"#,
+            "x".repeat(3000)
+        );
+        let mut d = Decoder::new(4096, DEFAULT_MAX_DEPTH);
+        let mut stream = big.as_bytes();
+        while !stream.is_empty() {
+            assert!(d.read_from(&mut stream, 256).is_ok_and(|n| n > 0));
+        }
+        assert_eq!(next(&mut d), Ok(Some(big.clone().into_bytes())));
+        let kept = d.buffer_bytes();
+        assert!(kept >= big.len(), "the buffer was given away");
+        // The next request of the same size reuses it; one over the limit does not grow it unbounded.
+        d.feed(big.as_bytes());
+        assert_eq!(next(&mut d), Ok(Some(big.clone().into_bytes())));
+        assert_eq!(d.buffer_bytes(), kept);
+        d.feed(b"{\"a\":\"");
+        let mut end = Ok(None);
+        for _ in 0..40 {
+            d.feed(&[b'y'; 200]);
+            assert!(d.buffer_bytes() <= kept.max(4096 + 3 * 256));
+            end = next(&mut d);
+            if end.is_err() {
+                break;
+            }
+        }
+        assert_eq!(end, Err(StreamError::TooLarge { limit: 4096 }));
+    }
+
+    #[test]
     fn binary_garbage_and_top_level_arrays_are_errors() {
         for input in [&b"\x00\xff\xfe"[..], b"[1,2]", b"\"str\"", b"42"] {
             let mut d = decoder();
             d.feed(input);
             assert!(
-                matches!(d.next_frame(), Err(StreamError::Garbage { .. })),
+                matches!(next(&mut d), Err(StreamError::Garbage { .. })),
                 "{input:?}"
             );
         }
@@ -566,12 +639,12 @@ mod tests {
     fn http_request_is_recognised_even_when_split() {
         let mut d = decoder();
         d.feed(b"GE");
-        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(next(&mut d), Ok(None));
         d.feed(b"T / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(d.next_frame(), Err(StreamError::Http));
+        assert_eq!(next(&mut d), Err(StreamError::Http));
         let mut d = decoder();
         d.feed(b"POST /mcp HTTP/1.1\r\n");
-        assert_eq!(d.next_frame(), Err(StreamError::Http));
+        assert_eq!(next(&mut d), Err(StreamError::Http));
     }
 
     #[test]
@@ -579,20 +652,20 @@ mod tests {
         let mut d = Decoder::new(100, DEFAULT_MAX_DEPTH);
         d.feed(b"{\"code\":\"");
         d.feed(&[b'a'; 200]);
-        assert_eq!(d.next_frame(), Err(StreamError::TooLarge { limit: 100 }));
+        assert_eq!(next(&mut d), Err(StreamError::TooLarge { limit: 100 }));
         let mut d = Decoder::new(100, DEFAULT_MAX_DEPTH);
         d.feed(&[b'{'; 1]);
         d.feed(&[b' '; 150]);
-        assert_eq!(d.next_frame(), Err(StreamError::TooLarge { limit: 100 }));
+        assert_eq!(next(&mut d), Err(StreamError::TooLarge { limit: 100 }));
     }
 
     #[test]
     fn depth_limit() {
         let mut d = Decoder::new(1000, 4);
         d.feed(b"{\"a\":[[[1]]]}");
-        assert!(d.next_frame().is_ok_and(|f| f.is_some()));
+        assert!(next(&mut d).is_ok_and(|f| f.is_some()));
         d.feed(b"{\"a\":[[[[1]]]]}");
-        assert_eq!(d.next_frame(), Err(StreamError::TooDeep { limit: 4 }));
+        assert_eq!(next(&mut d), Err(StreamError::TooDeep { limit: 4 }));
     }
 
     #[test]
@@ -606,19 +679,19 @@ mod tests {
             );
             let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, depth);
             d.feed(text.as_bytes());
-            let frame = d.next_frame();
+            let frame = next(&mut d);
             assert!(matches!(frame, Ok(Some(_))), "depth {depth}: {frame:?}");
             let parsed = parse_request(text.as_bytes());
             assert!(parsed.is_ok(), "depth {depth}: {parsed:?}");
             let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, depth);
             d.feed(format!(r#"{{"a":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth)).as_bytes());
-            assert_eq!(d.next_frame(), Err(StreamError::TooDeep { limit: depth }));
+            assert_eq!(next(&mut d), Err(StreamError::TooDeep { limit: depth }));
         }
         // Asking for more than serde_json can parse is capped.
         let mut d = Decoder::new(DEFAULT_MAX_REQUEST_BYTES, 10_000);
         d.feed(format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200)).as_bytes());
         assert_eq!(
-            d.next_frame(),
+            next(&mut d),
             Err(StreamError::TooDeep {
                 limit: MAX_SUPPORTED_DEPTH
             })
@@ -631,7 +704,7 @@ mod tests {
         d.feed(br#"{"a":[1}{"type":"ping"}{"b":{"c":2]]}"#);
         let mut got = Vec::new();
         let err = loop {
-            match d.next_frame() {
+            match next(&mut d) {
                 Ok(Some(f)) => got.push(String::from_utf8(f).unwrap_or_default()),
                 Ok(None) => break None,
                 Err(e) => break Some(e),
@@ -651,7 +724,7 @@ mod tests {
     fn idle_whitespace_is_not_retained() {
         let mut d = decoder();
         d.feed(&[b'\n'; 4096]);
-        assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(next(&mut d), Ok(None));
         assert_eq!(d.pending_bytes(), 0);
         assert!(!d.in_request());
     }

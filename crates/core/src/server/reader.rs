@@ -22,6 +22,7 @@ use super::{constant_time_eq, Config, Shared};
 use crate::jobs::{not_run, Completion, Job, JobState, Progress, SubmitError};
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
+/// Room offered to each read of the socket (the read buffer grows past it for larger requests).
 const READ_CHUNK: usize = 256 * 1024;
 /// After an error that ends a connection, how long to keep discarding what the client still sends so
 /// the error reply is not destroyed by a reset.
@@ -101,8 +102,10 @@ fn read_loop(
     progress_tx: &Sender<Progress>,
 ) {
     let config = &shared.config;
+    // The connection's read buffer: the socket is read straight into it, requests are parsed where they
+    // lie, and it keeps its size between requests (bounded by the request size limit; freed with the
+    // connection).
     let mut decoder = Decoder::new(config.max_request_bytes, config.max_depth);
-    let mut buf = vec![0u8; READ_CHUNK];
     // Jobs of this connection by request id, for `cancel`.
     let mut by_id: HashMap<String, (u64, Arc<JobState>)> = HashMap::new();
     // When the request being received began (its first read), for `request_read_timeout`.
@@ -123,9 +126,9 @@ fn read_loop(
             let _ = stream.set_read_timeout(wanted);
             socket_timeout = Some(wanted);
         }
-        let n = match stream.read(&mut buf) {
+        match decoder.read_from(&mut stream, READ_CHUNK) {
             Ok(0) => break ReadEnd::Eof,
-            Ok(n) => n,
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if request_began.is_some() {
@@ -140,15 +143,13 @@ fn read_loop(
                 ));
             }
             Err(_) => break ReadEnd::Eof,
-        };
-        decoder.feed(&buf[..n]);
+        }
         let mut writer_gone = false;
         let stream_error = loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     request_began = None;
-                    let msg = handle_frame(shared, &frame, &mut by_id, done_tx, progress_tx);
-                    drop(frame);
+                    let msg = handle_frame(shared, frame, &mut by_id, done_tx, progress_tx);
                     if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
                         // Nobody will send this reply: queued work for it must never run.
                         if let ToWriter::Job(f) = msg {
