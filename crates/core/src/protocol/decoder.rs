@@ -52,7 +52,7 @@ impl std::fmt::Display for StreamError {
 /// Its size is bounded by the request size limit plus two reads; it is freed with the connection.
 #[derive(Debug)]
 pub struct Decoder {
-    /// The bytes received; `buf[..filled]` is data, the rest is zeroed room for the next read (kept
+    /// The bytes received; `buf[..filled]` is data, the rest is room for the next read (kept
     /// initialised, so reads need no `unsafe` and room is zeroed once, when the buffer grows).
     buf: Vec<u8>,
     filled: usize,
@@ -105,6 +105,20 @@ impl Decoder {
             max_depth: max_depth.clamp(1, MAX_SUPPORTED_DEPTH),
             failed: false,
         }
+    }
+
+    /// A decoder that starts with `buf` as its read buffer (its contents are ignored): a buffer kept
+    /// from an earlier connection, whose pages are already in memory.
+    pub fn with_buffer(max_bytes: usize, max_depth: usize, buf: Vec<u8>) -> Self {
+        Self {
+            buf,
+            ..Self::new(max_bytes, max_depth)
+        }
+    }
+
+    /// The read buffer, for a later connection (see [`Decoder::with_buffer`]).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     /// One `read` from `r` straight into the buffer (no intermediate copy), with room for at least

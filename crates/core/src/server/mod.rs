@@ -92,6 +92,11 @@ pub struct Shared {
     served: AtomicU64,
     auth_failures: AtomicU64,
     persist: Mutex<HashMap<String, Value>>,
+    /// The largest read buffer of the connections that have ended, handed to the next connection, so that
+    /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
+    /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
+    /// stop.
+    spare_read_buffer: Mutex<Vec<u8>>,
     running: Mutex<Option<Running>>,
     started: Instant,
     started_unix: f64,
@@ -154,6 +159,7 @@ impl Server {
             served: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             persist: Mutex::new(HashMap::new()),
+            spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             started: Instant::now(),
             started_unix,
@@ -224,6 +230,8 @@ impl Server {
         for job in self.shared.queue.drain() {
             job.refuse(not_run("the service is stopping; the request was not run"));
         }
+        // Every connection is joined: nobody can hand a buffer back any more.
+        *self.shared.spare_read_buffer.lock() = Vec::new();
         self.shared.queue.wake();
     }
 }
@@ -339,6 +347,23 @@ impl Shared {
             }
         }
         v
+    }
+
+    /// A connection ended: keep its read buffer for the next one if it is the largest (the other is
+    /// freed). Nothing is kept once the service is stopping.
+    fn keep_read_buffer(&self, buf: Vec<u8>) {
+        if self.is_stopping() {
+            return;
+        }
+        let mut spare = self.spare_read_buffer.lock();
+        if buf.len() > spare.len() {
+            *spare = buf;
+        }
+    }
+
+    /// Bytes of the read buffer kept for the next connection.
+    pub fn spare_read_buffer_bytes(&self) -> usize {
+        self.spare_read_buffer.lock().len()
     }
 
     /// Persisted values live in the service (not in Blender data), shared by all clients.

@@ -105,7 +105,8 @@ fn read_loop(
     // The connection's read buffer: the socket is read straight into it, requests are parsed where they
     // lie, and it keeps its size between requests (bounded by the request size limit; freed with the
     // connection).
-    let mut decoder = Decoder::new(config.max_request_bytes, config.max_depth);
+    let spare = std::mem::take(&mut *shared.spare_read_buffer.lock());
+    let mut decoder = Decoder::with_buffer(config.max_request_bytes, config.max_depth, spare);
     // Jobs of this connection by request id, for `cancel`.
     let mut by_id: HashMap<String, (u64, Arc<JobState>)> = HashMap::new();
     // When the request being received began (its first read), for `request_read_timeout`.
@@ -183,6 +184,7 @@ fn read_loop(
             by_id.retain(|_, (_, s)| s.phase().is_pending());
         }
     };
+    shared.keep_read_buffer(decoder.into_buffer());
     if let ReadEnd::Error(bytes) = end {
         let _ = tx.send(ToWriter::Ready {
             bytes,
