@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::jobs::Phase;
+
 /// Longest single blocking wait, so that an interrupt (Ctrl+C) is noticed quickly.
 const POLL: Duration = Duration::from_millis(100);
 /// Extra time the client waits beyond the deadline it sends, so the service's own "timed out" reply (which
@@ -116,7 +118,9 @@ pub fn interpret_reply(addr: &str, mut reply: Map<String, Value>) -> Result<Valu
 pub fn ran_field(reply: &Map<String, Value>) -> Option<bool> {
     match reply.get("ran") {
         Some(Value::Bool(b)) => Some(*b),
-        _ if reply.get("state").and_then(Value::as_str) == Some("running") => Some(true),
+        _ if reply.get("state").and_then(Value::as_str) == Some(Phase::Running.name()) => {
+            Some(true)
+        }
         _ => None,
     }
 }
@@ -514,11 +518,11 @@ mod tests {
 
     /// A one-connection fake service: replies to each request line with what `answer` returns.
     fn fake(answer: impl Fn(Value) -> Vec<u8> + Send + 'static) -> u16 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().map_or(0, |a| a.port());
         std::thread::spawn(move || {
             let Ok((s, _)) = l.accept() else { return };
-            let mut w = s.try_clone().unwrap_or_else(|e| panic!("{e}"));
+            let mut w = s.try_clone().unwrap();
             for line in std::io::BufReader::new(s).lines() {
                 let Ok(line) = line else { return };
                 let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
@@ -553,13 +557,13 @@ mod tests {
             out
         });
         let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(10)), None);
-        let r = c.execute("print()").unwrap_or_else(|e| panic!("{e}"));
+        let r = c.execute("print()").unwrap();
         assert_eq!(r.stdout.len(), 5_000_000);
         assert_eq!(r.stderr, "e");
         assert_eq!(r.result, Some(json!([1, 2])));
         assert!((r.duration - 0.5).abs() < 1e-9);
         // The connection is reused.
-        let r = c.execute("print()").unwrap_or_else(|e| panic!("{e}"));
+        let r = c.execute("print()").unwrap();
         assert_eq!(r.stdout.len(), 5_000_000);
     }
 
@@ -605,7 +609,7 @@ mod tests {
     #[test]
     fn refused_and_silent_and_closing_services() {
         let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().map_or(0, |a| a.port())
         };
         let mut c = Client::new("127.0.0.1", port, Some(Duration::from_millis(200)), None);
@@ -616,7 +620,7 @@ mod tests {
         );
 
         // Accepts, never answers: a client-side timeout (timeout + grace).
-        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().map_or(0, |a| a.port());
         let mut c = Client::new("127.0.0.1", port, Some(Duration::from_millis(100)), None);
         let t0 = Instant::now();
@@ -626,7 +630,7 @@ mod tests {
         drop(l);
 
         // Closes mid-reply: lost.
-        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().map_or(0, |a| a.port());
         std::thread::spawn(move || {
             if let Ok((s, _)) = l.accept() {
@@ -643,7 +647,7 @@ mod tests {
 
     #[test]
     fn interrupt_hook_ends_a_wait() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().map_or(0, |a| a.port());
         let mut c = Client::new("127.0.0.1", port, None, None);
         let t0 = Instant::now();

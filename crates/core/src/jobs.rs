@@ -23,10 +23,49 @@ pub enum Msg {
     Wake,
 }
 
-const QUEUED: u8 = 0;
-const RUNNING: u8 = 1;
-const DONE: u8 = 2;
-const SKIPPED: u8 = 3;
+/// Where a job is in its life. Stored in [`JobState`]'s `AtomicU8` (as `Phase as u8`) so that the
+/// connection and the main thread change it by compare-and-swap, without a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Phase {
+    /// Waiting in the queue for the main thread.
+    #[default]
+    Queued = 0,
+    /// Claimed by the main thread and running.
+    Running = 1,
+    /// Ran and finished.
+    Done = 2,
+    /// Never ran and never will (cancelled, expired, refused).
+    Skipped = 3,
+}
+
+impl Phase {
+    /// The phase stored as `byte`. Only `Phase as u8` values are ever stored; anything else reads as
+    /// `Skipped` (the answer that never claims work ran).
+    pub fn from_u8(byte: u8) -> Self {
+        match byte {
+            0 => Self::Queued,
+            1 => Self::Running,
+            2 => Self::Done,
+            _ => Self::Skipped,
+        }
+    }
+
+    /// The name clients see in `cancel` replies: `queued`, `running`, `finished` or `skipped`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Done => "finished",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// Still owed work or a result (queued or running).
+    pub fn is_pending(self) -> bool {
+        matches!(self, Self::Queued | Self::Running)
+    }
+}
 
 /// Where a job stands when its deadline passes (see [`JobState::expire`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,42 +86,49 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::SeqCst))
+    }
+
+    fn set(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::SeqCst);
+    }
+
+    /// Move from `from` to `to` if the job is still in `from`; `Err` holds the phase it was in instead.
+    fn swap(&self, from: Phase, to: Phase) -> Result<(), Phase> {
+        self.phase
+            .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| ())
+            .map_err(Phase::from_u8)
+    }
+
     /// Ask that the job not run. Returns true when it had not started yet (it never will).
     pub fn cancel(&self) -> bool {
         self.cancelled.store(true, Ordering::SeqCst);
-        self.phase
-            .compare_exchange(QUEUED, SKIPPED, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        self.swap(Phase::Queued, Phase::Skipped).is_ok()
     }
 
     /// The deadline passed: make sure a job that has not started never does, and say where it stands.
     pub fn expire(&self) -> Expiry {
-        match self
-            .phase
-            .compare_exchange(QUEUED, SKIPPED, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => Expiry::NotRun,
-            Err(RUNNING) => Expiry::Running,
+        match self.swap(Phase::Queued, Phase::Skipped) {
+            Ok(()) => Expiry::NotRun,
+            Err(Phase::Running) => Expiry::Running,
             Err(_) => Expiry::Settled,
         }
     }
 
     pub fn started(&self) -> bool {
-        matches!(self.phase.load(Ordering::SeqCst), RUNNING | DONE)
+        matches!(self.phase(), Phase::Running | Phase::Done)
     }
 
     pub fn finished(&self) -> bool {
-        self.phase.load(Ordering::SeqCst) == DONE
+        self.phase() == Phase::Done
     }
 
     /// `queued`, `running`, `finished` or `skipped` (cancelled or expired before it started).
     pub fn phase_name(&self) -> &'static str {
-        match self.phase.load(Ordering::SeqCst) {
-            QUEUED => "queued",
-            RUNNING => "running",
-            DONE => "finished",
-            _ => "skipped",
-        }
+        self.phase().name()
     }
 }
 
@@ -126,7 +172,7 @@ pub struct ProgressSink {
 impl ProgressSink {
     /// Send a report if the job is still running. Never blocks: a full channel drops the report.
     pub fn report(&self, value: Value) -> bool {
-        self.state.phase.load(Ordering::SeqCst) == RUNNING
+        self.state.phase() == Phase::Running
             && self
                 .tx
                 .try_send(Progress {
@@ -182,19 +228,15 @@ impl Job {
     /// deadline passed while it was queued, so it must never run late.
     pub fn begin(&self) -> Result<(), Outcome> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            self.state.phase.store(SKIPPED, Ordering::SeqCst);
+            self.state.set(Phase::Skipped);
             return Err(timed_out_not_run(
                 "timed out while queued: the request was not run and never will be",
             ));
         }
-        if self
-            .state
-            .phase
-            .compare_exchange(QUEUED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
+        if self.state.swap(Phase::Queued, Phase::Running).is_err()
             || self.state.cancelled.load(Ordering::SeqCst)
         {
-            self.state.phase.store(SKIPPED, Ordering::SeqCst);
+            self.state.set(Phase::Skipped);
             return Err(not_run("the request was cancelled before it started"));
         }
         Ok(())
@@ -202,18 +244,14 @@ impl Job {
 
     /// Hand the outcome back. Never blocks; a vanished connection is fine.
     pub fn finish(mut self, outcome: Outcome) {
-        if self.state.phase.load(Ordering::SeqCst) == RUNNING {
-            self.state.phase.store(DONE, Ordering::SeqCst);
-        }
+        // Only a running job becomes done: one skipped meanwhile stays skipped.
+        let _ = self.state.swap(Phase::Running, Phase::Done);
         self.send(outcome);
     }
 
     /// Reply without running (service stopping, cancelled...).
     pub fn refuse(mut self, outcome: Outcome) {
-        let _ =
-            self.state
-                .phase
-                .compare_exchange(QUEUED, SKIPPED, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.state.swap(Phase::Queued, Phase::Skipped);
         self.send(outcome);
     }
 
@@ -262,7 +300,7 @@ pub fn timed_out_not_run(message: &str) -> Outcome {
 pub fn timed_out_running() -> Outcome {
     let mut extra = Map::new();
     extra.insert("ran".into(), Value::from("unknown"));
-    extra.insert("state".into(), Value::from("running"));
+    extra.insert("state".into(), Value::from(Phase::Running.name()));
     extra.insert("timeout".into(), Value::Bool(true));
     Outcome::error_with(
         "timed out: the request started in Blender and may still be running; its result will be discarded",
@@ -365,6 +403,15 @@ mod tests {
     }
 
     #[test]
+    fn phases_round_trip_through_their_byte() {
+        for phase in [Phase::Queued, Phase::Running, Phase::Done, Phase::Skipped] {
+            assert_eq!(Phase::from_u8(phase as u8), phase);
+        }
+        assert_eq!(Phase::from_u8(200), Phase::Skipped);
+        assert_eq!(JobState::default().phase(), Phase::Queued);
+    }
+
+    #[test]
     fn job_round_trip() {
         let q = JobQueue::new(4);
         let (j, state, done) = job(1, None);
@@ -374,7 +421,7 @@ mod tests {
         };
         assert!(j.begin().is_ok());
         assert!(state.started());
-        assert_eq!(state.phase_name(), "running");
+        assert_eq!(state.phase(), Phase::Running);
         j.finish(Outcome::Success(json!(1)));
         let c = done.try_recv().ok();
         assert!(

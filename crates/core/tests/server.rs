@@ -26,8 +26,7 @@ fn pipelined_replies_match_ids_and_jobs_keep_their_order() {
         };
         batch.push_str(&req.to_string());
     }
-    w.write_all(batch.as_bytes())
-        .unwrap_or_else(|e| panic!("write: {e}"));
+    w.write_all(batch.as_bytes()).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let mut last_job = -1;
     for _ in 0..200 {
@@ -162,8 +161,7 @@ fn large_execute_code_replies_survive_partial_vectored_writes() {
         main_thread_commands: vec!["execute_code".into()],
         ..bld_remote_core::server::Config::default()
     };
-    let mut server =
-        bld_remote_core::server::Server::start(cfg).unwrap_or_else(|e| panic!("start: {e}"));
+    let mut server = bld_remote_core::server::Server::start(cfg).unwrap();
     let (done, main) = pump(&server);
     let (mut w, mut r) = connect(&server);
     w.set_read_timeout(Some(Duration::from_secs(60))).ok();
@@ -216,4 +214,35 @@ fn large_execute_code_replies_survive_partial_vectored_writes() {
     done.store(true, Ordering::SeqCst);
     main.join().ok();
     server.stop();
+}
+
+#[test]
+fn a_large_read_buffer_goes_to_the_next_connection_and_is_freed_at_stop() {
+    // A connection that ended leaves its read buffer to the next one (pages already in memory); one
+    // buffer at most, freed when the service stops.
+    let mut server = start();
+    let big =
+        json!({"type": "put_persist_data", "params": {"key": "k", "data": "x".repeat(1 << 20)}});
+    {
+        let (mut w, mut r) = connect(&server);
+        w.write_all(big.to_string().as_bytes()).unwrap();
+        assert_eq!(read_reply(&mut r)["status"], json!("success"));
+    }
+    let shared = std::sync::Arc::clone(server.shared());
+    let until = Instant::now() + Duration::from_secs(10);
+    while shared.spare_read_buffer_bytes() < 1 << 20 && Instant::now() < until {
+        std::thread::yield_now();
+    }
+    assert!(shared.spare_read_buffer_bytes() >= 1 << 20);
+    let (mut w, mut r) = connect(&server);
+    w.write_all(br#"{"type":"ping"}"#).unwrap();
+    assert_eq!(read_reply(&mut r)["status"], json!("success"));
+    assert_eq!(
+        shared.spare_read_buffer_bytes(),
+        0,
+        "the new connection took it"
+    );
+    drop((w, r));
+    server.stop();
+    assert_eq!(shared.spare_read_buffer_bytes(), 0, "freed at stop");
 }

@@ -1,5 +1,6 @@
 //! Shared by the Rust integration tests: a Rust thread that plays Blender's main thread, and a raw client.
 #![allow(dead_code)] // each test binary uses its own subset
+#![allow(clippy::unwrap_used)] // test helpers: clippy's allow-unwrap-in-tests covers only #[test] functions
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -52,15 +53,14 @@ pub fn start() -> Server {
 }
 
 pub fn connect(server: &Server) -> (TcpStream, BufReader<TcpStream>) {
-    let s = TcpStream::connect(server.local_addr()).unwrap_or_else(|e| panic!("connect: {e}"));
+    let s = TcpStream::connect(server.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let r = BufReader::new(s.try_clone().unwrap_or_else(|e| panic!("clone: {e}")));
+    let r = BufReader::new(s.try_clone().unwrap());
     (s, r)
 }
 
 pub fn read_reply(r: &mut BufReader<TcpStream>) -> Value {
     let mut line = String::new();
-    r.read_line(&mut line)
-        .unwrap_or_else(|e| panic!("read: {e}"));
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
 }

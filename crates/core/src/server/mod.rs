@@ -1,0 +1,413 @@
+//! The TCP service: the `Server` handle (start, a graceful joined stop) and the state its threads share
+//! (`Shared`: limits, the job queue, counters, `get_status`, persisted values). `start`/`stop` run on the
+//! thread that owns the service (Blender's main thread); `Shared` is read by every service thread and the
+//! main-thread pump. Pure Rust; none of the service's threads ever touches Python.
+//!
+//! The threads, one file each: the listener (`accept`), per connection a reader (`reader`: splits the byte
+//! stream into requests, answers `control` commands itself, queues the rest as jobs for the main thread)
+//! and a writer (`writer`: waits for every job of its connection at once and for their deadlines; replies
+//! to plain requests leave in request order, replies to framed requests (with an id) as soon as they are
+//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script). `reply` shapes a job's outcome
+//! into the bytes clients expect; each reply is serialised once and written with one (vectored) write
+//! (Nagle is off). See docs/PROTOCOL.md.
+
+mod accept;
+mod control;
+mod reader;
+mod reply;
+mod writer;
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde_json::{json, Value};
+
+use crate::jobs::{not_run, Job, JobQueue, Msg};
+use crate::protocol::Outcome;
+
+pub use crate::config::Config;
+
+/// On stop, how long connections get to flush the replies they owe before their sockets are shut.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Errors starting a service.
+#[derive(Debug)]
+pub enum StartError {
+    /// The address could not be bound (in use, permission...).
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The configuration is unsafe or invalid.
+    Config(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bind { addr, source } if source.kind() == ErrorKind::AddrInUse => {
+                write!(f, "cannot listen on {addr}: the port is already in use")
+            }
+            Self::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Self::Config(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The job currently running on the main thread, for `get_status`.
+#[derive(Debug, Clone)]
+struct Running {
+    seq: u64,
+    command: String,
+    since: Instant,
+}
+
+/// A connection's thread and a handle on its socket, kept by the listener so that `stop` can shut the
+/// socket and join the thread.
+struct ConnectionHandle {
+    stream: TcpStream,
+    thread: JoinHandle<()>,
+}
+
+/// State shared by the listener, the connection threads and the main-thread pump.
+pub struct Shared {
+    config: Config,
+    addr: SocketAddr,
+    queue: JobQueue,
+    /// Held for reading while a job is submitted, for writing while `stopping` is set: after a stop, no
+    /// job can slip into the queue behind the final drain.
+    gate: RwLock<bool>,
+    stop_requested: AtomicBool,
+    conns: Mutex<Vec<ConnectionHandle>>,
+    active_conns: AtomicUsize,
+    next_seq: AtomicU64,
+    served: AtomicU64,
+    auth_failures: AtomicU64,
+    persist: Mutex<HashMap<String, Value>>,
+    /// The largest read buffer of the connections that have ended, handed to the next connection, so that
+    /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
+    /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
+    /// stop.
+    spare_read_buffer: Mutex<Vec<u8>>,
+    running: Mutex<Option<Running>>,
+    started: Instant,
+    started_unix: f64,
+}
+
+/// A running service. Dropping it stops it.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: Option<JoinHandle<()>>,
+}
+
+fn is_loopback_host(host: &str, addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback() || host == "localhost"
+}
+
+impl Server {
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        let target = format!("{}:{}", config.host, config.port);
+        let addrs: Vec<SocketAddr> = (config.host.as_str(), config.port)
+            .to_socket_addrs()
+            .map_err(|e| StartError::Bind {
+                addr: target.clone(),
+                source: e,
+            })?
+            .collect();
+        let Some(first) = addrs.first() else {
+            return Err(StartError::Config(format!(
+                "host {:?} resolves to no address",
+                config.host
+            )));
+        };
+        if !is_loopback_host(&config.host, first)
+            && config.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(StartError::Config(format!(
+                "refusing to listen on {target} without a token: anyone who can reach it could run code \
+                 in Blender. Set a token, or bind 127.0.0.1"
+            )));
+        }
+        let listener = TcpListener::bind(&addrs[..]).map_err(|e| StartError::Bind {
+            addr: target.clone(),
+            source: e,
+        })?;
+        let addr = listener.local_addr().map_err(|e| StartError::Bind {
+            addr: target,
+            source: e,
+        })?;
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let shared = Arc::new(Shared {
+            queue: JobQueue::new(config.queue_capacity),
+            config,
+            addr,
+            gate: RwLock::new(false),
+            stop_requested: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+            active_conns: AtomicUsize::new(0),
+            next_seq: AtomicU64::new(1),
+            served: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            persist: Mutex::new(HashMap::new()),
+            spare_read_buffer: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+            started: Instant::now(),
+            started_unix,
+        });
+        let s = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("bld_remote-listener".into())
+            .spawn(move || {
+                let _ = catch_unwind(AssertUnwindSafe(|| accept::accept_loop(&s, &listener)));
+            })
+            .map_err(|e| StartError::Bind {
+                addr: addr.to_string(),
+                source: e,
+            })?;
+        Ok(Server {
+            shared,
+            listener: Some(handle),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// Stop accepting, refuse queued jobs, let every connection flush the replies it owes, close, and join
+    /// every thread. Must not be called from inside a running job (the pump defers it; see `Shared`).
+    /// Bounded by the write timeout for clients that do not read.
+    pub fn stop(&mut self) {
+        {
+            let mut stopping = self.shared.gate.write();
+            if *stopping && self.listener.is_none() {
+                return;
+            }
+            *stopping = true;
+        }
+        // Wake the blocking accept() with a connection to ourselves, then join the listener.
+        let _ = TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1));
+        if let Some(h) = self.listener.take() {
+            let _ = h.join();
+        }
+        let conns = std::mem::take(&mut *self.shared.conns.lock());
+        // Readers stop reading; writers still flush what they owe.
+        for c in &conns {
+            let _ = c.stream.shutdown(Shutdown::Read);
+        }
+        for job in self.shared.queue.drain() {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+        // Writers flush what they owe; one stuck on a client that does not read is cut off after a grace.
+        let grace_end = Instant::now() + STOP_GRACE;
+        while conns.iter().any(|c| !c.thread.is_finished()) && Instant::now() < grace_end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for c in &conns {
+            if !c.thread.is_finished() {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+        for c in conns {
+            let _ = c.thread.join();
+        }
+        // Anything a reader queued between its last check and the gate closing was refused above, since
+        // the gate was already shut before the drain. A final drain covers jobs queued by nobody.
+        for job in self.shared.queue.drain() {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+        // Every connection is joined: nobody can hand a buffer back any more.
+        *self.shared.spare_read_buffer.lock() = Vec::new();
+        self.shared.queue.wake();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wake_addr(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+impl Shared {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        *self.gate.read()
+    }
+
+    /// Ask the pump to stop the service once the current job (if any) has replied.
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.queue.wake();
+    }
+
+    /// Make a blocked pump return to Python (e.g. so it can run signal handlers).
+    pub fn wake_pump(&self) {
+        self.queue.wake();
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Pump side: the next message for the main thread (`None` timeout = block until one arrives).
+    pub fn next_message(&self, timeout: Option<Duration>) -> Option<Msg> {
+        self.queue.recv(timeout)
+    }
+
+    /// Pump side: claim a job for running now; `Err` is the reply to send instead (cancelled, expired).
+    pub fn begin(&self, job: &Job) -> Result<(), Outcome> {
+        job.begin()?;
+        *self.running.lock() = Some(Running {
+            seq: job.seq,
+            command: job.command.clone(),
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Pump side: hand a job's outcome back to its connection.
+    pub fn finish(&self, job: Job, outcome: Outcome) {
+        *self.running.lock() = None;
+        self.served.fetch_add(1, Ordering::Relaxed);
+        job.finish(outcome);
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn requests_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Value {
+        let running = self.running.lock().clone();
+        let mut v = json!({
+            "running": !self.is_stopping(),
+            "host": self.addr.ip().to_string(),
+            "port": self.addr.port(),
+            "mode": self.config.mode,
+            "pid": std::process::id(),
+            "requests_served": self.requests_served(),
+            "queue_length": self.queue_len(),
+            "queue_capacity": self.queue.capacity(),
+            "connections": self.active_conns.load(Ordering::Relaxed),
+            "max_connections": self.config.max_connections,
+            "uptime": self.started.elapsed().as_secs_f64(),
+            "started_at": self.started_unix,
+            "auth": self.config.token.is_some(),
+            "running_job": running.map(|r| json!({
+                "command": r.command,
+                "seq": r.seq,
+                "seconds": r.since.elapsed().as_secs_f64(),
+            })),
+            "auth_failures": self.auth_failures.load(Ordering::Relaxed),
+            "limits": {
+                "max_request_bytes": self.config.max_request_bytes,
+                "max_depth": self.config.max_depth,
+                "max_connections": self.config.max_connections,
+                "queue_capacity": self.queue.capacity(),
+                "idle_timeout": self.config.idle_timeout.map(|d| d.as_secs_f64()),
+                "request_read_timeout": self.config.request_read_timeout.as_secs_f64(),
+                "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),
+            },
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        if let Value::Object(m) = &mut v {
+            for (k, val) in &self.config.info {
+                m.entry(k.clone()).or_insert_with(|| val.clone());
+            }
+        }
+        v
+    }
+
+    /// A connection ended: keep its read buffer for the next one if it is the largest (the other is
+    /// freed). Nothing is kept once the service is stopping.
+    fn keep_read_buffer(&self, buf: Vec<u8>) {
+        if self.is_stopping() {
+            return;
+        }
+        let mut spare = self.spare_read_buffer.lock();
+        if buf.len() > spare.len() {
+            *spare = buf;
+        }
+    }
+
+    /// Bytes of the read buffer kept for the next connection.
+    pub fn spare_read_buffer_bytes(&self) -> usize {
+        self.spare_read_buffer.lock().len()
+    }
+
+    /// Persisted values live in the service (not in Blender data), shared by all clients.
+    pub fn persist_put(&self, key: String, data: Value) {
+        self.persist.lock().insert(key, data);
+    }
+
+    pub fn persist_get(&self, key: &str) -> Option<Value> {
+        self.persist.lock().get(key).cloned()
+    }
+
+    pub fn persist_remove(&self, key: &str) -> bool {
+        self.persist.lock().remove(key).is_some()
+    }
+}
+
+/// Token comparison without an early exit on the first differing byte (the one used for every token:
+/// the service's and the MCP HTTP bearer's).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Length is not secret; content is compared without an early exit.
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn refuses_public_bind_without_token() {
+        let cfg = Config {
+            host: "0.0.0.0".into(),
+            port: 0,
+            ..Config::default()
+        };
+        assert!(matches!(Server::start(cfg), Err(StartError::Config(_))));
+    }
+}

@@ -1,0 +1,299 @@
+//! The writer half of a connection: owns the sending side of the socket and every reply the connection
+//! owes. Runs on the connection's `bld_remote-writer` thread (spawned and joined by its reader).
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::io::{ErrorKind, IoSlice, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Select};
+use serde_json::{Map, Value};
+
+use super::reader::{InFlight, ToWriter};
+use super::reply::shape_reply;
+use crate::jobs::{timed_out_not_run, timed_out_running, Completion, Expiry, Progress};
+use crate::protocol::{self, Outcome, Reply};
+
+/// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
+pub(super) const MAX_PIPELINED: usize = 4096;
+
+/// The writer half: one per connection. Writes each reply with a single `write_all`. Replies to requests
+/// without an id leave in request order (plain clients match replies by order); replies to framed
+/// requests leave as soon as they are ready. Enforces deadlines: at a job's deadline it answers with a
+/// timeout reply that says whether the work ran.
+pub(super) struct Writer {
+    stream: TcpStream,
+    in_flight: HashMap<u64, InFlight>,
+    /// Deadlines of in-flight jobs, earliest first.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Replies owed to plain (id-less) requests, in request order: ready bytes, or a job's seq.
+    ordered: VecDeque<Owed>,
+    /// Plain replies that are ready but wait behind earlier ones, by seq.
+    parked: HashMap<u64, Reply>,
+    /// Completions that arrived before the reader's message about their job.
+    early: HashMap<u64, Outcome>,
+    /// Jobs answered at their deadline whose completion has not arrived yet (it is discarded).
+    expired: HashSet<u64>,
+    /// Highest seq tracked so far. The reader hands jobs over in seq order, after queueing them, so a
+    /// progress report for a higher seq is early (its job is not tracked yet) and one for a lower seq
+    /// whose job is no longer in flight is late (already answered) and dropped.
+    max_tracked: u64,
+    /// Progress reports that arrived before the reader's message about their job.
+    early_progress: HashMap<u64, Vec<Value>>,
+    dead: bool,
+}
+
+enum Owed {
+    Bytes(Vec<u8>),
+    Job(u64),
+}
+
+impl Writer {
+    pub(super) fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            in_flight: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            ordered: VecDeque::new(),
+            parked: HashMap::new(),
+            early: HashMap::new(),
+            expired: HashSet::new(),
+            max_tracked: 0,
+            early_progress: HashMap::new(),
+            dead: false,
+        }
+    }
+
+    pub(super) fn run(
+        mut self,
+        rx: &Receiver<ToWriter>,
+        done: &Receiver<Completion>,
+        progress: &Receiver<Progress>,
+    ) {
+        let mut reader_open = true;
+        // Disconnected once the reader and every job are gone; then it must not be selected (always ready).
+        let mut progress_open = true;
+        while !self.dead && (reader_open || !self.in_flight.is_empty() || !self.ordered.is_empty())
+        {
+            let mut sel = Select::new();
+            // Backpressure: with too many replies owed, stop taking requests; the reader then blocks,
+            // stops reading, and TCP slows the client down.
+            let take_requests = reader_open && self.in_flight.len() < MAX_PIPELINED;
+            let rx_index = take_requests.then(|| sel.recv(rx));
+            let done_index = sel.recv(done);
+            let progress_index = progress_open.then(|| sel.recv(progress));
+            let selected = match self.deadlines.first() {
+                Some(&(deadline, _)) => sel.select_deadline(deadline).ok(),
+                None => Some(sel.select()),
+            };
+            let Some(op) = selected else {
+                self.expire_due();
+                continue;
+            };
+            if Some(op.index()) == rx_index {
+                match op.recv(rx) {
+                    Ok(ToWriter::Ready {
+                        bytes,
+                        framed,
+                        settle,
+                    }) => {
+                        if let Some((seq, outcome)) = settle {
+                            self.settle(seq, outcome);
+                        }
+                        if framed {
+                            self.write(&bytes);
+                        } else {
+                            self.ordered.push_back(Owed::Bytes(bytes));
+                            self.flush_ordered();
+                        }
+                    }
+                    Ok(ToWriter::Job(job)) => self.track(job),
+                    Ok(ToWriter::Close) | Err(_) => reader_open = false,
+                }
+            } else if op.index() == done_index {
+                if let Ok(c) = op.recv(done) {
+                    self.complete(c.seq, c.outcome);
+                }
+            } else if Some(op.index()) == progress_index {
+                match op.recv(progress) {
+                    Ok(p) => self.progress(p),
+                    Err(_) => progress_open = false,
+                }
+            }
+        }
+        if self.dead {
+            // Nobody will read these replies: queued work for them must never run.
+            for job in self.in_flight.values() {
+                job.state.cancel();
+            }
+            let _ = self.stream.shutdown(Shutdown::Both);
+            return;
+        }
+        // Everything owed is sent. Closing our sending side tells a client that half-closed (or whose
+        // stream failed) that no more replies come.
+        let _ = self.stream.flush();
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// `{"id": N, "progress": {...}}` for a framed job still owed a reply (after its reply, or its
+    /// deadline, progress is dropped).
+    fn progress(&mut self, p: Progress) {
+        match self.in_flight.get(&p.seq) {
+            Some(job) => {
+                if let Some(id) = job.id.clone() {
+                    self.write_progress(id, p.value);
+                }
+            }
+            None if p.seq > self.max_tracked => {
+                let held = self.early_progress.entry(p.seq).or_default();
+                if held.len() < 64 {
+                    held.push(p.value);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn write_progress(&mut self, id: Value, value: Value) {
+        let mut line = Map::new();
+        line.insert("id".into(), id);
+        line.insert("progress".into(), value);
+        self.write(&protocol::encode_value(&Value::Object(line)));
+    }
+
+    fn track(&mut self, job: InFlight) {
+        let seq = job.seq;
+        if job.id.is_none() {
+            self.ordered.push_back(Owed::Job(seq));
+        }
+        if let Some(d) = job.deadline {
+            self.deadlines.insert((d, seq));
+        }
+        self.max_tracked = self.max_tracked.max(seq);
+        let id = job.id.clone();
+        self.in_flight.insert(seq, job);
+        if let Some(held) = self.early_progress.remove(&seq) {
+            for value in held {
+                if let Some(id) = id.clone() {
+                    self.write_progress(id, value);
+                }
+            }
+        }
+        if let Some(outcome) = self.early.remove(&seq) {
+            self.complete(seq, outcome);
+        }
+    }
+
+    fn complete(&mut self, seq: u64, outcome: Outcome) {
+        let Some(job) = self.in_flight.remove(&seq) else {
+            // Either its deadline already answered it (the result is discarded), or the reader's message
+            // about it has not arrived yet.
+            if !self.expired.remove(&seq) {
+                self.early.insert(seq, outcome);
+            }
+            return;
+        };
+        self.deliver(seq, &job, outcome);
+    }
+
+    /// Write a job's reply: a framed one at once, a plain one in request order.
+    fn deliver(&mut self, seq: u64, job: &InFlight, outcome: Outcome) {
+        if let Some(d) = job.deadline {
+            self.deadlines.remove(&(d, seq));
+        }
+        let reply = shape_reply(job.id.as_ref(), job.shape, outcome);
+        if job.id.is_some() {
+            self.write_reply(&reply);
+        } else {
+            self.parked.insert(seq, reply);
+            self.flush_ordered();
+        }
+    }
+
+    fn expire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, seq)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.remove(&(deadline, seq));
+            let Some(job) = self.in_flight.get(&seq) else {
+                continue;
+            };
+            let outcome = match job.state.expire() {
+                Expiry::NotRun => timed_out_not_run(
+                    "timed out while queued: the request was not run and never will be",
+                ),
+                Expiry::Running => timed_out_running(),
+                // Finished or skipped just now: its completion (with the real outcome) is on its way.
+                Expiry::Settled => continue,
+            };
+            self.settle(seq, outcome);
+        }
+    }
+
+    /// Answer an in-flight job now (deadline, cancel); its later completion is discarded.
+    fn settle(&mut self, seq: u64, outcome: Outcome) {
+        let Some(job) = self.in_flight.remove(&seq) else {
+            return;
+        };
+        self.expired.insert(seq);
+        self.deliver(seq, &job, outcome);
+    }
+
+    fn flush_ordered(&mut self) {
+        while let Some(front) = self.ordered.front() {
+            match front {
+                Owed::Bytes(_) => {
+                    if let Some(Owed::Bytes(b)) = self.ordered.pop_front() {
+                        self.write(&b);
+                    }
+                }
+                Owed::Job(seq) => match self.parked.remove(seq) {
+                    Some(reply) => {
+                        self.ordered.pop_front();
+                        self.write_reply(&reply);
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.dead {
+            return;
+        }
+        if self.stream.write_all(bytes).is_err() {
+            self.dead = true;
+        }
+    }
+
+    /// Write a reply of several pieces with vectored writes (one `writev` unless the socket is full).
+    fn write_reply(&mut self, reply: &Reply) {
+        if self.dead {
+            return;
+        }
+        if let Reply::One(bytes) = reply {
+            self.write(bytes);
+            return;
+        }
+        let pieces = reply.slices();
+        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.stream.write_vectored(rest) {
+                Ok(0) => {
+                    self.dead = true;
+                    return;
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+}
