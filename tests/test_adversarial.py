@@ -425,7 +425,7 @@ def test_64_clients_x_500_requests_every_reply_matched(adv):
     def run(c: int) -> None:
         try:
             (framed if c % 2 == 0 else plain)(c)
-        except Exception as exc:  # noqa: BLE001 - collected and reported below
+        except Exception as exc:
             with lock:
                 failures.append(f"{type(exc).__name__}: {exc}")
 
