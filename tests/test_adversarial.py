@@ -695,7 +695,9 @@ def test_full_queue_says_busy(limited):
 
 def test_too_many_connections_and_idle_timeout(limited):
     conns = [Conn(limited.port) for _ in range(8)]
-    time.sleep(0.1)
+    # A reply on each proves the service has accepted and counted all 8 before the 9th arrives.
+    for c in conns:
+        ok(c.request({"type": "ping", "token": limited.token}))
     extra = socket.create_connection(("127.0.0.1", limited.port), timeout=5)
     data = read_until_closed(extra)
     extra.close()
@@ -707,6 +709,11 @@ def test_too_many_connections_and_idle_timeout(limited):
         assert c.closed_by_peer()
         c.close()
     closed_after = time.monotonic() - t0
+    # The service frees a slot when a connection's threads end, just after the close the client saw:
+    # wait for that state (a fresh connection no longer refused) rather than for a fixed time.
+    deadline = time.monotonic() + 10
+    while "too many connections" in json.dumps(authed(limited, "ping")):
+        assert time.monotonic() < deadline, "connection slots were not freed after the idle closes"
     record(
         "limits",
         max_connections=8,
