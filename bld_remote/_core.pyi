@@ -93,7 +93,10 @@ def startup_options() -> _StartupOptions:
 # --- the pump (src/pump.rs) -----------------------------------------------------------------------------
 
 def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) -> int:
-    """Run up to max_jobs jobs on this thread, waiting up to timeout seconds (GIL released) for the first."""
+    """Run up to max_jobs jobs on this thread, waiting up to timeout seconds (GIL released) for the first.
+
+    ``timeout`` (0 or more) and ``budget`` (more than 0) are seconds, at most 30 days; anything else, NaN
+    and infinities included, raises ValueError."""
 
 def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
     """Headless pump: block (GIL released) and run jobs until the service stops."""

@@ -84,10 +84,11 @@ impl ExecResult {
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
-        Some(t) if t > 0.0 && t.is_finite() => Ok(Some(Duration::from_secs_f64(t))),
-        Some(t) => Err(PyValueError::new_err(format!(
-            "timeout must be a positive number of seconds or None, got {t}"
-        ))),
+        Some(t) => bld_remote_core::config::positive_seconds("timeout", t)
+            .map(Some)
+            .map_err(|e| {
+                PyValueError::new_err(format!("{e} (or None to wait as long as it takes)"))
+            }),
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use serde_json::{Map, Number, Value};
@@ -31,18 +31,18 @@ static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
 #[pyfunction]
 #[pyo3(signature = (max_jobs=64, timeout=0.0, budget=None))]
-pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) -> usize {
-    let Some((shared, handler)) = current() else {
-        return 0;
-    };
-    let first_wait = Duration::from_secs_f64(if timeout.is_finite() {
-        timeout.max(0.0)
-    } else {
-        0.0
-    });
+pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) -> PyResult<usize> {
+    // Checked where they enter, before anything else: a bad number is a ValueError, never a panic.
+    let value_error = |e: bld_remote_core::config::ConfigError| PyValueError::new_err(e.0);
+    let first_wait =
+        bld_remote_core::config::non_negative_seconds("timeout", timeout).map_err(value_error)?;
     let budget = budget
-        .filter(|b| b.is_finite() && *b > 0.0)
-        .map(Duration::from_secs_f64);
+        .map(|b| bld_remote_core::config::positive_seconds("budget", b))
+        .transpose()
+        .map_err(value_error)?;
+    let Some((shared, handler)) = current() else {
+        return Ok(0);
+    };
     let began = Instant::now();
     let mut ran = 0;
     while ran < max_jobs && !shared.stop_requested() {
@@ -64,7 +64,7 @@ pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) 
         }
     }
     finish_requested_stop(py, &shared);
-    ran
+    Ok(ran)
 }
 
 /// The headless pump: block on the job channel with the GIL released, run each job the moment it arrives,

@@ -31,6 +31,37 @@ pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest a timeout setting may be (a day); 0 means "none" where a limit can be off.
 pub const MAX_SECONDS: f64 = 86_400.0;
 
+/// The longest timeout anything accepts: a request's `"timeout"`, a client's, the CLI's (30 days).
+/// Larger numbers are errors rather than "forever": `Duration::from_secs_f64` panics past ~5.8e11 years.
+pub const MAX_TIMEOUT_SECONDS: f64 = 2_592_000.0;
+
+/// `s` seconds as a `Duration`: finite, more than 0 and at most [`MAX_TIMEOUT_SECONDS`]. Anything else
+/// (0, negative, NaN, ±inf, 1e20) is an error naming `what`. Every timeout from a client, a Python caller
+/// or the command line goes through here (or [`non_negative_seconds`]) where it enters.
+pub fn positive_seconds(what: &str, s: f64) -> Result<Duration, ConfigError> {
+    if s.is_finite() && s > 0.0 && s <= MAX_TIMEOUT_SECONDS {
+        if let Ok(d) = Duration::try_from_secs_f64(s) {
+            return Ok(d);
+        }
+    }
+    Err(ConfigError(format!(
+        "{what} must be a positive number of seconds, at most {MAX_TIMEOUT_SECONDS} (30 days), got {s}"
+    )))
+}
+
+/// Like [`positive_seconds`], but 0 is allowed (a zero wait).
+pub fn non_negative_seconds(what: &str, s: f64) -> Result<Duration, ConfigError> {
+    if s == 0.0 {
+        return Ok(Duration::ZERO);
+    }
+    positive_seconds(what, s).map_err(|_| {
+        ConfigError(format!(
+            "{what} must be 0 or a positive number of seconds, at most {MAX_TIMEOUT_SECONDS} (30 days), \
+             got {s}"
+        ))
+    })
+}
+
 /// The environment variables, in one place.
 pub mod env {
     pub const PORT: &str = "BLD_REMOTE_MCP_PORT";
@@ -395,6 +426,39 @@ mod tests {
             .unwrap_err()
             .0
             .contains("idle_timeout"));
+    }
+
+    #[test]
+    fn extreme_seconds_are_errors_never_panics() {
+        let extremes = [
+            0.0,
+            -0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e20,
+            18_446_744_073_709_551_616.0, // 2^64
+            f64::MAX,
+            MAX_TIMEOUT_SECONDS * 1.000_001,
+        ];
+        for (i, s) in extremes.into_iter().enumerate() {
+            assert!(
+                positive_seconds("timeout", s)
+                    .unwrap_err()
+                    .0
+                    .contains("timeout"),
+                "{s}"
+            );
+            // The first two are zeros: a zero wait is fine, a zero timeout is not.
+            assert_eq!(non_negative_seconds("wait", s).is_ok(), i < 2, "{s}");
+            assert_eq!(seconds("idle_timeout", s).is_ok(), i < 2, "{s}");
+        }
+        // Positive but below a nanosecond: a zero-length Duration, not a panic.
+        assert!(positive_seconds("t", f64::MIN_POSITIVE).is_ok_and(|d| d.is_zero()));
+        assert_eq!(non_negative_seconds("wait", 0.0), Ok(Duration::ZERO));
+        assert_eq!(positive_seconds("t", 1.5), Ok(Duration::from_millis(1500)));
+        assert!(positive_seconds("t", MAX_TIMEOUT_SECONDS).is_ok());
     }
 
     #[test]

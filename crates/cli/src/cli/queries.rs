@@ -13,6 +13,8 @@ use super::{
     err, errln, out, outln, Host, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_UNREACHABLE,
     EXIT_USAGE,
 };
+use bld_remote_core::config::{non_negative_seconds, positive_seconds};
+
 use crate::client::{exec_output, Client, ClientError};
 use crate::instances;
 
@@ -21,13 +23,7 @@ use crate::instances;
 fn client_for(t: &Target) -> Result<Client, (i32, String)> {
     let timeout = match t.timeout {
         None => None,
-        Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
-        Some(_) => {
-            return Err((
-                EXIT_USAGE,
-                "--timeout must be a positive number of seconds".into(),
-            ))
-        }
+        Some(s) => Some(positive_seconds("--timeout", s).map_err(|e| (EXIT_USAGE, e.0))?),
     };
     let (h, p) = instances::pick(t.host.as_deref(), t.port).map_err(|e| (EXIT_UNREACHABLE, e))?;
     let token = instances::resolve_token(t.token.clone(), &h, p);
@@ -167,6 +163,13 @@ pub(super) fn status(a: &StatusArgs, host: &Host<'_>) -> i32 {
 }
 
 pub(super) fn shutdown(a: &ShutdownArgs, host: &Host<'_>) -> i32 {
+    let wait = match non_negative_seconds("--wait", a.wait) {
+        Ok(w) => w,
+        Err(e) => {
+            errln(&e.0);
+            return EXIT_USAGE;
+        }
+    };
     let mut client = match client_or_report(&a.target) {
         Ok(c) => c,
         Err(rc) => return rc,
@@ -182,8 +185,8 @@ pub(super) fn shutdown(a: &ShutdownArgs, host: &Host<'_>) -> i32 {
     client.close();
     let addr = client.addr_text();
     let who = pid.map_or_else(String::new, |p| format!(" (pid {p})"));
-    if a.wait > 0.0 {
-        let deadline = Instant::now() + Duration::from_secs_f64(a.wait.min(86_400.0));
+    if !wait.is_zero() {
+        let deadline = Instant::now() + wait;
         loop {
             let mut probe = Client::new(
                 client.host(),

@@ -11,7 +11,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bld_remote_core::config::{port_from, ProcessEnv, DEFAULT_PORT};
+use bld_remote_core::config::{port_from, positive_seconds, ProcessEnv, DEFAULT_PORT};
 use serde_json::{json, Map};
 
 use super::args::StartArgs;
@@ -114,8 +114,8 @@ pub(super) fn start(a: StartArgs, host: &Host<'_>) -> i32 {
             }
         },
     };
-    if !(a.ready_timeout > 0.0 && a.ready_timeout.is_finite()) {
-        errln("--ready-timeout must be a positive number of seconds");
+    if let Err(e) = positive_seconds("--ready-timeout", a.ready_timeout) {
+        errln(&e.0);
         return EXIT_USAGE;
     }
     let found = match find_blender(a.blender.as_deref()) {
@@ -185,7 +185,9 @@ pub(super) fn start(a: StartArgs, host: &Host<'_>) -> i32 {
 /// Wait for Blender, forwarding a stop request; returns the exit status for `start`.
 fn supervise(child: &mut Child, rx: &mpsc::Receiver<Relay>, a: &StartArgs, host: &Host<'_>) -> i32 {
     let started = Instant::now();
-    let ready_timeout = Duration::from_secs_f64(a.ready_timeout);
+    // Checked in `start` (a usage error there); the fallback is never reached.
+    let ready_timeout =
+        positive_seconds("--ready-timeout", a.ready_timeout).unwrap_or(Duration::from_secs(120));
     let mut ready: Option<(String, u16, u32)> = None;
     // When a stop was asked for: the time after which Blender is killed outright.
     let mut stopping: Option<Instant> = None;

@@ -81,10 +81,13 @@ pub enum Failed {
 
 /// Run the server until the client disconnects (stdio) or `interrupted()` turns true.
 pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<(), Failed> {
-    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
-        conn::log("--timeout must be a positive number of seconds");
-        return Err(Failed::Usage);
-    }
+    let timeout = match bld_remote_core::config::positive_seconds("--timeout", args.timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            conn::log(&e.0);
+            return Err(Failed::Usage);
+        }
+    };
     // Without --port, every connection reads BLD_REMOTE_MCP_PORT: a bad value is a usage error now, not a
     // tool error on every call later.
     if args.port.is_none() {
@@ -101,7 +104,7 @@ pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<(),
             port: args.port,
             token,
         },
-        Duration::from_secs_f64(args.timeout),
+        timeout,
     ));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,6 +1,8 @@
 //! A request: one frame (as split by the decoder) parsed into its command, params, id, token and
 //! timeout, or a `BadRequest` that keeps its id when it has one. Runs on each connection's reader thread.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value};
 
 /// A decoded request.
@@ -13,7 +15,8 @@ pub struct Request {
     pub params: Map<String, Value>,
     pub token: Option<String>,
     /// Seconds; the deadline starts when the request is read.
-    pub timeout: Option<f64>,
+    /// The request's own deadline, range-checked here (`config::positive_seconds`).
+    pub timeout: Option<Duration>,
     /// The legacy blender-remote form `{"code": ..., "message": ...}` with its own reply shape.
     pub legacy: bool,
 }
@@ -58,11 +61,18 @@ pub fn parse_request(frame: &[u8]) -> Result<Request, BadRequest> {
     };
     let timeout = match obj.remove("timeout") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(t) if t > 0.0 && t.is_finite() => Some(t),
-            _ => return Err(bad("'timeout' must be a positive number of seconds".into())),
-        },
-        Some(_) => return Err(bad("'timeout' must be a positive number of seconds".into())),
+        Some(Value::Number(n)) => {
+            match crate::config::positive_seconds("'timeout'", n.as_f64().unwrap_or(f64::NAN)) {
+                Ok(t) => Some(t),
+                Err(e) => return Err(bad(e.0)),
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "'timeout' must be a positive number of seconds, not a string or other value"
+                    .into(),
+            ))
+        }
     };
     match obj.remove("type") {
         Some(Value::String(command)) => {
@@ -136,6 +146,24 @@ mod tests {
         assert!(parse_request(br#"{"params":{}}"#).is_err());
         assert!(parse_request(br#"{"type":"x","params":[1]}"#).is_err());
         assert!(parse_request(br#"{"type":"x","timeout":-1}"#).is_err());
+        // Numbers that would overflow a Duration are bad requests that keep their id, never a panic.
+        for t in [
+            "1e20",
+            "18446744073709551616",
+            "1e308",
+            "0",
+            "-0.0",
+            "\"5\"",
+            "true",
+            "[1]",
+        ] {
+            let frame = format!(r#"{{"id":7,"type":"x","timeout":{t}}}"#);
+            let e = parse_request(frame.as_bytes()).err();
+            assert_eq!(e.as_ref().and_then(|e| e.id.clone()), Some(json!(7)), "{t}");
+            assert!(e.is_some_and(|e| e.message.contains("'timeout'")), "{t}");
+        }
+        let r = parse_request(br#"{"type":"x","timeout":2.5}"#).unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_millis(2500)));
         let e = parse_request(br#"{"type": tru}"#).err();
         assert!(e.is_some_and(|e| e.message.starts_with("malformed JSON")));
         let e = parse_request(b"{\"type\":\"\xff\"}").err();

@@ -320,9 +320,7 @@ fn handle_frame(
     } else {
         Shape::Plain
     };
-    let timeout = timeout
-        .map(Duration::from_secs_f64)
-        .or(shared.config.default_timeout);
+    let timeout = timeout.or(shared.config.default_timeout);
     let deadline = timeout.and_then(|t| read_at.checked_add(t));
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
     let (mut job, state) = Job::new(seq, command, params, deadline, done_tx.clone());
