@@ -36,16 +36,9 @@ pub(super) fn install(a: &InstallArgs, host: &Host<'_>) -> i32 {
         Ok(d) => d,
         Err(rc) => return rc,
     };
-    let found = match find_blender(a.blender.as_deref()) {
-        Ok(f) => f,
+    let (found, facts) = match blender_and_facts(a) {
+        Ok(v) => v,
         Err(rc) => return rc,
-    };
-    let facts = match blender::facts(&found.path) {
-        Ok(f) => f,
-        Err(e) => {
-            errln(&e);
-            return EXIT_FAILURE;
-        }
     };
     let addons = facts.user_scripts.join("addons");
     let target = addons.join(ADDON);
@@ -97,17 +90,23 @@ pub(super) fn install(a: &InstallArgs, host: &Host<'_>) -> i32 {
     0
 }
 
-pub(super) fn uninstall(a: &InstallArgs) -> i32 {
-    let found = match find_blender(a.blender.as_deref()) {
-        Ok(f) => f,
-        Err(rc) => return rc,
-    };
-    let facts = match blender::facts(&found.path) {
-        Ok(f) => f,
+/// The Blender that `--blender` (or the search) names, and what it says of itself (user scripts folder,
+/// version); an error is reported here and comes back as the exit status.
+fn blender_and_facts(a: &InstallArgs) -> Result<(blender::Found, blender::Facts), i32> {
+    let found = find_blender(a.blender.as_deref())?;
+    match blender::facts(&found.path) {
+        Ok(f) => Ok((found, f)),
         Err(e) => {
             errln(&e);
-            return EXIT_FAILURE;
+            Err(EXIT_FAILURE)
         }
+    }
+}
+
+pub(super) fn uninstall(a: &InstallArgs) -> i32 {
+    let (found, facts) = match blender_and_facts(a) {
+        Ok(v) => v,
+        Err(rc) => return rc,
     };
     let target = facts.user_scripts.join("addons").join(ADDON);
     let present = target.exists();
