@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bld_remote_core::server::{Config, Server};
 use serde_json::json;
 
 mod common;
@@ -156,10 +157,10 @@ fn queued_jobs_are_refused_not_dropped_on_stop() {
 /// output's own buffer) and for text that needs escaping; replies to id-less requests keep their order.
 #[test]
 fn large_execute_code_replies_survive_partial_vectored_writes() {
-    let cfg = bld_remote_core::server::Config {
+    let cfg = Config {
         port: 0,
         main_thread_commands: vec!["execute_code".into()],
-        ..bld_remote_core::server::Config::default()
+        ..Config::default()
     };
     let mut server = bld_remote_core::server::Server::start(cfg).unwrap();
     let (done, main) = pump(&server);
@@ -245,4 +246,37 @@ fn a_large_read_buffer_goes_to_the_next_connection_and_is_freed_at_stop() {
     drop((w, r));
     server.stop();
     assert_eq!(shared.spare_read_buffer_bytes(), 0, "freed at stop");
+}
+
+#[test]
+fn a_slot_closed_by_its_client_is_free_for_the_next_connection_at_once() {
+    // At the connection limit, a client that has just closed must not cause the next one to be refused
+    // while the closed connection's threads are still ending (the listener waits for them, briefly).
+    let cfg = Config {
+        port: 0,
+        max_connections: 2,
+        ..Config::default()
+    };
+    let mut server = Server::start(cfg).unwrap();
+    let (mut keep_w, mut keep_r) = connect(&server);
+    keep_w.write_all(br#"{"type":"ping"}"#).unwrap();
+    assert_eq!(read_reply(&mut keep_r)["status"], json!("success"));
+    for round in 0..100 {
+        let (mut w, mut r) = connect(&server);
+        w.write_all(br#"{"type":"ping"}"#).unwrap();
+        let v = read_reply(&mut r);
+        assert_eq!(v["status"], json!("success"), "round {round}: {v}");
+        drop((w, r));
+    }
+    // A third live connection is still refused: the wait is for ending connections only.
+    let (mut w2, mut r2) = connect(&server);
+    w2.write_all(br#"{"type":"ping"}"#).unwrap();
+    assert_eq!(read_reply(&mut r2)["status"], json!("success"));
+    let (_w3, mut r3) = connect(&server);
+    let v = read_reply(&mut r3);
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("too many connections"),
+        "{v}"
+    );
+    server.stop();
 }

@@ -7,11 +7,16 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
 
 use super::reader::serve_connection;
 use super::{ConnectionHandle, Shared};
 use crate::protocol::{self, Outcome};
+
+/// At the connection limit, how long the listener waits for a connection whose client has closed to
+/// finish ending before it refuses a newcomer. Only spent when every slot is taken.
+const ENDING_GRACE: Duration = Duration::from_millis(250);
 
 pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     for incoming in listener.incoming() {
@@ -23,17 +28,20 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
-        let mut conns = shared.conns.lock();
-        // Reap connections that have ended so the list (and their join handles) stays bounded.
-        let (done, live): (Vec<ConnectionHandle>, Vec<ConnectionHandle>) =
-            std::mem::take(&mut *conns)
-                .into_iter()
-                .partition(|c| c.thread.is_finished());
-        *conns = live;
-        for c in done {
-            let _ = c.thread.join();
+        let max = shared.config.max_connections;
+        // A client that has just closed still holds its slot until its threads end, which takes moments:
+        // at the limit, wait that long (no more) for one to end before refusing the newcomer.
+        let grace_end = Instant::now() + ENDING_GRACE;
+        while shared.active_conns.load(Ordering::Acquire) >= max {
+            let left = grace_end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = shared.ended_rx.recv_timeout(left);
         }
-        if conns.len() >= shared.config.max_connections {
+        let mut conns = shared.conns.lock();
+        reap(&mut conns);
+        if shared.active_conns.load(Ordering::Acquire) >= max {
             drop(conns);
             refuse_connection(
                 stream,
@@ -52,12 +60,15 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             continue;
         };
         let s = Arc::clone(shared);
+        // Counted here, before the thread exists, so the next accept already sees the slot taken; the
+        // thread gives it back as its last act.
+        shared.active_conns.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name("bld_remote-conn".into())
             .spawn(move || {
-                s.active_conns.fetch_add(1, Ordering::Relaxed);
                 let _ = catch_unwind(AssertUnwindSafe(|| serve_connection(&s, stream)));
-                s.active_conns.fetch_sub(1, Ordering::Relaxed);
+                s.active_conns.fetch_sub(1, Ordering::AcqRel);
+                let _ = s.ended_tx.try_send(());
             });
         if let Ok(thread) = spawned {
             conns.push(ConnectionHandle {
@@ -65,12 +76,25 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 thread,
             });
         } else {
+            shared.active_conns.fetch_sub(1, Ordering::AcqRel);
             drop(conns);
             refuse_connection(
                 handle_stream,
                 "cannot serve this connection (out of threads)",
             );
         }
+    }
+}
+
+/// Drop the handles of connections whose threads have ended (joining them), so the list stays bounded,
+/// (The end notices need no draining: the channel holds one, and a stale one only costs a re-check.)
+fn reap(conns: &mut Vec<ConnectionHandle>) {
+    let (done, live): (Vec<ConnectionHandle>, Vec<ConnectionHandle>) = std::mem::take(conns)
+        .into_iter()
+        .partition(|c| c.thread.is_finished());
+    *conns = live;
+    for c in done {
+        let _ = c.thread.join();
     }
 }
 

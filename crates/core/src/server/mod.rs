@@ -88,6 +88,11 @@ pub struct Shared {
     stop_requested: AtomicBool,
     conns: Mutex<Vec<ConnectionHandle>>,
     active_conns: AtomicUsize,
+    /// Each connection thread sends one message here as it ends, so a listener at the connection limit can
+    /// wait briefly for a slot whose client has already closed rather than refuse a newcomer (see
+    /// `accept::ENDING_GRACE`). One slot: a notice that finds it full is dropped (it only wakes the listener).
+    ended_tx: crossbeam_channel::Sender<()>,
+    ended_rx: crossbeam_channel::Receiver<()>,
     next_seq: AtomicU64,
     served: AtomicU64,
     auth_failures: AtomicU64,
@@ -147,7 +152,10 @@ impl Server {
         let started_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
+        let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
+            ended_tx,
+            ended_rx,
             queue: JobQueue::new(config.queue_capacity),
             config,
             addr,
