@@ -5,6 +5,12 @@
 //! Replies of any size: the reader keeps one growing buffer and searches only the bytes that arrived since the
 //! last search for the terminating newline, so a 100 MB reply costs one pass. Long waits are sliced (at most
 //! `POLL` each) so the caller's `interrupted` hook runs often enough for Ctrl+C to work.
+//!
+//! The token never leaves this process: with a token, each new connection first runs the challenge-response
+//! handshake of [`crate::auth`] (the service proves it holds the token for the port we dialed, then we
+//! prove it), and requests on the connection carry no `token` field. A service that cannot prove it (a port
+//! squatter, a wrong token, a service older than the handshake) is refused with [`ClientError::Unverified`]
+//! before anything else is sent.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -12,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::auth::{self, ClientHandshake};
 use crate::jobs::Phase;
 
 /// Longest single blocking wait, so that an interrupt (Ctrl+C) is noticed quickly.
@@ -20,6 +27,11 @@ const POLL: Duration = Duration::from_millis(100);
 /// says whether the request ran) normally arrives before the client gives up on its own.
 const GRACE: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 1 << 20;
+/// Longest the handshake may take: the service answers it on its network threads, at once even when
+/// Blender is busy, so a peer that takes longer is not a service worth trusting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest handshake reply read from a peer not yet trusted (a real one is about 300 bytes).
+const HANDSHAKE_REPLY_LIMIT: usize = 64 * 1024;
 
 /// Everything that can go wrong talking to a service.
 #[derive(Debug)]
@@ -50,6 +62,9 @@ pub enum ClientError {
     },
     /// Something answered, but not with this protocol.
     Protocol { addr: String, detail: String },
+    /// The peer could not prove that it holds the service token (challenge-response handshake), so
+    /// nothing secret, and no request, was sent to it.
+    Unverified { addr: String, detail: String },
     /// The caller's interrupt hook fired (Ctrl+C, SIGTERM) while waiting.
     Interrupted,
 }
@@ -71,6 +86,13 @@ impl std::fmt::Display for ClientError {
             Self::Protocol { addr, detail } => {
                 write!(f, "{addr} does not speak the bld_remote protocol: {detail}")
             }
+            Self::Unverified { addr, detail } => write!(
+                f,
+                "could not verify that {addr} is the bld_remote service this token belongs to: {detail}. \
+                 Nothing was sent to it: not the token (which never crosses the wire) and not the request. \
+                 If that Blender was killed, another program may now hold its port (`bld-remote ls` lists \
+                 the live instances); a service older than the handshake must be updated"
+            ),
             Self::Interrupted => f.write_str("interrupted"),
         }
     }
@@ -210,7 +232,11 @@ impl Client {
         self.stream.is_some()
     }
 
-    fn connect(&mut self, deadline: Option<Instant>) -> Result<(), ClientError> {
+    fn connect(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<(), ClientError> {
         if self.stream.is_some() {
             return Ok(());
         }
@@ -236,7 +262,14 @@ impl Client {
                     let _ = s.set_nodelay(true);
                     self.stream = Some(s);
                     self.buf.clear();
-                    return Ok(());
+                    let Some(token) = self.token.clone() else {
+                        return Ok(());
+                    };
+                    let verified = self.handshake(&token, deadline, interrupted);
+                    if verified.is_err() {
+                        self.close();
+                    }
+                    return verified;
                 }
                 Err(e) => last = e,
             }
@@ -277,9 +310,7 @@ impl Client {
                 // The service drops the request if it is still queued when this runs out.
                 m.insert("timeout".into(), json!(t.as_secs_f64().max(0.001)));
             }
-            if let Some(token) = &self.token {
-                m.insert("token".into(), Value::String(token.clone()));
-            }
+            // No `token` field: a connection with a token is authenticated by the handshake.
         }
         let mut bytes = serde_json::to_vec(&request).map_err(|e| ClientError::Protocol {
             addr: self.addr_text(),
@@ -305,7 +336,7 @@ impl Client {
         interrupted: Interrupt<'_>,
     ) -> Result<Value, ClientError> {
         let reused = self.stream.is_some();
-        self.connect(deadline)?;
+        self.connect(deadline, interrupted)?;
         if let Err(e) = self.write_request(request) {
             if !reused {
                 return Err(e);
@@ -313,19 +344,19 @@ impl Client {
             // The service may have closed an idle connection: retry once on a new one. Safe, because
             // nothing was read back, and a request the service never fully received never ran.
             self.close();
-            self.connect(deadline)?;
+            self.connect(deadline, interrupted)?;
             self.write_request(request)?;
         }
         let mut may_retry = reused;
         loop {
-            let line = match self.read_line(deadline, interrupted) {
+            let line = match self.read_line(deadline, usize::MAX, interrupted) {
                 Ok(line) => line,
                 // A reused connection closed with nothing read back: the service dropped it as idle before
                 // reading this request (a service that stops refuses the reconnect). Retry once, afresh.
                 Err(ClientError::Lost { .. }) if may_retry && self.buf.is_empty() => {
                     may_retry = false;
                     self.close();
-                    self.connect(deadline)?;
+                    self.connect(deadline, interrupted)?;
                     self.write_request(request)?;
                     continue;
                 }
@@ -382,10 +413,95 @@ impl Client {
             })
     }
 
-    /// One reply line (without its newline), however many reads it takes.
+    /// Prove, on the fresh connection, that both ends hold `token` (`crate::auth`), the service first.
+    /// Nothing secret is sent before the service's proof checks out.
+    fn handshake(
+        &mut self,
+        token: &str,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<(), ClientError> {
+        let unverified = |addr: String, detail: String| ClientError::Unverified { addr, detail };
+        let limit = Instant::now() + HANDSHAKE_TIMEOUT;
+        let deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+        let hs = ClientHandshake::new().map_err(|e| unverified(self.addr_text(), e))?;
+        let challenge = self.exchange(
+            auth::CHALLENGE,
+            hs.challenge_params(),
+            deadline,
+            interrupted,
+        )?;
+        let proof = hs
+            .answer(token, self.port, &challenge)
+            .map_err(|e| unverified(self.addr_text(), e))?;
+        self.exchange(auth::AUTHENTICATE, proof, deadline, interrupted)
+            .map(drop)
+    }
+
+    /// One handshake request and its reply, on a connection whose peer is not trusted yet: replies are
+    /// size-limited, and every failure (other than an interrupt) is [`ClientError::Unverified`].
+    fn exchange(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Value, ClientError> {
+        let addr = self.addr_text();
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut bytes = serde_json::to_vec(&json!({"type": command, "params": params, "id": id}))
+            .unwrap_or_default();
+        bytes.push(b'\n');
+        let why = |e: ClientError| {
+            match e {
+            ClientError::Interrupted => ClientError::Interrupted,
+            ClientError::Remote { message, .. } => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!(
+                    "it answered {command} with an error ({message}): not a bld_remote service with the \
+                     handshake"
+                ),
+            },
+            ClientError::Timeout { .. } => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!("no answer to {command} within the handshake's time"),
+            },
+            other => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!("{command} failed: {other}"),
+            },
+        }
+        };
+        self.write_request(&bytes).map_err(why)?;
+        let line = self
+            .read_line(deadline, HANDSHAKE_REPLY_LIMIT, interrupted)
+            .map_err(why)?;
+        let reply = match serde_json::from_slice::<Value>(&line) {
+            Ok(Value::Object(reply)) if reply.get("id").and_then(Value::as_u64) == Some(id) => {
+                reply
+            }
+            Ok(Value::Object(reply))
+                if !reply.contains_key("id") && reply.contains_key("status") =>
+            {
+                reply
+            }
+            _ => {
+                return Err(why(ClientError::Protocol {
+                    addr: addr.clone(),
+                    detail: "its reply is not a bld_remote reply to that request".into(),
+                }))
+            }
+        };
+        interpret_reply(&addr, reply).map_err(why)
+    }
+
+    /// One reply line (without its newline), however many reads it takes; more than `limit` bytes without
+    /// a newline is a protocol error.
     fn read_line(
         &mut self,
         deadline: Option<Instant>,
+        limit: usize,
         interrupted: Interrupt<'_>,
     ) -> Result<Vec<u8>, ClientError> {
         let addr = self.addr_text();
@@ -398,6 +514,12 @@ impl Client {
                 return Ok(line);
             }
             searched = self.buf.len();
+            if searched > limit {
+                return Err(ClientError::Protocol {
+                    addr,
+                    detail: format!("more than {limit} bytes without the end of a reply"),
+                });
+            }
             if interrupted() {
                 return Err(ClientError::Interrupted);
             }
