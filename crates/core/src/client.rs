@@ -782,6 +782,41 @@ mod tests {
     }
 
     #[test]
+    fn a_service_that_cannot_prove_the_token_gets_neither_it_nor_the_request() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+        let rec = std::sync::Arc::clone(&seen);
+        // Answers everything with success, the challenge with a made-up proof.
+        let port = fake(move |req| {
+            rec.lock().unwrap().push(req.clone());
+            let result = if req["type"] == "auth_challenge" {
+                json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": "ab".repeat(32),
+                       "port": 1, "pid": 1, "proof": "00".repeat(32)})
+            } else {
+                json!({"executed": true})
+            };
+            let mut out = serde_json::to_vec(
+                &json!({"id": req["id"], "status": "success", "result": result}),
+            )
+            .unwrap_or_default();
+            out.push(b'\n');
+            out
+        });
+        let mut c = Client::new(
+            "127.0.0.1",
+            port,
+            Some(Duration::from_secs(5)),
+            Some("s3cret".into()),
+        );
+        let e = c.execute("print()").unwrap_err();
+        assert!(matches!(e, ClientError::Unverified { .. }), "{e:?}");
+        assert!(!c.is_connected());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "only the challenge was sent: {seen:?}");
+        assert_eq!(seen[0]["type"], json!("auth_challenge"));
+        assert!(!serde_json::to_string(&*seen).unwrap().contains("s3cret"));
+    }
+
+    #[test]
     fn not_our_protocol() {
         let port = fake(|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
         let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(5)), None);

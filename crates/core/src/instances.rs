@@ -167,7 +167,10 @@ fn ensure_dir() -> std::io::Result<PathBuf> {
 /// retried, so no link is ever followed. `rename` then replaces whatever is at the final name, a symlink
 /// included, without following it.
 pub fn write(d: &Descriptor) -> std::io::Result<PathBuf> {
-    let dir = ensure_dir()?;
+    write_in(&ensure_dir()?, d)
+}
+
+fn write_in(dir: &Path, d: &Descriptor) -> std::io::Result<PathBuf> {
     let path = dir.join(d.file_name());
     let tmp = dir.join(format!(".{}.tmp", d.file_name()));
     let bytes = serde_json::to_vec_pretty(d).map_err(std::io::Error::other)?;
@@ -441,6 +444,72 @@ mod tests {
         assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(iso8601_utc(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn writes_never_follow_planted_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("bld_remote-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = Descriptor::for_this_process(
+            "127.0.0.1",
+            7001,
+            "background",
+            Some("t"),
+            &serde_json::Map::new(),
+        );
+        let (victim, victim_tmp) = (dir.join("victim"), dir.join("victim_tmp"));
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::write(&victim_tmp, "precious too").unwrap();
+        let tmp = dir.join(format!(".{}.tmp", d.file_name()));
+        std::os::unix::fs::symlink(&victim, dir.join(d.file_name())).unwrap();
+        std::os::unix::fs::symlink(&victim_tmp, &tmp).unwrap();
+        let path = write_in(&dir, &d).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(&victim_tmp).unwrap(),
+            "precious too"
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "no temp file left"
+        );
+        let back: Descriptor = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, d);
+        // The plain O_EXCL create refuses a link, and so would a plain open with O_NOFOLLOW.
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(create_new(&tmp).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn dead_and_reused_pids_are_stale() {
+        let me = Descriptor::for_this_process(
+            "127.0.0.1",
+            1,
+            "background",
+            None,
+            &serde_json::Map::new(),
+        );
+        assert!(me.process_start.is_some());
+        assert_eq!(process_start(me.pid), me.process_start, "stable");
+        assert_eq!(process_stale(&me), None);
+        let reused = Descriptor {
+            process_start: me.process_start.map(|t| t + 1),
+            ..me.clone()
+        };
+        assert_eq!(process_stale(&reused), Some(Stale::PidReused));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let gone = Descriptor { pid, ..me };
+        assert_eq!(process_stale(&gone), Some(Stale::ProcessGone));
     }
 
     #[test]
