@@ -335,10 +335,12 @@ def test_restarted_service_with_the_same_token_works_and_wrong_tokens_and_relays
 
         cn = secrets.token_hex(32)
         ch = ok(c.request({"type": "auth_challenge", "params": {"client_nonce": cn}, "id": 1}))
-        assert ch["port"] == port and ch["pid"] == b.pid and token not in json.dumps(ch)
+        assert (ch["addr"], ch["port"], ch["pid"]) == ("127.0.0.1", port, b.pid) and token not in json.dumps(
+            ch
+        )
 
         def mac(role: str) -> str:
-            msg = f"bld_remote-auth-v1|{role}|{cn}|{ch['server_nonce']}|{ch['port']}|{ch['pid']}"
+            msg = f"bld_remote-auth-v1|{role}|{cn}|{ch['server_nonce']}|{ch['addr']}|{ch['port']}|{ch['pid']}"
             return hmac.new(token.encode(), msg.encode(), hashlib.sha256).hexdigest()
 
         assert hmac.compare_digest(ch["proof"], mac("service"))

@@ -9,17 +9,20 @@
 //!
 //! On the wire (see docs/PROTOCOL.md, *Authentication*):
 //! 1. client → `auth_challenge {client_nonce}`; service → `{auth: true, version: 1, alg: "hmac-sha256",
-//!    server_nonce, port, pid, proof}` with `proof = HMAC-SHA256(token, message("service"))`.
-//! 2. The client checks the proof (in constant time) and that `port` is the port it dialed (a relay from a
-//!    squatted port to the real service on another port proves the wrong port), and only then sends
+//!    server_nonce, addr, port, pid, proof}` with `proof = HMAC-SHA256(token, message("service"))`.
+//! 2. The client checks the proof (in constant time), that `port` is the port it dialed, and that a
+//!    loopback `addr` is the loopback address it dialed (a relay from a squatted port or address to the
+//!    real service proves the wrong one), and only then sends
 //!    `authenticate {proof: HMAC-SHA256(token, message("client"))}`; the service checks it and marks the
 //!    connection authenticated: later requests on it need no `token` field.
 //!
-//! `message(role) = "bld_remote-auth-v1|" + role + "|" + client_nonce + "|" + server_nonce + "|" + port +
-//! "|" + pid` (nonces in lowercase hex as sent, port and pid in decimal). The role label keeps a service's
+//! `message(role) = "bld_remote-auth-v1|" + role + "|" + client_nonce + "|" + server_nonce + "|" + addr +
+//! "|" + port + "|" + pid` (the strings exactly as sent, port and pid in decimal). The role label keeps a
+//! service's
 //! proof from ever being usable as a client's (no reflection); fresh nonces on both sides keep a recorded
 //! proof from being replayed.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hmac::{KeyInit, Mac};
@@ -91,11 +94,13 @@ impl Role {
     }
 }
 
-/// What a proof covers: who speaks, both nonces, and the service's listening port and pid.
+/// What a proof covers: who speaks, both nonces, and the service's address and port (as the connection
+/// reached it) and pid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transcript<'a> {
     pub client_nonce: &'a str,
     pub server_nonce: &'a str,
+    pub addr: &'a str,
     pub port: u16,
     pub pid: u32,
 }
@@ -103,10 +108,11 @@ pub struct Transcript<'a> {
 impl Transcript<'_> {
     fn message(&self, role: Role) -> String {
         format!(
-            "bld_remote-auth-v{VERSION}|{}|{}|{}|{}|{}",
+            "bld_remote-auth-v{VERSION}|{}|{}|{}|{}|{}|{}",
             role.label(),
             self.client_nonce,
             self.server_nonce,
+            self.addr,
             self.port,
             self.pid
         )
@@ -156,13 +162,13 @@ impl ClientHandshake {
         m
     }
 
-    /// Check the `auth_challenge` result: the service must prove it holds `token` for the port we dialed.
-    /// Returns the `params` of our `authenticate` request; `Err` says why the service is not trusted (then
-    /// nothing more may be sent to it).
+    /// Check the `auth_challenge` result: the service must prove it holds `token` for the address we
+    /// dialed (`dialed`: the connection's peer address). Returns the `params` of our `authenticate`
+    /// request; `Err` says why the service is not trusted (then nothing more may be sent to it).
     pub fn answer(
         &self,
         token: &str,
-        dialed_port: u16,
+        dialed: SocketAddr,
         result: &Value,
     ) -> Result<Map<String, Value>, String> {
         let field = |k: &str| result.get(k);
@@ -181,9 +187,10 @@ impl ClientHandshake {
                 field("alg").and_then(Value::as_str).unwrap_or("none")
             ));
         }
-        let (Some(server_nonce), Some(proof), Some(port), Some(pid)) = (
+        let (Some(server_nonce), Some(proof), Some(addr), Some(port), Some(pid)) = (
             field("server_nonce").and_then(Value::as_str),
             field("proof").and_then(Value::as_str),
+            field("addr").and_then(Value::as_str),
             field("port")
                 .and_then(Value::as_u64)
                 .and_then(|p| u16::try_from(p).ok()),
@@ -191,7 +198,7 @@ impl ClientHandshake {
                 .and_then(Value::as_u64)
                 .and_then(|p| u32::try_from(p).ok()),
         ) else {
-            return Err("its challenge reply lacks server_nonce, proof, port or pid".into());
+            return Err("its challenge reply lacks server_nonce, proof, addr, port or pid".into());
         };
         if !valid_nonce(server_nonce) {
             return Err("its server_nonce is not 32 to 128 lowercase hex digits".into());
@@ -202,16 +209,29 @@ impl ClientHandshake {
         let t = Transcript {
             client_nonce: &self.client_nonce,
             server_nonce,
+            addr,
             port,
             pid,
         };
         if !t.verify(token, Role::Service, proof) {
             return Err("its proof is wrong: it does not hold the token".into());
         }
-        if port != dialed_port {
-            // It holds the token, but listens elsewhere: something on the dialed port relays to it.
+        // It holds the token; it must also be where we dialed, else something there relays to it.
+        if port != dialed.port() {
             return Err(format!(
-                "it proved the token for port {port}, but this client dialed port {dialed_port} (a relay?)"
+                "it proved the token for port {port}, but this client dialed port {} (a relay?)",
+                dialed.port()
+            ));
+        }
+        let Ok(served) = addr.parse::<IpAddr>().map(|a| a.to_canonical()) else {
+            return Err(format!("its addr {addr:?} is not an IP address"));
+        };
+        let dialed_ip = dialed.ip().to_canonical();
+        // Two loopback addresses must match (a squatter on [::1]:P relaying to 127.0.0.1:P); a loopback
+        // dial that reaches another address is a port forward (docker -p, ssh -L), as is any other pair.
+        if served.is_loopback() && dialed_ip.is_loopback() && served != dialed_ip {
+            return Err(format!(
+                "it proved the token for {served}, but this client dialed {dialed_ip} (a relay?)"
             ));
         }
         let mut m = Map::new();
@@ -225,7 +245,9 @@ impl ClientHandshake {
 /// A connection's authentication state, kept by its reader thread.
 #[derive(Debug)]
 pub struct ConnAuth {
-    /// The port this connection reached (the service's listening port): part of every proof.
+    /// The address and port this connection reached (the service's, as seen on this connection): part of
+    /// every proof.
+    addr: String,
     port: u16,
     authenticated: bool,
     /// The last challenge's nonces, until one `authenticate` uses them up.
@@ -233,9 +255,11 @@ pub struct ConnAuth {
 }
 
 impl ConnAuth {
-    pub fn new(port: u16) -> Self {
+    /// `local`: the connection's local address (`TcpStream::local_addr`).
+    pub fn new(local: Option<SocketAddr>) -> Self {
         Self {
-            port,
+            addr: local.map_or_else(String::new, |a| a.ip().to_canonical().to_string()),
+            port: local.map_or(0, |a| a.port()),
             authenticated: false,
             pending: None,
         }
@@ -310,6 +334,7 @@ impl ConnAuth {
         let proof = Transcript {
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
+            addr: &self.addr,
             port: self.port,
             pid,
         }
@@ -319,6 +344,7 @@ impl ConnAuth {
             "version": VERSION,
             "alg": ALG,
             "server_nonce": server_nonce,
+            "addr": self.addr,
             "port": self.port,
             "pid": pid,
             "proof": proof,
@@ -346,6 +372,7 @@ impl ConnAuth {
         let t = Transcript {
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
+            addr: &self.addr,
             port: self.port,
             pid: std::process::id(),
         };
@@ -369,6 +396,10 @@ fn refusal(message: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
 
     fn request(command: &str, params: Value, token: Option<&str>) -> Request {
         Request {
@@ -414,6 +445,7 @@ mod tests {
         let t = Transcript {
             client_nonce: "aa",
             server_nonce: "bb",
+            addr: "127.0.0.1",
             port: 6688,
             pid: 42,
         };
@@ -445,20 +477,24 @@ mod tests {
                 server_nonce: "ba",
                 ..t.clone()
             },
+            Transcript {
+                addr: "::1",
+                ..t.clone()
+            },
         ] {
             assert!(!other.verify("tok", Role::Service, &p), "{other:?}");
         }
         // The documented message, so third-party clients can check their implementation against it.
         assert_eq!(
             t.message(Role::Client),
-            "bld_remote-auth-v1|client|aa|bb|6688|42"
+            "bld_remote-auth-v1|client|aa|bb|127.0.0.1|6688|42"
         );
     }
 
     #[test]
     fn full_handshake_authenticates_the_connection_without_the_token_on_the_wire() {
         let failures = AtomicU64::new(0);
-        let mut conn = ConnAuth::new(7000);
+        let mut conn = ConnAuth::new(Some(at(7000)));
         let token = Some("s3cret-token");
         // Before: a request without a token is refused.
         assert!(is_error(
@@ -469,7 +505,7 @@ mod tests {
         let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
         let reply = success(conn.gate(token, &challenge, &failures));
         assert!(!reply.to_string().contains("s3cret-token"));
-        let params = hs.answer("s3cret-token", 7000, &reply).unwrap();
+        let params = hs.answer("s3cret-token", at(7000), &reply).unwrap();
         assert!(!Value::Object(params.clone())
             .to_string()
             .contains("s3cret-token"));
@@ -484,7 +520,7 @@ mod tests {
             .is_none());
         assert_eq!(failures.load(Ordering::Relaxed), 1);
         // The same proof again (a replay) needs a pending challenge: refused.
-        let mut fresh = ConnAuth::new(7000);
+        let mut fresh = ConnAuth::new(Some(at(7000)));
         assert!(is_error(fresh.gate(token, &auth, &failures).as_ref()));
         assert!(!fresh.is_authenticated());
     }
@@ -493,42 +529,54 @@ mod tests {
     fn client_refuses_a_service_that_cannot_prove_the_token() {
         let hs = ClientHandshake::new().unwrap();
         // The real service with another token, on the right port.
-        let mut conn = ConnAuth::new(7000);
+        let mut conn = ConnAuth::new(Some(at(7000)));
         let failures = AtomicU64::new(0);
         let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
         let reply = success(conn.gate(Some("other"), &challenge, &failures));
         assert!(hs
-            .answer("mine", 7000, &reply)
+            .answer("mine", at(7000), &reply)
             .unwrap_err()
             .contains("proof is wrong"));
         // The right token but another port: a relay.
         let reply = success(conn.gate(Some("mine"), &challenge, &failures));
         assert!(hs
-            .answer("mine", 7001, &reply)
+            .answer("mine", at(7001), &reply)
             .unwrap_err()
             .contains("relay"));
+        // The right port on another loopback address: a squatter on [::1]:7000 relaying to 127.0.0.1:7000.
+        let v6: SocketAddr = "[::1]:7000".parse().unwrap();
+        assert!(hs.answer("mine", v6, &reply).unwrap_err().contains("relay"));
+        // A dual-stack service sees an IPv4-mapped address: the same address.
+        let mut mapped = ConnAuth::new(Some("[::ffff:127.0.0.1]:7000".parse().unwrap()));
+        let reply = success(mapped.gate(Some("mine"), &challenge, &failures));
+        assert_eq!(reply["addr"], json!("127.0.0.1"));
+        assert!(hs.answer("mine", at(7000), &reply).is_ok());
+        // A loopback dial that reaches another address is a port forward (docker -p): accepted.
+        let mut docker = ConnAuth::new(Some("172.17.0.2:7000".parse().unwrap()));
+        let reply = success(docker.gate(Some("mine"), &challenge, &failures));
+        assert!(hs.answer("mine", at(7000), &reply).is_ok());
         // A squatter's fakes.
         let nonce = "ab".repeat(32);
         for fake in [
             json!({"auth": false}),
             json!({"pong": true}),
-            json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": nonce, "port": 7000, "pid": 1, "proof": "00".repeat(32)}),
-            json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": "xyz", "port": 7000, "pid": 1, "proof": "00"}),
+            json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": nonce, "addr": "127.0.0.1", "port": 7000, "pid": 1, "proof": "00".repeat(32)}),
+            json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": "xyz", "addr": "127.0.0.1", "port": 7000, "pid": 1, "proof": "00"}),
             json!({"auth": true, "version": 2, "alg": "hmac-sha256"}),
             json!(null),
         ] {
-            assert!(hs.answer("mine", 7000, &fake).is_err(), "{fake}");
+            assert!(hs.answer("mine", at(7000), &fake).is_err(), "{fake}");
         }
         // Its own nonce echoed back, with a proof made by... nobody who knows the token.
         let echo = json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": hs.client_nonce,
-                          "port": 7000, "pid": 1, "proof": "00".repeat(32)});
-        assert!(hs.answer("mine", 7000, &echo).is_err());
+                          "addr": "127.0.0.1", "port": 7000, "pid": 1, "proof": "00".repeat(32)});
+        assert!(hs.answer("mine", at(7000), &echo).is_err());
     }
 
     #[test]
     fn service_side_refusals() {
         let failures = AtomicU64::new(0);
-        let mut conn = ConnAuth::new(7000);
+        let mut conn = ConnAuth::new(Some(at(7000)));
         // Bad client nonces.
         for bad in [
             json!({}),
@@ -559,7 +607,7 @@ mod tests {
                 .as_ref()
         ));
         // No token configured: everything passes, the challenge says there is nothing to prove.
-        let mut open = ConnAuth::new(7000);
+        let mut open = ConnAuth::new(Some(at(7000)));
         assert!(open
             .gate(None, &request("ping", json!({}), None), &failures)
             .is_none());

@@ -7,8 +7,8 @@
 //! `POLL` each) so the caller's `interrupted` hook runs often enough for Ctrl+C to work.
 //!
 //! The token never leaves this process: with a token, each new connection first runs the challenge-response
-//! handshake of [`crate::auth`] (the service proves it holds the token for the port we dialed, then we
-//! prove it), and requests on the connection carry no `token` field. A service that cannot prove it (a port
+//! handshake of [`crate::auth`] (the service proves it holds the token for the address we dialed, then
+//! we prove it), and requests on the connection carry no `token` field. A service that cannot prove it (a port
 //! squatter, a wrong token, a service older than the handshake) is refused with [`ClientError::Unverified`]
 //! before anything else is sent.
 
@@ -431,8 +431,18 @@ impl Client {
             deadline,
             interrupted,
         )?;
+        let dialed = self
+            .stream
+            .as_ref()
+            .and_then(|s| s.peer_addr().ok())
+            .ok_or_else(|| {
+                unverified(
+                    self.addr_text(),
+                    "the connection has no peer address".into(),
+                )
+            })?;
         let proof = hs
-            .answer(token, self.port, &challenge)
+            .answer(token, dialed, &challenge)
             .map_err(|e| unverified(self.addr_text(), e))?;
         self.exchange(auth::AUTHENTICATE, proof, deadline, interrupted)
             .map(drop)

@@ -14,7 +14,7 @@
 //! afresh (re-resolving the target through the instance descriptors when no port was given).
 //!
 //! Tokens: with a token, each new connection first runs bld-remote-core's challenge-response handshake
-//! ([`bld_remote_core::auth`]): the service proves it holds the token for the port dialed before anything
+//! ([`bld_remote_core::auth`]): the service proves it holds the token for the address dialed before anything
 //! else is sent, then we prove it; requests carry no `token` field. A peer that cannot prove it (a port
 //! squatter, a wrong token, an older service) fails the call with [`ClientError::Unverified`].
 
@@ -230,9 +230,10 @@ impl Backend {
             }
         };
         let _ = stream.set_nodelay(true);
+        let dialed = stream.peer_addr().ok();
         let (read_half, mut write_half) = stream.into_split();
         let mut reader = BufReader::with_capacity(1 << 20, read_half);
-        self.verify(&mut reader, &mut write_half, &host, port, &addr)
+        self.verify(&mut reader, &mut write_half, &host, port, dialed, &addr)
             .await?;
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -314,6 +315,7 @@ impl Backend {
         writer: &mut OwnedWriteHalf,
         host: &str,
         port: u16,
+        dialed: Option<std::net::SocketAddr>,
         addr: &str,
     ) -> Result<(), CallError> {
         let Some(token) = crate::instances::resolve_token(self.target.token.clone(), host, port)
@@ -321,17 +323,20 @@ impl Backend {
             return Ok(());
         };
         let first_id = self.next_id.fetch_add(2, Ordering::Relaxed);
-        let verified = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            handshake(reader, writer, &token, port, first_id),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "no answer to the handshake within {} s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            ))
-        });
+        let verified = match dialed {
+            None => Err("the connection has no peer address".to_string()),
+            Some(dialed) => tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake(reader, writer, &token, dialed, first_id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer to the handshake within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            }),
+        };
         if let Err(detail) = verified {
             let _ = writer.shutdown().await;
             return Err(CallError::Service(ClientError::Unverified {
@@ -425,12 +430,12 @@ impl Backend {
 }
 
 /// Prove, on a fresh connection and before anything else is sent, that both ends hold `token`
-/// ([`bld_remote_core::auth`]): the service first, for the port dialed. `Err` says why it is not trusted.
+/// ([`bld_remote_core::auth`]): the service first, for the address dialed. `Err` says why it is not trusted.
 async fn handshake(
     reader: &mut BufReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
     token: &str,
-    port: u16,
+    dialed: std::net::SocketAddr,
     first_id: u64,
 ) -> Result<(), String> {
     let hs = ClientHandshake::new()?;
@@ -442,7 +447,7 @@ async fn handshake(
         hs.challenge_params(),
     )
     .await?;
-    let proof = hs.answer(token, port, &challenge)?;
+    let proof = hs.answer(token, dialed, &challenge)?;
     exchange(reader, writer, first_id + 1, auth::AUTHENTICATE, proof)
         .await
         .map(drop)

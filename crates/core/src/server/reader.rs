@@ -110,8 +110,9 @@ fn read_loop(
     let mut decoder = Decoder::with_buffer(config.max_request_bytes, config.max_depth, spare);
     // Jobs of this connection by request id, for `cancel`.
     let mut by_id: HashMap<String, (u64, Arc<JobState>)> = HashMap::new();
-    // Whether this connection proved the token (auth_challenge / authenticate); the port is in the proofs.
-    let mut auth = ConnAuth::new(stream.local_addr().map_or(0, |a| a.port()));
+    // Whether this connection proved the token (auth_challenge / authenticate); its local address is in the
+    // proofs.
+    let mut auth = ConnAuth::new(stream.local_addr().ok());
     // When the request being received began (its first read), for `request_read_timeout`.
     let mut request_began: Option<Instant> = None;
     let mut socket_timeout: Option<Option<Duration>> = None;
