@@ -36,15 +36,17 @@ class Squatter:
     is needed), "old" (does not know the handshake, like a service from before it), "relay" (forwards to a
     real service on `upstream`, so it can pass that service's genuine proof along)."""
 
-    def __init__(self, port: int, mode: str, pid: int = 4242, upstream: int | None = None):
+    def __init__(
+        self, port: int, mode: str, pid: int = 4242, upstream: int | None = None, host: str = "127.0.0.1"
+    ):
         self.port, self.mode, self.pid, self.upstream = port, mode, pid, upstream
         self.received = bytearray()
         self.connections = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.sock = socket.socket()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((host, port))
         self.sock.listen()
         self.sock.settimeout(0.2)
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -318,6 +320,22 @@ def test_restarted_service_with_the_same_token_works_and_wrong_tokens_and_relays
         received = bytes(relay.received)
     assert b"auth_challenge" in received and token.encode() not in received
     assert b'"authenticate"' not in received and b"execute_code" not in received
+
+    # The same port on another loopback address: a relay on [::1]:P to the service on 127.0.0.1:P proves
+    # the right port but the wrong address.
+    try:
+        v6 = Squatter(port, "relay", upstream=port, host="::1")
+    except OSError:
+        v6 = None  # no IPv6 loopback here
+    if v6 is not None:
+        with v6:
+            out = py_client(
+                installed, TRY_EXECUTE.format(args=f"host='::1', port={port}, token={token!r}"), env
+            )
+            assert UNVERIFIED in out.get("error", "") and "127.0.0.1" in out["error"], out
+            received = bytes(v6.received)
+        assert b"auth_challenge" in received and token.encode() not in received
+        assert b'"authenticate"' not in received
 
     # Old-style clients with a plain token keep working; without one they are refused, nothing runs.
     with Conn(port) as c:
