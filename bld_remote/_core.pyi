@@ -182,7 +182,9 @@ class Client:
     """A connection to a running bld_remote service (framed mode: ids, one JSON reply per line).
 
     Without ``port``, the only running instance (see ``bld-remote ls``); several → BlenderConnectionError.
-    ``timeout`` is per request in seconds (None: no limit). ``token`` defaults to ``$BLD_REMOTE_TOKEN``.
+    ``timeout`` is per request in seconds (None: no limit). ``token`` defaults to ``$BLD_REMOTE_TOKEN``, else
+    the instance descriptor's. The token is never sent: the service must first prove it holds it (a
+    challenge-response handshake), else BlenderConnectionError ("could not verify") and nothing is sent.
     Every wait releases the GIL; Ctrl+C interrupts it. Thread-safe; calls are serialised."""
 
     def __new__(

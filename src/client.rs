@@ -132,7 +132,9 @@ impl PyClient {
     /// Connect lazily to ``host:port``. Without ``port``: the only running instance (``bld-remote ls``);
     /// several → ``BlenderConnectionError``, never a guess. ``timeout``: seconds per request (None: no
     /// limit); the service also drops a request still queued when it runs out. ``token``: for services that
-    /// require one (default ``$BLD_REMOTE_TOKEN``).
+    /// require one (default ``$BLD_REMOTE_TOKEN``, else the instance descriptor's). The token is never sent:
+    /// each connection first makes the service prove it holds it (a challenge-response handshake), and a
+    /// service that cannot is refused with ``BlenderConnectionError`` before anything is sent to it.
     #[new]
     #[pyo3(signature = (host=None, port=None, timeout=Some(DEFAULT_CLIENT_TIMEOUT.as_secs_f64()), token=None))]
     fn new(

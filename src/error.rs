@@ -49,7 +49,9 @@ pub fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
             );
             err
         }
-        ClientError::Lost { addr, .. } | ClientError::Protocol { addr, .. } => {
+        ClientError::Lost { addr, .. }
+        | ClientError::Protocol { addr, .. }
+        | ClientError::Unverified { addr, .. } => {
             let err = BlenderConnectionError::new_err(text);
             set(py, &err, "address", Some(addr.as_str()));
             err

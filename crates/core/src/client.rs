@@ -5,6 +5,12 @@
 //! Replies of any size: the reader keeps one growing buffer and searches only the bytes that arrived since the
 //! last search for the terminating newline, so a 100 MB reply costs one pass. Long waits are sliced (at most
 //! `POLL` each) so the caller's `interrupted` hook runs often enough for Ctrl+C to work.
+//!
+//! The token never leaves this process: with a token, each new connection first runs the challenge-response
+//! handshake of [`crate::auth`] (the service proves it holds the token for the address we dialed, then
+//! we prove it), and requests on the connection carry no `token` field. A service that cannot prove it (a port
+//! squatter, a wrong token, a service older than the handshake) is refused with [`ClientError::Unverified`]
+//! before anything else is sent.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -12,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::auth::{self, ClientHandshake};
 use crate::jobs::Phase;
 
 /// Longest single blocking wait, so that an interrupt (Ctrl+C) is noticed quickly.
@@ -20,6 +27,11 @@ const POLL: Duration = Duration::from_millis(100);
 /// says whether the request ran) normally arrives before the client gives up on its own.
 const GRACE: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 1 << 20;
+/// Longest the handshake may take: the service answers it on its network threads, at once even when
+/// Blender is busy, so a peer that takes longer is not a service worth trusting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest handshake reply read from a peer not yet trusted (a real one is about 300 bytes).
+const HANDSHAKE_REPLY_LIMIT: usize = 64 * 1024;
 
 /// Everything that can go wrong talking to a service.
 #[derive(Debug)]
@@ -50,6 +62,9 @@ pub enum ClientError {
     },
     /// Something answered, but not with this protocol.
     Protocol { addr: String, detail: String },
+    /// The peer could not prove that it holds the service token (challenge-response handshake), so
+    /// nothing secret, and no request, was sent to it.
+    Unverified { addr: String, detail: String },
     /// The caller's interrupt hook fired (Ctrl+C, SIGTERM) while waiting.
     Interrupted,
 }
@@ -71,6 +86,13 @@ impl std::fmt::Display for ClientError {
             Self::Protocol { addr, detail } => {
                 write!(f, "{addr} does not speak the bld_remote protocol: {detail}")
             }
+            Self::Unverified { addr, detail } => write!(
+                f,
+                "could not verify that {addr} is the bld_remote service this token belongs to: {detail}. \
+                 Nothing was sent to it: not the token (which never crosses the wire) and not the request. \
+                 If that Blender was killed, another program may now hold its port (`bld-remote ls` lists \
+                 the live instances); a service older than the handshake must be updated"
+            ),
             Self::Interrupted => f.write_str("interrupted"),
         }
     }
@@ -231,7 +253,11 @@ impl Client {
         }
     }
 
-    fn connect(&mut self, deadline: Option<Instant>) -> Result<(), ClientError> {
+    fn connect(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<(), ClientError> {
         if self.stream.is_some() {
             return Ok(());
         }
@@ -257,7 +283,14 @@ impl Client {
                     let _ = s.set_nodelay(true);
                     self.stream = Some(s);
                     self.buf.clear();
-                    return Ok(());
+                    let Some(token) = self.token.clone() else {
+                        return Ok(());
+                    };
+                    let verified = self.handshake(&token, deadline, interrupted);
+                    if verified.is_err() {
+                        self.close();
+                    }
+                    return verified;
                 }
                 Err(e) => last = e,
             }
@@ -298,9 +331,7 @@ impl Client {
                 // The service drops the request if it is still queued when this runs out.
                 m.insert("timeout".into(), json!(t.as_secs_f64().max(0.001)));
             }
-            if let Some(token) = &self.token {
-                m.insert("token".into(), Value::String(token.clone()));
-            }
+            // No `token` field: a connection with a token is authenticated by the handshake.
         }
         let mut bytes = serde_json::to_vec(&request).map_err(|e| ClientError::Protocol {
             addr: self.addr_text(),
@@ -327,7 +358,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.drop_if_closed_by_peer();
         let reused = self.stream.is_some();
-        self.connect(deadline)?;
+        self.connect(deadline, interrupted)?;
         if let Err(e) = self.write_request(request) {
             if !reused {
                 return Err(e);
@@ -335,7 +366,7 @@ impl Client {
             // The service may have closed an idle connection: retry once on a new one. Safe, because
             // nothing was read back, and a request the service never fully received never ran.
             self.close();
-            self.connect(deadline)?;
+            self.connect(deadline, interrupted)?;
             self.write_request(request)?;
         }
         // Whether this request may still be sent again on a fresh connection: only when the service says,
@@ -344,7 +375,7 @@ impl Client {
         // read the request and died running it (outcome unknown, never replayed blindly).
         let mut may_retry = reused;
         loop {
-            let line = self.read_line(deadline, interrupted)?;
+            let line = self.read_line(deadline, usize::MAX, interrupted)?;
             let value: Value =
                 serde_json::from_slice(&line).map_err(|e| ClientError::Protocol {
                     addr: self.addr_text(),
@@ -376,7 +407,7 @@ impl Client {
             {
                 may_retry = false;
                 self.close();
-                self.connect(deadline)?;
+                self.connect(deadline, interrupted)?;
                 self.write_request(request)?;
                 continue;
             }
@@ -407,10 +438,105 @@ impl Client {
             })
     }
 
-    /// One reply line (without its newline), however many reads it takes.
+    /// Prove, on the fresh connection, that both ends hold `token` (`crate::auth`), the service first.
+    /// Nothing secret is sent before the service's proof checks out.
+    fn handshake(
+        &mut self,
+        token: &str,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<(), ClientError> {
+        let unverified = |addr: String, detail: String| ClientError::Unverified { addr, detail };
+        let limit = Instant::now() + HANDSHAKE_TIMEOUT;
+        let deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+        let hs = ClientHandshake::new().map_err(|e| unverified(self.addr_text(), e))?;
+        let challenge = self.exchange(
+            auth::CHALLENGE,
+            hs.challenge_params(),
+            deadline,
+            interrupted,
+        )?;
+        let dialed = self
+            .stream
+            .as_ref()
+            .and_then(|s| s.peer_addr().ok())
+            .ok_or_else(|| {
+                unverified(
+                    self.addr_text(),
+                    "the connection has no peer address".into(),
+                )
+            })?;
+        let proof = hs
+            .answer(token, dialed, &challenge)
+            .map_err(|e| unverified(self.addr_text(), e))?;
+        self.exchange(auth::AUTHENTICATE, proof, deadline, interrupted)
+            .map(drop)
+    }
+
+    /// One handshake request and its reply, on a connection whose peer is not trusted yet: replies are
+    /// size-limited, and every failure (other than an interrupt) is [`ClientError::Unverified`].
+    fn exchange(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Value, ClientError> {
+        let addr = self.addr_text();
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut bytes = serde_json::to_vec(&json!({"type": command, "params": params, "id": id}))
+            .unwrap_or_default();
+        bytes.push(b'\n');
+        let why = |e: ClientError| {
+            match e {
+            ClientError::Interrupted => ClientError::Interrupted,
+            ClientError::Remote { message, .. } => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!(
+                    "it answered {command} with an error ({message}): not a bld_remote service with the \
+                     handshake"
+                ),
+            },
+            ClientError::Timeout { .. } => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!("no answer to {command} within the handshake's time"),
+            },
+            other => ClientError::Unverified {
+                addr: addr.clone(),
+                detail: format!("{command} failed: {other}"),
+            },
+        }
+        };
+        self.write_request(&bytes).map_err(why)?;
+        let line = self
+            .read_line(deadline, HANDSHAKE_REPLY_LIMIT, interrupted)
+            .map_err(why)?;
+        let reply = match serde_json::from_slice::<Value>(&line) {
+            Ok(Value::Object(reply)) if reply.get("id").and_then(Value::as_u64) == Some(id) => {
+                reply
+            }
+            Ok(Value::Object(reply))
+                if !reply.contains_key("id") && reply.contains_key("status") =>
+            {
+                reply
+            }
+            _ => {
+                return Err(why(ClientError::Protocol {
+                    addr: addr.clone(),
+                    detail: "its reply is not a bld_remote reply to that request".into(),
+                }))
+            }
+        };
+        interpret_reply(&addr, reply).map_err(why)
+    }
+
+    /// One reply line (without its newline), however many reads it takes; more than `limit` bytes without
+    /// a newline is a protocol error.
     fn read_line(
         &mut self,
         deadline: Option<Instant>,
+        limit: usize,
         interrupted: Interrupt<'_>,
     ) -> Result<Vec<u8>, ClientError> {
         let addr = self.addr_text();
@@ -423,6 +549,12 @@ impl Client {
                 return Ok(line);
             }
             searched = self.buf.len();
+            if searched > limit {
+                return Err(ClientError::Protocol {
+                    addr,
+                    detail: format!("more than {limit} bytes without the end of a reply"),
+                });
+            }
             if interrupted() {
                 return Err(ClientError::Interrupted);
             }
@@ -754,6 +886,41 @@ mod tests {
         // The next request goes out on a fresh connection, and is served.
         assert!(c.ping().is_ok());
         assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_service_that_cannot_prove_the_token_gets_neither_it_nor_the_request() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+        let rec = std::sync::Arc::clone(&seen);
+        // Answers everything with success, the challenge with a made-up proof.
+        let port = fake(move |req| {
+            rec.lock().unwrap().push(req.clone());
+            let result = if req["type"] == "auth_challenge" {
+                json!({"auth": true, "version": 1, "alg": "hmac-sha256", "server_nonce": "ab".repeat(32),
+                       "port": 1, "pid": 1, "proof": "00".repeat(32)})
+            } else {
+                json!({"executed": true})
+            };
+            let mut out = serde_json::to_vec(
+                &json!({"id": req["id"], "status": "success", "result": result}),
+            )
+            .unwrap_or_default();
+            out.push(b'\n');
+            out
+        });
+        let mut c = Client::new(
+            "127.0.0.1",
+            port,
+            Some(Duration::from_secs(5)),
+            Some("s3cret".into()),
+        );
+        let e = c.execute("print()").unwrap_err();
+        assert!(matches!(e, ClientError::Unverified { .. }), "{e:?}");
+        assert!(!c.is_connected());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "only the challenge was sent: {seen:?}");
+        assert_eq!(seen[0]["type"], json!("auth_challenge"));
+        assert!(!serde_json::to_string(&*seen).unwrap().contains("s3cret"));
     }
 
     #[test]

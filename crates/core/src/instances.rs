@@ -5,11 +5,17 @@
 //! read by the CLI and the client.
 //!
 //! Directory: `$BLD_REMOTE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/bld_remote`, else a per-user folder in the
-//! temp dir. The folder is 0700 and each file 0600 on Unix (a descriptor is not a secret, but which ports run
-//! code in whose Blender is nobody else's business). A file whose process died without cleaning up (crash,
-//! SIGKILL) is "stale": [`live`] skips it and, asked to, deletes it.
+//! temp dir. The folder is 0700 and each file 0600 on Unix: a descriptor holds the service's token (like a
+//! Jupyter connection file), so only its owner may read it. Files are written to a temp file created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW` and renamed into place, so a planted symlink is never followed.
+//!
+//! A file whose process died without cleaning up (crash, SIGKILL) is "stale" (the rule `PostgreSQL` keeps for
+//! its lock files: never trust one whose process is gone, nor one whose pid now names another process — the process
+//! start time is recorded to tell). Every lookup prunes what it finds stale: [`token_for`] the files whose
+//! process is gone, [`live`] (`ls`, `pick`, the MCP server) also those whose port no longer answers as that
+//! instance (for a service with a token: cannot prove the token in the handshake).
 
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +55,10 @@ pub struct Descriptor {
     /// The `bld_remote` version serving.
     #[serde(default)]
     pub version: String,
+    /// When the process started, in clock ticks since boot (Linux `/proc/<pid>/stat`, field 22): a pid
+    /// that names a process started at another time is a reused pid, and the descriptor is stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_start: Option<u64>,
 }
 
 impl Descriptor {
@@ -81,6 +91,7 @@ impl Descriptor {
             auth: token.is_some(),
             token: token.map(str::to_string),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            process_start: process_start(std::process::id()),
         }
     }
 
@@ -125,13 +136,20 @@ fn ensure_dir() -> std::io::Result<PathBuf> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        if !dir.is_dir() {
+        if std::fs::symlink_metadata(&dir).is_err() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)?;
         }
-        let meta = std::fs::metadata(&dir)?;
+        // The folder itself, never what a link there points to.
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory (a symlink?): refusing to write an instance descriptor there",
+                dir.display()
+            )));
+        }
         if meta.permissions().mode() & 0o077 != 0 {
             // Fails (and so refuses to write) when the folder belongs to someone else.
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -143,25 +161,47 @@ fn ensure_dir() -> std::io::Result<PathBuf> {
 }
 
 /// Write the descriptor (atomically: a temp file renamed into place). Returns its path.
+///
+/// The temp file is created new (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600): whatever already sits at its
+/// name (a leftover, or a planted symlink) is removed — the name, never a link's target — and creation
+/// retried, so no link is ever followed. `rename` then replaces whatever is at the final name, a symlink
+/// included, without following it.
 pub fn write(d: &Descriptor) -> std::io::Result<PathBuf> {
-    let dir = ensure_dir()?;
+    write_in(&ensure_dir()?, d)
+}
+
+fn write_in(dir: &Path, d: &Descriptor) -> std::io::Result<PathBuf> {
     let path = dir.join(d.file_name());
     let tmp = dir.join(format!(".{}.tmp", d.file_name()));
     let bytes = serde_json::to_vec_pretty(d).map_err(std::io::Error::other)?;
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
+    let mut f = match create_new(&tmp) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&tmp)?;
+            create_new(&tmp)?
         }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.write_all(b"\n")?;
+        other => other?,
+    };
+    let written = f
+        .write_all(&bytes)
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+/// A new owner-only file that must not exist yet, never through a symlink.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    opts.open(path)
 }
 
 /// Remove a descriptor written by [`write`]; missing is fine.
@@ -198,8 +238,12 @@ pub fn all() -> Vec<(PathBuf, Result<Descriptor, String>)> {
 pub enum Stale {
     Unreadable(String),
     ProcessGone,
+    /// The pid is alive, but names a process started at another time than the service's.
+    PidReused,
     NotAnswering(String),
     OtherProcess(u64),
+    /// Its port answers, but cannot prove the descriptor's token (the handshake failed).
+    Unverified(String),
 }
 
 impl std::fmt::Display for Stale {
@@ -207,6 +251,8 @@ impl std::fmt::Display for Stale {
         match self {
             Self::Unreadable(e) => write!(f, "unreadable: {e}"),
             Self::ProcessGone => f.write_str("its process is gone"),
+            Self::PidReused => f.write_str("its pid now names another process"),
+            Self::Unverified(e) => write!(f, "its port does not answer as that instance: {e}"),
             Self::NotAnswering(e) => write!(f, "its port does not answer: {e}"),
             Self::OtherProcess(pid) => {
                 write!(f, "its port is served by another process (pid {pid})")
@@ -215,25 +261,46 @@ impl std::fmt::Display for Stale {
     }
 }
 
-fn process_gone(pid: u32) -> bool {
-    // Linux: cheap and certain. Elsewhere the port check below decides.
-    let proc_root = Path::new("/proc/self");
-    proc_root.exists() && !Path::new(&format!("/proc/{pid}")).exists()
+/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat` field 22); `None` off Linux or
+/// when it cannot be read.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (the command name) is in parentheses and may hold spaces or ')': count after the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Is this descriptor's service alive? Asks its port for `get_status` (answered on the service's network
-/// threads, so a busy Blender still answers at once) and checks the pid.
-pub fn check(d: &Descriptor, timeout: Duration) -> Result<(), Stale> {
-    if process_gone(d.pid) {
-        return Err(Stale::ProcessGone);
+/// The process-level verdict, without the network: gone, or its pid reused by another process.
+fn process_stale(d: &Descriptor) -> Option<Stale> {
+    // Linux: cheap and certain. Elsewhere the port check in [`check`] decides.
+    if !Path::new("/proc/self").exists() {
+        return None;
     }
-    let mut c = Client::new(d.host.clone(), d.port, Some(timeout), None);
+    if !Path::new(&format!("/proc/{}", d.pid)).exists() {
+        return Some(Stale::ProcessGone);
+    }
+    match (d.process_start, process_start(d.pid)) {
+        (Some(recorded), Some(now)) if recorded != now => Some(Stale::PidReused),
+        _ => None,
+    }
+}
+
+/// Is this descriptor's service alive? Checks the process (pid and start time), then asks its port for
+/// `get_status` (answered on the service's network threads, so a busy Blender still answers at once) and
+/// checks the pid. With the descriptor's token, the client's handshake first makes the port prove it
+/// holds that token: a squatter cannot.
+pub fn check(d: &Descriptor, timeout: Duration) -> Result<(), Stale> {
+    if let Some(why) = process_stale(d) {
+        return Err(why);
+    }
+    let mut c = Client::new(d.host.clone(), d.port, Some(timeout), d.token.clone());
     match c.status() {
         Ok(status) => match status.get("pid").and_then(Value::as_u64) {
             Some(pid) if pid != u64::from(d.pid) => Err(Stale::OtherProcess(pid)),
             _ => Ok(()),
         },
-        // It answered, just not to us (a token is required): it is alive.
+        Err(ClientError::Unverified { detail, .. }) => Err(Stale::Unverified(detail)),
+        // It answered, just not to us (a descriptor without its token, from an older version): alive.
         Err(ClientError::Remote { .. }) => Ok(()),
         Err(e) => Err(Stale::NotAnswering(e.to_string())),
     }
@@ -276,17 +343,35 @@ pub fn resolve_token(explicit: Option<String>, host: &str, port: u16) -> Option<
 }
 
 /// The token of the service on `host:port`, from its descriptor (owner-only), when it has one.
+///
+/// A lookup prunes: descriptors for that address whose process is gone (or whose pid was reused) are
+/// deleted. Their token is still returned when no live descriptor has one, so the client's handshake asks
+/// whatever holds the port now to prove it (a restarted service with the same token can; a squatter cannot,
+/// and the client then refuses it instead of talking to it without a token). The token itself is never
+/// sent (see [`crate::auth`]).
 pub fn token_for(host: &str, port: u16) -> Option<String> {
     let loopback = |h: &str| {
         h == "localhost"
             || h.parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
     };
-    all().into_iter().find_map(|(_, d)| {
-        let d = d.ok()?;
+    let mut from_live: Option<Option<String>> = None;
+    let mut from_stale = None;
+    for (path, d) in all() {
+        let Ok(d) = d else { continue };
         let same_host = d.host == host || (loopback(&d.host) && loopback(host));
-        (d.port == port && same_host).then_some(d.token).flatten()
-    })
+        if d.port != port || !same_host {
+            continue;
+        }
+        if process_stale(&d).is_some() {
+            remove(&path);
+            from_stale = from_stale.or(d.token);
+        } else if from_live.as_ref().is_none_or(Option::is_none) {
+            // A live instance decides (a live one without a token: the port needs none).
+            from_live = Some(d.token);
+        }
+    }
+    from_live.unwrap_or(from_stale)
 }
 
 /// The service to talk to: `port` when given (on `host`, default 127.0.0.1); else the only live instance
@@ -359,6 +444,72 @@ mod tests {
         assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso8601_utc(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(iso8601_utc(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn writes_never_follow_planted_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("bld_remote-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = Descriptor::for_this_process(
+            "127.0.0.1",
+            7001,
+            "background",
+            Some("t"),
+            &serde_json::Map::new(),
+        );
+        let (victim, victim_tmp) = (dir.join("victim"), dir.join("victim_tmp"));
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::write(&victim_tmp, "precious too").unwrap();
+        let tmp = dir.join(format!(".{}.tmp", d.file_name()));
+        std::os::unix::fs::symlink(&victim, dir.join(d.file_name())).unwrap();
+        std::os::unix::fs::symlink(&victim_tmp, &tmp).unwrap();
+        let path = write_in(&dir, &d).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(&victim_tmp).unwrap(),
+            "precious too"
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "no temp file left"
+        );
+        let back: Descriptor = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, d);
+        // The plain O_EXCL create refuses a link, and so would a plain open with O_NOFOLLOW.
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(create_new(&tmp).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn dead_and_reused_pids_are_stale() {
+        let me = Descriptor::for_this_process(
+            "127.0.0.1",
+            1,
+            "background",
+            None,
+            &serde_json::Map::new(),
+        );
+        assert!(me.process_start.is_some());
+        assert_eq!(process_start(me.pid), me.process_start, "stable");
+        assert_eq!(process_stale(&me), None);
+        let reused = Descriptor {
+            process_start: me.process_start.map(|t| t + 1),
+            ..me.clone()
+        };
+        assert_eq!(process_stale(&reused), Some(Stale::PidReused));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let gone = Descriptor { pid, ..me };
+        assert_eq!(process_stale(&gone), Some(Stale::ProcessGone));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! a service (client, instance descriptors). No pyo3: tested with plain `cargo test`.
 //! This file is only the manifest of modules.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod instances;

@@ -1,6 +1,7 @@
 //! `bld-remote exec`, `status`, `shutdown` and `ls`: one-shot questions to a running service, over
 //! bld-remote-core's blocking [`Client`] and its instance descriptors. Runs on the main thread; every wait
-//! polls [`Host::interrupted`] so a Ctrl+C ends it with status 130.
+//! polls [`Host::interrupted`] so a Ctrl+C ends it with status 130. With a token, the client proves the
+//! service first (bld-remote-core's handshake) and never sends the token: an unverified service is status 5.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -17,6 +18,10 @@ use bld_remote_core::config::{non_negative_seconds, positive_seconds};
 
 use crate::client::{exec_output, Client, ClientError};
 use crate::instances;
+
+/// Exit status when the service could not prove that it holds the token (a port squatter, a wrong token,
+/// a service older than the handshake): nothing was sent to it.
+pub(super) const EXIT_UNVERIFIED: i32 = 5;
 
 // --- finding the service --------------------------------------------------------------------------------
 
@@ -45,6 +50,7 @@ fn client_error_status(e: &ClientError) -> i32 {
         }
         ClientError::Timeout { .. } => EXIT_TIMEOUT,
         ClientError::Remote { .. } => EXIT_FAILURE,
+        ClientError::Unverified { .. } => EXIT_UNVERIFIED,
         ClientError::Interrupted => EXIT_INTERRUPTED,
     }
 }

@@ -12,17 +12,24 @@
 //!
 //! Reconnects: a lost connection fails the calls in flight with [`CallError::Lost`]; the next call connects
 //! afresh (re-resolving the target through the instance descriptors when no port was given).
+//!
+//! Tokens: with a token, each new connection first runs bld-remote-core's challenge-response handshake
+//! ([`bld_remote_core::auth`]): the service proves it holds the token for the address dialed before anything
+//! else is sent, then we prove it; requests carry no `token` field. A peer that cannot prove it (a port
+//! squatter, a wrong token, an older service) fails the call with [`ClientError::Unverified`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bld_remote_core::auth::{self, ClientHandshake};
 use bld_remote_core::client::{interpret_reply, ClientError};
 use bld_remote_core::config::{port_from, ProcessEnv, DEFAULT_HOST, DEFAULT_PORT};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +39,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Extra time granted beyond the deadline sent to the service, so the service's own timeout reply (which
 /// says whether the request ran) normally wins the race. The same 2 s as bld-remote-core's blocking client.
 const REPLY_GRACE: Duration = Duration::from_secs(2);
+/// Longest the handshake may take (the service answers it on its network threads, at once), and the largest
+/// reply read from a peer not yet trusted: the same bounds as bld-remote-core's blocking client.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_REPLY_LIMIT: u64 = 64 * 1024;
 
 /// Where the service is: an explicit port, or "find it" (the single live instance).
 #[derive(Debug, Clone)]
@@ -81,9 +92,6 @@ struct Pending {
 /// and a reader task that routes replies and progress by id.
 struct Link {
     addr: String,
-    /// The service token for this address: explicit, else `$BLD_REMOTE_TOKEN` (not `auto`), else the
-    /// owner-only instance descriptor's (resolved per connection: the target may change on reconnect).
-    token: Option<String>,
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     alive: Arc<AtomicBool>,
@@ -191,6 +199,7 @@ impl Backend {
     }
 
     /// The live connection, or a new one.
+    #[allow(clippy::too_many_lines)] // one linear path: resolve, connect, verify, spawn the two tasks
     async fn connection(&self) -> Result<Arc<Link>, CallError> {
         let mut guard = self.link.lock().await;
         if let Some(c) = guard.as_ref() {
@@ -221,7 +230,11 @@ impl Backend {
             }
         };
         let _ = stream.set_nodelay(true);
+        let dialed = stream.peer_addr().ok();
         let (read_half, mut write_half) = stream.into_split();
+        let mut reader = BufReader::with_capacity(1 << 20, read_half);
+        self.verify(&mut reader, &mut write_half, &host, port, dialed, &addr)
+            .await?;
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
@@ -254,7 +267,6 @@ impl Backend {
             let closed = closed.clone();
             let addr = addr.clone();
             tokio::spawn(async move {
-                let mut reader = BufReader::with_capacity(1 << 20, read_half);
                 let mut line = Vec::new();
                 let why = loop {
                     line.clear();
@@ -285,7 +297,6 @@ impl Backend {
         }
         let link = Arc::new(Link {
             addr,
-            token: crate::instances::resolve_token(self.target.token.clone(), &host, port),
             out: out_tx,
             pending,
             alive,
@@ -293,6 +304,47 @@ impl Backend {
         });
         *guard = Some(Arc::clone(&link));
         Ok(link)
+    }
+
+    /// With a token for `host:port` (explicit, else `$BLD_REMOTE_TOKEN` if not `auto`, else the owner-only
+    /// instance descriptor's; resolved per connection, as the target may change on reconnect): the
+    /// handshake, before anything else is sent. The token only keys the proofs; it is never sent.
+    async fn verify(
+        &self,
+        reader: &mut BufReader<OwnedReadHalf>,
+        writer: &mut OwnedWriteHalf,
+        host: &str,
+        port: u16,
+        dialed: Option<std::net::SocketAddr>,
+        addr: &str,
+    ) -> Result<(), CallError> {
+        let Some(token) = crate::instances::resolve_token(self.target.token.clone(), host, port)
+        else {
+            return Ok(());
+        };
+        let first_id = self.next_id.fetch_add(2, Ordering::Relaxed);
+        let verified = match dialed {
+            None => Err("the connection has no peer address".to_string()),
+            Some(dialed) => tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake(reader, writer, &token, dialed, first_id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer to the handshake within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            }),
+        };
+        if let Err(detail) = verified {
+            let _ = writer.shutdown().await;
+            return Err(CallError::Service(ClientError::Unverified {
+                addr: addr.to_string(),
+                detail,
+            }));
+        }
+        Ok(())
     }
 
     /// The address of the current connection, if one is open.
@@ -325,15 +377,12 @@ impl Backend {
                 progress,
             },
         );
-        let mut request = json!({
+        let request = json!({
             "id": id,
             "type": command,
             "params": Value::Object(params),
             "timeout": timeout.as_secs_f64().max(0.001),
         });
-        if let (Some(token), Value::Object(m)) = (&link.token, &mut request) {
-            m.insert("token".into(), Value::String(token.clone()));
-        }
         let mut guard = CancelOnDrop {
             link: Arc::clone(&link),
             id,
@@ -378,6 +427,71 @@ impl Backend {
         };
         interpret_reply(&link.addr, reply).map_err(CallError::Service)
     }
+}
+
+/// Prove, on a fresh connection and before anything else is sent, that both ends hold `token`
+/// ([`bld_remote_core::auth`]): the service first, for the address dialed. `Err` says why it is not trusted.
+async fn handshake(
+    reader: &mut BufReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    token: &str,
+    dialed: std::net::SocketAddr,
+    first_id: u64,
+) -> Result<(), String> {
+    let hs = ClientHandshake::new()?;
+    let challenge = exchange(
+        reader,
+        writer,
+        first_id,
+        auth::CHALLENGE,
+        hs.challenge_params(),
+    )
+    .await?;
+    let proof = hs.answer(token, dialed, &challenge)?;
+    exchange(reader, writer, first_id + 1, auth::AUTHENTICATE, proof)
+        .await
+        .map(drop)
+}
+
+/// One handshake request and its reply, read with a size limit (the peer is not trusted yet).
+async fn exchange(
+    reader: &mut BufReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    id: u64,
+    command: &str,
+    params: Map<String, Value>,
+) -> Result<Value, String> {
+    let mut bytes = serde_json::to_vec(&json!({"id": id, "type": command, "params": params}))
+        .unwrap_or_default();
+    bytes.push(b'\n');
+    writer
+        .write_all(&bytes)
+        .await
+        .map_err(|e| format!("{command} could not be sent: {e}"))?;
+    let mut line = Vec::new();
+    let n = (&mut *reader)
+        .take(HANDSHAKE_REPLY_LIMIT)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| format!("{command} got no reply: {e}"))?;
+    if n == 0 {
+        return Err(format!(
+            "it closed the connection without answering {command}"
+        ));
+    }
+    if !line.ends_with(b"\n") {
+        return Err(format!(
+            "its reply to {command} is cut short or larger than {HANDSHAKE_REPLY_LIMIT} bytes"
+        ));
+    }
+    let reply = match serde_json::from_slice::<Value>(&line) {
+        Ok(Value::Object(r)) if r.get("id").and_then(Value::as_u64) == Some(id) => r,
+        Ok(Value::Object(r)) if !r.contains_key("id") && r.contains_key("status") => r,
+        _ => return Err(format!("its reply to {command} is not a bld_remote reply")),
+    };
+    interpret_reply("", reply).map_err(|e| {
+        format!("it answered {command} with an error ({e}): not a bld_remote service with the handshake")
+    })
 }
 
 fn route(pending: &Mutex<HashMap<u64, Pending>>, msg: Map<String, Value>) {

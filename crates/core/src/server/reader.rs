@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::accept::refuse_connection;
 use super::control::{control, id_key};
 use super::reply::{prepare_execute_code, truthy, Shape};
 use super::writer::{Writer, MAX_PIPELINED};
-use super::{constant_time_eq, Config, Shared};
+use super::{Config, Shared};
+use crate::auth::ConnAuth;
 use crate::jobs::{not_run, Completion, Job, JobState, Progress, SubmitError};
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
@@ -109,6 +110,9 @@ fn read_loop(
     let mut decoder = Decoder::with_buffer(config.max_request_bytes, config.max_depth, spare);
     // Jobs of this connection by request id, for `cancel`.
     let mut by_id: HashMap<String, (u64, Arc<JobState>)> = HashMap::new();
+    // Whether this connection proved the token (auth_challenge / authenticate); its local address is in the
+    // proofs.
+    let mut auth = ConnAuth::new(stream.local_addr().ok());
     // When the request being received began (its first read), for `request_read_timeout`.
     let mut request_began: Option<Instant> = None;
     let mut socket_timeout: Option<Option<Duration>> = None;
@@ -151,7 +155,8 @@ fn read_loop(
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     request_began = None;
-                    let msg = handle_frame(shared, frame, &mut by_id, done_tx, progress_tx);
+                    let msg =
+                        handle_frame(shared, frame, &mut auth, &mut by_id, done_tx, progress_tx);
                     if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
                         // Nobody will send this reply: queued work for it must never run.
                         if let ToWriter::Job(f) = msg {
@@ -242,6 +247,7 @@ fn http_refusal() -> Vec<u8> {
 fn handle_frame(
     shared: &Arc<Shared>,
     frame: &[u8],
+    auth: &mut ConnAuth,
     by_id: &mut HashMap<String, (u64, Arc<JobState>)>,
     done_tx: &Sender<Completion>,
     progress_tx: &Sender<Progress>,
@@ -263,22 +269,13 @@ fn handle_frame(
         bytes: protocol::encode_reply(id.as_ref(), &outcome),
         settle: None,
     };
-    if let Some(expected) = shared.config.token.as_deref() {
-        let given = request.token.as_deref().unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            shared.auth_failures.fetch_add(1, Ordering::Relaxed);
-            let mut extra = Map::new();
-            extra.insert("ran".into(), Value::Bool(false));
-            extra.insert("auth".into(), Value::Bool(false));
-            return ready(Outcome::error_with(
-                if given.is_empty() {
-                    "authentication required: this service needs a token (add \"token\" to the request)"
-                } else {
-                    "authentication failed: wrong token"
-                },
-                extra,
-            ));
-        }
+    // The token check and the challenge-response handshake (crate::auth): per connection.
+    if let Some(outcome) = auth.gate(
+        shared.config.token.as_deref(),
+        &request,
+        &shared.auth_failures,
+    ) {
+        return ready(outcome);
     }
     let mut settle = None;
     if let Some(outcome) = control(shared, &mut request, by_id, &mut settle) {
