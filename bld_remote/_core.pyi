@@ -59,6 +59,9 @@ def start(
     default_timeout: float | None = None,
     request_read_timeout: float | None = None,
     max_depth: int | None = None,
+    persist_max_value_bytes: int | None = None,
+    persist_max_total_bytes: int | None = None,
+    persist_max_keys: int | None = None,
 ) -> tuple[str, int] | None:
     """Bind and start serving on native threads; returns the bound ``(host, port)``.
 

@@ -83,7 +83,8 @@ fn config_error(e: ConfigError) -> PyErr {
 #[pyfunction]
 #[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
-    default_timeout=None, request_read_timeout=None, max_depth=None))]
+    default_timeout=None, request_read_timeout=None, max_depth=None, persist_max_value_bytes=None,
+    persist_max_total_bytes=None, persist_max_keys=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     py: Python<'_>,
@@ -101,6 +102,9 @@ pub fn start(
     default_timeout: Option<f64>,
     request_read_timeout: Option<f64>,
     max_depth: Option<u64>,
+    persist_max_value_bytes: Option<u64>,
+    persist_max_total_bytes: Option<u64>,
+    persist_max_keys: Option<u64>,
 ) -> PyResult<Option<(String, u16)>> {
     let settings = Settings {
         host,
@@ -113,6 +117,9 @@ pub fn start(
         idle_timeout,
         default_timeout,
         request_read_timeout,
+        persist_max_value_bytes,
+        persist_max_total_bytes,
+        persist_max_keys,
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;
     if let Some(s) = SERVICE.lock().as_ref() {

@@ -75,6 +75,9 @@ pub mod env {
     pub const IDLE_TIMEOUT: &str = "BLD_REMOTE_IDLE_TIMEOUT";
     pub const DEFAULT_TIMEOUT: &str = "BLD_REMOTE_DEFAULT_TIMEOUT";
     pub const REQUEST_READ_TIMEOUT: &str = "BLD_REMOTE_REQUEST_READ_TIMEOUT";
+    pub const PERSIST_MAX_VALUE_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_VALUE_BYTES";
+    pub const PERSIST_MAX_TOTAL_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_TOTAL_BYTES";
+    pub const PERSIST_MAX_KEYS: &str = "BLD_REMOTE_PERSIST_MAX_KEYS";
 }
 
 /// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
@@ -97,6 +100,8 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     /// A client that does not read its replies for this long is disconnected.
     pub write_timeout: Duration,
+    /// Bounds of the persist store (`put_persist_data`): one value, all values, the number of keys.
+    pub persist: crate::persist::Limits,
     /// `gui` or `background`: reported by `get_status`.
     pub mode: String,
     /// Commands the main thread handles (registered by the Python side). Others are unknown.
@@ -119,6 +124,7 @@ impl Default for Config {
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             default_timeout: Some(DEFAULT_REQUEST_DEADLINE),
             write_timeout: Duration::from_secs(30),
+            persist: crate::persist::Limits::default(),
             mode: "background".into(),
             main_thread_commands: Vec::new(),
             info: Map::new(),
@@ -140,6 +146,9 @@ pub struct Settings {
     pub idle_timeout: Option<f64>,
     pub default_timeout: Option<f64>,
     pub request_read_timeout: Option<f64>,
+    pub persist_max_value_bytes: Option<u64>,
+    pub persist_max_total_bytes: Option<u64>,
+    pub persist_max_keys: Option<u64>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -275,6 +284,7 @@ impl StartupOptions {
 impl Config {
     /// The service's configuration: each explicit setting, else its environment variable, else the
     /// default. Every number is range-checked here, where it enters; the message names the culprit.
+    #[allow(clippy::too_many_lines)] // one flat list of settings
     pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
         let d = Config::default();
         let count = |given: Option<u64>,
@@ -372,6 +382,32 @@ impl Config {
                 Some(d.request_read_timeout),
             )?
             .unwrap_or(Duration::from_secs(86_400)),
+            persist: crate::persist::Limits {
+                max_value_bytes: count(
+                    settings.persist_max_value_bytes,
+                    "persist_max_value_bytes",
+                    env::PERSIST_MAX_VALUE_BYTES,
+                    1,
+                    1 << 40,
+                    d.persist.max_value_bytes,
+                )?,
+                max_total_bytes: count(
+                    settings.persist_max_total_bytes,
+                    "persist_max_total_bytes",
+                    env::PERSIST_MAX_TOTAL_BYTES,
+                    1,
+                    1 << 40,
+                    d.persist.max_total_bytes,
+                )?,
+                max_keys: count(
+                    settings.persist_max_keys,
+                    "persist_max_keys",
+                    env::PERSIST_MAX_KEYS,
+                    1,
+                    1 << 32,
+                    d.persist.max_keys,
+                )?,
+            },
             ..d
         })
     }

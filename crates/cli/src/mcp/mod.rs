@@ -64,6 +64,19 @@ pub struct McpArgs {
     /// Extra Host header value allowed over HTTP (loopback names always are).
     #[arg(long, value_name = "HOST")]
     pub allow_host: Vec<String>,
+    /// Seconds an HTTP client gets to send a request's headers, counted from its connection or from its
+    /// first byte after a reply; a client that sends half a request and stalls is then disconnected.
+    #[arg(long, default_value_t = http::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout: u64,
+    /// Seconds an HTTP keep-alive connection may sit idle between requests before it is closed.
+    #[arg(long, default_value_t = http::DEFAULT_IDLE_TIMEOUT_SECS, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub http_idle_timeout: u64,
+    /// Most HTTP connections open at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub http_max_connections: u64,
     /// Largest image (PNG bytes) put in a tool result; larger renders and screenshots are scaled down.
     #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES")]
     pub max_image_bytes: usize,
