@@ -17,7 +17,7 @@ use pyo3::types::PyDict;
 use bld_remote_core::config::{self, ConfigError, ProcessEnv, Settings, StartupOptions};
 use bld_remote_core::server::{Config, Server, Shared, StartError};
 
-use crate::convert::{dict_to_map, json_to_py};
+use crate::convert::{dict_to_map, json_to_py, Whole};
 use crate::instances;
 
 /// The service this process runs (at most one), with the Python handler its jobs go to.
@@ -92,34 +92,40 @@ pub fn start(
     commands: Vec<String>,
     mode: String,
     host: Option<String>,
-    port: Option<u16>,
+    port: Option<Whole>,
     token: Option<String>,
     info: Option<Bound<'_, PyDict>>,
-    max_request_bytes: Option<u64>,
-    max_connections: Option<u64>,
-    queue_capacity: Option<u64>,
+    max_request_bytes: Option<Whole>,
+    max_connections: Option<Whole>,
+    queue_capacity: Option<Whole>,
     idle_timeout: Option<f64>,
     default_timeout: Option<f64>,
     request_read_timeout: Option<f64>,
-    max_depth: Option<u64>,
-    persist_max_value_bytes: Option<u64>,
-    persist_max_total_bytes: Option<u64>,
-    persist_max_keys: Option<u64>,
+    max_depth: Option<Whole>,
+    persist_max_value_bytes: Option<Whole>,
+    persist_max_total_bytes: Option<Whole>,
+    persist_max_keys: Option<Whole>,
 ) -> PyResult<Option<(String, u16)>> {
+    // Every number is range-checked where it enters: `Whole` takes any int, `config` names the range.
+    let count = |w: Option<Whole>| w.map(|w| w.0);
+    let port = port
+        .map(|p| config::check_port("port", p.0))
+        .transpose()
+        .map_err(config_error)?;
     let settings = Settings {
         host,
         port,
         token,
-        max_request_bytes,
-        max_connections,
-        queue_capacity,
-        max_depth,
+        max_request_bytes: count(max_request_bytes),
+        max_connections: count(max_connections),
+        queue_capacity: count(queue_capacity),
+        max_depth: count(max_depth),
         idle_timeout,
         default_timeout,
         request_read_timeout,
-        persist_max_value_bytes,
-        persist_max_total_bytes,
-        persist_max_keys,
+        persist_max_value_bytes: count(persist_max_value_bytes),
+        persist_max_total_bytes: count(persist_max_total_bytes),
+        persist_max_keys: count(persist_max_keys),
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;
     if let Some(s) = SERVICE.lock().as_ref() {

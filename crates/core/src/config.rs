@@ -134,21 +134,23 @@ impl Default for Config {
 
 /// Settings given explicitly (keyword arguments of `start_mcp_service()`, the add-on's preferences).
 /// `None` falls back to the environment, then to the default. Timeouts are seconds; 0 turns a limit off.
+/// Counts are `i128` so that any number a caller passes (negative, past `u64`) reaches the range check
+/// and gets its message.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub token: Option<String>,
-    pub max_request_bytes: Option<u64>,
-    pub max_connections: Option<u64>,
-    pub queue_capacity: Option<u64>,
-    pub max_depth: Option<u64>,
+    pub max_request_bytes: Option<i128>,
+    pub max_connections: Option<i128>,
+    pub queue_capacity: Option<i128>,
+    pub max_depth: Option<i128>,
     pub idle_timeout: Option<f64>,
     pub default_timeout: Option<f64>,
     pub request_read_timeout: Option<f64>,
-    pub persist_max_value_bytes: Option<u64>,
-    pub persist_max_total_bytes: Option<u64>,
-    pub persist_max_keys: Option<u64>,
+    pub persist_max_value_bytes: Option<i128>,
+    pub persist_max_total_bytes: Option<i128>,
+    pub persist_max_keys: Option<i128>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -203,8 +205,20 @@ fn parse_count(name: &str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigE
     }
 }
 
-fn check_count(name: &str, n: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    parse_count(name, &n.to_string(), min, max)
+/// A count given as a number (from Python: any `int`, so it may be negative or past `u64`).
+fn check_count(name: &str, n: i128, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match u64::try_from(n) {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(ConfigError(format!(
+            "{name} must be a whole number from {min} to {max}, got {n}"
+        ))),
+    }
+}
+
+/// A port given as a number: 0 (pick a free one) to 65535.
+pub fn check_port(name: &str, n: i128) -> Result<u16, ConfigError> {
+    u16::try_from(n)
+        .map_err(|_| ConfigError(format!("{name} must be a port number (0-65535), got {n}")))
 }
 
 /// Seconds for a timeout setting: 0 means none (`Ok(None)`); otherwise a finite number from 1 ms to a day.
@@ -287,7 +301,7 @@ impl Config {
     #[allow(clippy::too_many_lines)] // one flat list of settings
     pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let count = |given: Option<u64>,
+        let count = |given: Option<i128>,
                      name: &str,
                      var: &str,
                      min: u64,

@@ -33,7 +33,7 @@ use conn::{Backend, Target};
 use tools::BlenderMcp;
 
 /// Default budget for one image in a tool result (PNG bytes, before base64).
-pub const DEFAULT_MAX_IMAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1024 * 1024;
 
 /// `bld-remote mcp` options.
 #[derive(Args, Debug, Clone)]
@@ -78,8 +78,9 @@ pub struct McpArgs {
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub http_max_connections: u64,
     /// Largest image (PNG bytes) put in a tool result; larger renders and screenshots are scaled down.
-    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES")]
-    pub max_image_bytes: usize,
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_image_bytes: u64,
 }
 
 /// Why `bld-remote mcp` stopped other than by its client leaving or a signal; the reason is already on
@@ -131,7 +132,8 @@ pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<(),
             return Err(Failed::Error);
         }
     };
-    let max_image = args.max_image_bytes.max(1024);
+    // 1 KiB to 1 GiB (clap checked it): fits a usize on every platform Blender runs on.
+    let max_image = usize::try_from(args.max_image_bytes).unwrap_or(usize::MAX);
     let shutdown = CancellationToken::new();
     let status = runtime.block_on(async {
         let serve = async {
