@@ -295,32 +295,70 @@ pub fn dict_to_map(d: Option<&Bound<'_, PyDict>>) -> Map<String, Value> {
     }
 }
 
-/// A whole-number argument from Python, range-checked by whoever takes it (`config` for the service's
-/// settings), so that every bad number gets a message naming the argument and its range. Takes any
-/// `int` (a negative one, or one past `u64`, reaches the check instead of an `OverflowError` that names
-/// nothing); ints beyond `i128` saturate, which is still out of every range. A bool, a float, a string
-/// raise `TypeError` (`PyO3` prefixes the argument's name).
-#[derive(Debug, Clone, Copy)]
-pub struct Whole(pub i128);
+/// A Python argument taken as it is, so that its number can be checked together with its name
+/// ([`whole_arg`], [`seconds_arg`]): `PyO3`'s own conversions raise `OverflowError`/`TypeError` messages that
+/// name neither the argument nor its range. `Default`: the caller left it out.
+pub enum Arg<'py> {
+    Default,
+    Given(Bound<'py, PyAny>),
+}
 
-impl<'py> FromPyObject<'_, 'py> for Whole {
+impl<'py> FromPyObject<'_, 'py> for Arg<'py> {
     type Error = PyErr;
 
     fn extract(obj: pyo3::Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
-        if obj.cast::<PyBool>().is_ok() || obj.cast::<PyInt>().is_err() {
-            let type_name = obj
-                .get_type()
-                .name()
-                .map_or_else(|_| "?".into(), |n| n.to_string());
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "must be a whole number (int), got {type_name} {}",
-                repr(&obj)
-            )));
-        }
-        if let Ok(n) = obj.extract::<i128>() {
-            return Ok(Self(n));
-        }
-        let negative = obj.lt(0i32).unwrap_or(false);
-        Ok(Self(if negative { i128::MIN } else { i128::MAX }))
+        Ok(Self::Given(obj.to_owned()))
     }
+}
+
+fn type_and_repr(v: &Bound<'_, PyAny>) -> String {
+    let type_name = v
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".into(), |n| n.to_string());
+    format!("{type_name} {}", repr(v))
+}
+
+/// `v` as a whole number for the argument `name`: any `int` (negative, or past `u64`: the caller's range
+/// check then names the range; past `i128` it saturates, still out of every range). A bool, a float, a
+/// string... raise `TypeError` naming the argument.
+pub fn whole_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<i128> {
+    if v.cast::<PyBool>().is_ok() || v.cast::<PyInt>().is_err() {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "{name} must be a whole number (int), got {}",
+            type_and_repr(v)
+        )));
+    }
+    if let Ok(n) = v.extract::<i128>() {
+        return Ok(n);
+    }
+    Ok(if v.lt(0i32).unwrap_or(false) {
+        i128::MIN
+    } else {
+        i128::MAX
+    })
+}
+
+/// `v` as seconds for the argument `name`: an `int` or a `float` (NaN and infinities pass through, for
+/// the caller's range check to refuse by name); an int too large for a float is infinity. A bool, a string...
+/// raise `TypeError` naming the argument.
+pub fn seconds_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if v.cast::<PyBool>().is_err() {
+        if let Ok(f) = v.cast::<PyFloat>() {
+            return Ok(f.value());
+        }
+        if v.cast::<PyInt>().is_ok() {
+            return Ok(v
+                .extract::<f64>()
+                .unwrap_or(if v.lt(0i32).unwrap_or(false) {
+                    f64::NEG_INFINITY
+                } else {
+                    f64::INFINITY
+                }));
+        }
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "{name} must be a number of seconds, got {}",
+        type_and_repr(v)
+    )))
 }

@@ -19,7 +19,7 @@ use bld_remote_core::jobs::{Job, Msg, ProgressSink};
 use bld_remote_core::protocol::Outcome;
 use bld_remote_core::server::Shared;
 
-use crate::convert::{json_to_py, py_to_json_reported, Report, Whole};
+use crate::convert::{json_to_py, py_to_json_reported, seconds_arg, whole_arg, Arg, Report};
 use crate::service::{current, in_job, set_in_job, stop, SERVICE};
 use crate::signals::SignalForwarder;
 
@@ -30,19 +30,32 @@ static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 /// Run up to `max_jobs` pending jobs on this (the main) thread. Waits up to `timeout` seconds for the
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
 #[pyfunction]
-#[pyo3(signature = (max_jobs=Whole(64), timeout=0.0, budget=None))]
-pub fn step(py: Python<'_>, max_jobs: Whole, timeout: f64, budget: Option<f64>) -> PyResult<usize> {
-    // Checked where they enter, before anything else: a bad number is a ValueError, never a panic.
-    let max_jobs = u32::try_from(max_jobs.0)
+#[pyo3(signature = (max_jobs=Arg::Default, timeout=Arg::Default, budget=None))]
+pub fn step(
+    py: Python<'_>,
+    max_jobs: Arg<'_>,
+    timeout: Arg<'_>,
+    budget: Option<Bound<'_, PyAny>>,
+) -> PyResult<usize> {
+    // Checked where they enter, by name, before anything else: a bad number is an error, never a panic.
+    let max_jobs = match max_jobs {
+        Arg::Default => 64,
+        Arg::Given(v) => whole_arg("max_jobs", &v)?,
+    };
+    let max_jobs = u32::try_from(max_jobs)
         .map_err(|_| {
             PyValueError::new_err(format!(
-                "max_jobs must be a whole number from 0 to {}, got {}",
-                u32::MAX,
-                max_jobs.0
+                "max_jobs must be a whole number from 0 to {}, got {max_jobs}",
+                u32::MAX
             ))
         })?
         .try_into()
         .unwrap_or(usize::MAX);
+    let timeout = match timeout {
+        Arg::Default => 0.0,
+        Arg::Given(v) => seconds_arg("timeout", &v)?,
+    };
+    let budget = budget.map(|b| seconds_arg("budget", &b)).transpose()?;
     let value_error = |e: bld_remote_core::config::ConfigError| PyValueError::new_err(e.0);
     let first_wait =
         bld_remote_core::config::non_negative_seconds("timeout", timeout).map_err(value_error)?;

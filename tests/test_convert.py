@@ -23,7 +23,7 @@ def test_each_type_converts_as_documented(served):
         "    'none': None, 'bool': True, 'int': -2**63, 'uint': 2**64 - 1, 'float': 0.1,\n"
         "    'str': 'é😀', 'bytes': b'\\x00\\xffab', 'tuple': (1, 2), 'list': [1, [2]],\n"
         "    'set': {7}, 'frozenset': frozenset({8}),\n"
-        "    'keys': {1: 'one', None: 'none', True: 'true', (1, 2): 'tuple'},\n"
+        "    'keys': {2: 'two', None: 'none', True: 'true', (1, 2): 'tuple'},\n"
         "    'vector': mathutils.Vector((1, 2, 3)), 'matrix': mathutils.Matrix.Identity(2),\n"
         "    'color': mathutils.Color((0.5, 0.25, 0)), 'object': bpy.data.objects[0],\n"
         "    'other': range(3),\n"
@@ -38,7 +38,7 @@ def test_each_type_converts_as_documented(served):
         assert v["str"] == "é😀"
         assert base64.b64decode(v["bytes"]) == b"\x00\xffab"
         assert v["tuple"] == [1, 2] and v["list"] == [1, [2]] and v["set"] == [7] and v["frozenset"] == [8]
-        assert v["keys"] == {"1": "one", "None": "none", "True": "true", "(1, 2)": "tuple"}
+        assert v["keys"] == {"2": "two", "None": "none", "True": "true", "(1, 2)": "tuple"}
         assert v["vector"] == [1.0, 2.0, 3.0] and v["matrix"] == [[1.0, 0.0], [0.0, 1.0]]
         assert v["color"] == [0.5, 0.25, 0.0]
         assert isinstance(v["object"], str) and v["object"]
@@ -85,7 +85,7 @@ def test_lossy_conversions_are_warned_with_their_place(served):
         assert len(v["objs"]) == 1
         text = "\n".join(warnings)
         for where in (
-            "/value/nan: nan",
+            "/value/nan: NaN is not a JSON number",
             "/value/inf/0: inf",
             "/value/inf/1: -inf",
             "/value/huge: an int beyond 64 bits",

@@ -95,7 +95,7 @@ def test_values_round_trip_exactly_and_pipelined(small):
         -(2**63),
         2**64 - 1,
         1.5e300,
-        "é😀\n\"\\",
+        'é😀\n"\\',
         [1, [2, {"x": None}]],
         {"nested": {"list": [1.25, "s"]}},
     ]
@@ -114,7 +114,10 @@ def test_values_round_trip_exactly_and_pipelined(small):
             assert got == {"data": v, "found": True}, (v, got)
         # A missing key gives the default back.
         c.request("remove_persist_data", key="a")
-        assert ok(c.request("get_persist_data", key="a", default={"d": 1})) == {"data": {"d": 1}, "found": False}
+        assert ok(c.request("get_persist_data", key="a", default={"d": 1})) == {
+            "data": {"d": 1},
+            "found": False,
+        }
         # Bad keys are errors, the connection goes on.
         assert "'key' must be a string" in err(c.request("get_persist_data", key=5))
         assert "missing parameter 'key'" in err(c.request("put_persist_data", data=1))
