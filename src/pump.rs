@@ -30,7 +30,10 @@ static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 /// Run up to `max_jobs` pending jobs on this (the main) thread. Waits up to `timeout` seconds for the
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
 #[pyfunction]
-#[pyo3(signature = (max_jobs=Arg::Default, timeout=Arg::Default, budget=None))]
+#[pyo3(
+    signature = (max_jobs=Arg::Default, timeout=Arg::Default, budget=None),
+    text_signature = "(max_jobs=64, timeout=0.0, budget=None)"
+)]
 pub fn step(
     py: Python<'_>,
     max_jobs: Arg<'_>,

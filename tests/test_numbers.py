@@ -284,7 +284,10 @@ for call, arg, index in cases:
         else:
             kw = {"port": 1, "timeout": 5.0}
             kw[arg] = v
-            bld_remote.Client(**kw)
+            try:
+                bld_remote.Client(**kw)
+            except ConnectionError:
+                pass  # accepted: port=None looks for the running instances, and there may be none or several
         out.append("ok")
     except BaseException as e:
         out.append(f"{type(e).__name__}: {e}")

@@ -101,7 +101,7 @@ pub(super) fn control(
             }
             Err(e) => e,
         },
-        // Found: answered by `persist_get_reply` (the stored value is written into the reply unshared).
+        // Found: answered by `persist_get_reply` (the shared value is written into the reply, uncopied).
         "get_persist_data" => match str_param(p, "key") {
             Ok(_) => Outcome::Success(json!({
                 "data": p.remove("default").unwrap_or(Value::Null),
