@@ -59,11 +59,15 @@ def start(
     default_timeout: float | None = None,
     request_read_timeout: float | None = None,
     max_depth: int | None = None,
+    persist_max_value_bytes: int | None = None,
+    persist_max_total_bytes: int | None = None,
+    persist_max_keys: int | None = None,
 ) -> tuple[str, int] | None:
     """Bind and start serving on native threads; returns the bound ``(host, port)``.
 
     Each setting left as None comes from its ``BLD_REMOTE_*`` variable, else the default
-    (``bld_remote_core::config::Config::from_env``); a bad value raises ValueError naming it. ``token="auto"``
+    (``bld_remote_core::config::Config::from_env``); a bad value raises ValueError naming it and its range
+    (TypeError for a non-number, a bool included). ``token="auto"``
     is a fresh random token. Already running: None when the address asked for is the one served, else
     RuntimeError. OSError when the port cannot be bound."""
 
@@ -95,8 +99,9 @@ def startup_options() -> _StartupOptions:
 def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) -> int:
     """Run up to max_jobs jobs on this thread, waiting up to timeout seconds (GIL released) for the first.
 
-    ``timeout`` (0 or more) and ``budget`` (more than 0) are seconds, at most 30 days; anything else, NaN
-    and infinities included, raises ValueError."""
+    ``max_jobs`` is 0 to 2**32-1; ``timeout`` (0 or more) and ``budget`` (more than 0) are seconds, at most
+    30 days. Anything else raises ValueError naming the argument and its range (NaN and infinities
+    included), or TypeError for a non-number (a bool included)."""
 
 def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
     """Headless pump: block (GIL released) and run jobs until the service stops."""

@@ -94,16 +94,30 @@ def _bpy():
     return bpy
 
 
+# Deeper parts are left to the native conversion, which stops at its own depth limit and says so.
+_JSONABLE_DEPTH = 200
+
+
 def to_jsonable(value: Any, _depth: int = 0) -> Any:
-    """Blender values → JSON-friendly ones: vectors, colours, matrices → lists; data-blocks → their name."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    """Blender values → plain Python ones the native conversion (src/convert.rs) turns into JSON: data-blocks
+    and other ``bpy_struct`` → their name, mathutils vectors, colours, eulers, quaternions → lists of floats,
+    matrices → lists of rows, Blender property arrays → lists, numpy arrays and scalars → ``tolist()``.
+    Dicts, lists, tuples and sets are walked (dict keys stay as they are: the native side converts them and
+    reports collisions); other objects become their ``repr``. See docs/PROTOCOL.md, "Converting results"."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
-    if _depth > 50:
-        return repr(value)
+    if _depth > _JSONABLE_DEPTH:
+        return value
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
+        return {k: to_jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
         return [to_jsonable(v, _depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_jsonable(v, _depth + 1) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return [to_jsonable(v, _depth + 1) for v in value]
+    if type(value).__module__ == "numpy" and callable(getattr(value, "tolist", None)):
+        return to_jsonable(value.tolist(), _depth + 1)
     bpy = _bpy()
     if isinstance(value, bpy.types.ID):
         return value.name
@@ -240,15 +254,27 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
             traceback="".join(traceback.format_exception(type(exc), exc, tb)),
             output={"stdout": out, "stderr": err},
             duration=time.perf_counter() - started,
+            ran=True,
         ) from None
+    duration = time.perf_counter() - started
     reply: dict[str, Any] = {
         # Converted by moving the text out (no Python str is made of it).
         "stdout": out,
         "stderr": err,
-        "duration": time.perf_counter() - started,
+        "duration": duration,
     }
     if "result" in namespace:
-        reply["value"] = to_jsonable(namespace["result"])
+        try:
+            reply["value"] = to_jsonable(namespace["result"])
+        except BaseException as exc:  # the code ran: say so, with its output, whatever the result does
+            raise CommandError(
+                f"the code ran, but its result could not be converted to JSON: {type(exc).__name__}: {exc}",
+                exception=type(exc).__name__,
+                traceback=traceback.format_exc(),
+                output={"stdout": out, "stderr": err},
+                duration=duration,
+                ran=True,
+            ) from None
     return reply
 
 
@@ -260,6 +286,7 @@ _SCREENSHOT_FORMATS = {
 # Temp files this process wrote for clients that gave no filepath: the newest few are kept for them to read.
 _TEMP_SHOTS: collections.deque[str] = collections.deque()
 _TEMP_SHOTS_KEPT = 16
+_SCREENSHOT_MAX_SIZE = 16384
 
 
 def _largest_view3d(bpy: Any) -> tuple[Any, Any]:
@@ -295,11 +322,10 @@ def get_viewport_screenshot(params: dict[str, Any]) -> dict[str, Any]:
     native side adds the bytes inline (base64) on the network thread, off Blender's main thread.
     """
     bpy = _bpy()
-    max_size = params.get("max_size", 800)
-    if isinstance(max_size, float) and max_size.is_integer():
-        max_size = int(max_size)
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-        raise CommandError(f"max_size must be a positive integer (pixels), got {max_size!r}")
+    # Every number is checked before anything touches bpy (docs/PROTOCOL.md, "Numbers").
+    max_size = _positive_int(params, "max_size", _SCREENSHOT_MAX_SIZE)
+    if max_size is None:
+        max_size = 800
     fmt = str(params.get("format") or "png").lower()
     if fmt not in _SCREENSHOT_FORMATS:
         raise CommandError(f"format must be 'png' or 'jpeg', got {params.get('format')!r}")
@@ -374,9 +400,13 @@ _RENDER_ENGINES = {
 _RENDER_MAX_SIDE = 8192
 _RENDER_DEFAULT_LONGEST = 1920
 _CYCLES_DEFAULT_SAMPLES = 16
+_RENDER_MAX_SAMPLES = 1 << 16
 
 
 def _positive_int(params: dict[str, Any], name: str, limit: int) -> int | None:
+    """``params[name]`` as a whole number from 1 to ``limit`` (an integral float such as 800.0 counts), or
+    None when it is absent or null. Anything else — 0, negatives, fractions, NaN, ±inf, 2**64, strings,
+    bools — is a CommandError naming the field and its range, raised before any bpy call sees it."""
     value = params.get(name)
     if value is None:
         return None
@@ -388,17 +418,29 @@ def _positive_int(params: dict[str, Any], name: str, limit: int) -> int | None:
 
 
 def _render_size(scene: Any, width: int | None, height: int | None) -> tuple[int, int]:
-    """The requested size; a missing side follows the scene's aspect ratio. Neither: the scene's output size,
-    at most 1920 on its longest side."""
+    """The requested size; a missing side follows the scene's aspect ratio (and must stay within
+    ``_RENDER_MAX_SIDE``). Neither: the scene's output size, at most 1920 on its longest side."""
     r = scene.render
     sx = max(1, round(r.resolution_x * r.resolution_percentage / 100))
     sy = max(1, round(r.resolution_y * r.resolution_percentage / 100))
     if width and height:
         return width, height
     if width:
-        return width, max(1, round(width * sy / sx))
+        derived = max(1, round(width * sy / sx))
+        if derived > _RENDER_MAX_SIDE:
+            raise CommandError(
+                f"width {width} at the scene's aspect ratio ({sx}x{sy}) makes the height {derived}, more than "
+                f"{_RENDER_MAX_SIDE}: give a smaller width, or both width and height"
+            )
+        return width, derived
     if height:
-        return max(1, round(height * sx / sy)), height
+        derived = max(1, round(height * sx / sy))
+        if derived > _RENDER_MAX_SIDE:
+            raise CommandError(
+                f"height {height} at the scene's aspect ratio ({sx}x{sy}) makes the width {derived}, more than "
+                f"{_RENDER_MAX_SIDE}: give a smaller height, or both width and height"
+            )
+        return derived, height
     longest = max(sx, sy)
     if longest > _RENDER_DEFAULT_LONGEST:
         return max(1, round(sx * _RENDER_DEFAULT_LONGEST / longest)), max(
@@ -419,25 +461,24 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
     bpy = _bpy()
     from . import _core
 
+    # Every parameter is checked before anything touches bpy (docs/PROTOCOL.md, "Numbers").
+    name = str(params.get("engine") or "WORKBENCH").upper()
+    if name not in _RENDER_ENGINES:
+        raise CommandError(f"engine must be WORKBENCH, CYCLES or EEVEE, got {params.get('engine')!r}")
+    width = _positive_int(params, "width", _RENDER_MAX_SIDE)
+    height = _positive_int(params, "height", _RENDER_MAX_SIDE)
+    samples = _positive_int(params, "samples", _RENDER_MAX_SAMPLES)
+    inline = bool(params.get("inline", False))
+    filepath = params.get("filepath")
+    if filepath is not None and (not isinstance(filepath, str) or not filepath.strip()):
+        raise CommandError("filepath must be a non-empty string (or left out for a temp file)")
     scene = bpy.context.scene
     if scene.camera is None:
         raise CommandError(
             "the scene has no active camera to render from: add one and set it, e.g. "
             "bpy.ops.object.camera_add(location=(7, -7, 5)); bpy.context.scene.camera = bpy.context.object"
         )
-    name = str(params.get("engine") or "WORKBENCH").upper()
-    if name not in _RENDER_ENGINES:
-        raise CommandError(f"engine must be WORKBENCH, CYCLES or EEVEE, got {params.get('engine')!r}")
-    width, height = _render_size(
-        scene,
-        _positive_int(params, "width", _RENDER_MAX_SIDE),
-        _positive_int(params, "height", _RENDER_MAX_SIDE),
-    )
-    samples = _positive_int(params, "samples", 1 << 16)
-    inline = bool(params.get("inline", False))
-    filepath = params.get("filepath")
-    if filepath is not None and (not isinstance(filepath, str) or not filepath.strip()):
-        raise CommandError("filepath must be a non-empty string (or left out for a temp file)")
+    width, height = _render_size(scene, width, height)
 
     r = scene.render
     saved: list[tuple[Any, str, Any]] = []

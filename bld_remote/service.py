@@ -69,6 +69,9 @@ def start_mcp_service(
     default_timeout: float | None = None,
     request_read_timeout: float | None = None,
     max_depth: int | None = None,
+    persist_max_value_bytes: int | None = None,
+    persist_max_total_bytes: int | None = None,
+    persist_max_keys: int | None = None,
 ) -> dict[str, Any]:
     """Start the TCP service (port: argument, else ``BLD_REMOTE_MCP_PORT``, else 6688; 0 picks a free one).
 
@@ -81,7 +84,10 @@ def start_mcp_service(
     (``BLD_REMOTE_MAX_CONNECTIONS``, 256), ``queue_capacity`` (``BLD_REMOTE_QUEUE_CAPACITY``, 4096),
     ``idle_timeout`` (``BLD_REMOTE_IDLE_TIMEOUT``, none), ``default_timeout``
     (``BLD_REMOTE_DEFAULT_TIMEOUT``, 300), ``request_read_timeout`` (``BLD_REMOTE_REQUEST_READ_TIMEOUT``,
-    60), ``max_depth`` (``BLD_REMOTE_MAX_DEPTH``, 100). See docs/PROTOCOL.md.
+    60), ``max_depth`` (``BLD_REMOTE_MAX_DEPTH``, 100); the persist store's ``persist_max_value_bytes``
+    (``BLD_REMOTE_PERSIST_MAX_VALUE_BYTES``, 64 MiB), ``persist_max_total_bytes``
+    (``BLD_REMOTE_PERSIST_MAX_TOTAL_BYTES``, 256 MiB), ``persist_max_keys`` (``BLD_REMOTE_PERSIST_MAX_KEYS``,
+    100 000). See docs/PROTOCOL.md.
     """
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
         raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
@@ -102,6 +108,9 @@ def start_mcp_service(
         default_timeout=default_timeout,
         request_read_timeout=request_read_timeout,
         max_depth=max_depth,
+        persist_max_value_bytes=persist_max_value_bytes,
+        persist_max_total_bytes=persist_max_total_bytes,
+        persist_max_keys=persist_max_keys,
     )
     if bound is None:  # already serving the address asked for
         return get_status()

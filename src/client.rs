@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use bld_remote_core::client::{exec_output, Client, ClientError};
 use bld_remote_core::config::DEFAULT_CLIENT_TIMEOUT;
 
-use crate::convert::{dict_to_map, json_to_py};
+use crate::convert::{dict_to_map, json_to_py, seconds_arg, whole_arg, Arg};
 use crate::error::{client_error, BlenderConnectionError};
 use crate::instances;
 
@@ -136,14 +136,26 @@ impl PyClient {
     /// each connection first makes the service prove it holds it (a challenge-response handshake), and a
     /// service that cannot is refused with ``BlenderConnectionError`` before anything is sent to it.
     #[new]
-    #[pyo3(signature = (host=None, port=None, timeout=Some(DEFAULT_CLIENT_TIMEOUT.as_secs_f64()), token=None))]
+    #[pyo3(signature = (host=None, port=None, timeout=Arg::Default, token=None))]
     fn new(
         py: Python<'_>,
         host: Option<String>,
-        port: Option<u16>,
-        timeout: Option<f64>,
+        port: Option<Bound<'_, PyAny>>,
+        timeout: Arg<'_>,
         token: Option<String>,
     ) -> PyResult<Self> {
+        // Checked where they enter, by name: the type here, the range in `config` (port 0-65535).
+        let port = port
+            .map(|p| whole_arg("port", &p))
+            .transpose()?
+            .map(|p| bld_remote_core::config::check_port("port", p))
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.0))?;
+        let timeout = match timeout {
+            Arg::Default => Some(DEFAULT_CLIENT_TIMEOUT.as_secs_f64()),
+            Arg::Given(v) if v.is_none() => None,
+            Arg::Given(v) => Some(seconds_arg("timeout", &v)?),
+        };
         let timeout = seconds(timeout)?;
         let host_ref = host.as_deref();
         let (h, p) = if let Some(p) = port {

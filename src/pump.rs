@@ -19,7 +19,7 @@ use bld_remote_core::jobs::{Job, Msg, ProgressSink};
 use bld_remote_core::protocol::Outcome;
 use bld_remote_core::server::Shared;
 
-use crate::convert::{json_to_py, py_to_json};
+use crate::convert::{json_to_py, py_to_json_reported, seconds_arg, whole_arg, Arg, Report};
 use crate::service::{current, in_job, set_in_job, stop, SERVICE};
 use crate::signals::SignalForwarder;
 
@@ -30,9 +30,35 @@ static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 /// Run up to `max_jobs` pending jobs on this (the main) thread. Waits up to `timeout` seconds for the
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
 #[pyfunction]
-#[pyo3(signature = (max_jobs=64, timeout=0.0, budget=None))]
-pub fn step(py: Python<'_>, max_jobs: usize, timeout: f64, budget: Option<f64>) -> PyResult<usize> {
-    // Checked where they enter, before anything else: a bad number is a ValueError, never a panic.
+#[pyo3(
+    signature = (max_jobs=Arg::Default, timeout=Arg::Default, budget=None),
+    text_signature = "(max_jobs=64, timeout=0.0, budget=None)"
+)]
+pub fn step(
+    py: Python<'_>,
+    max_jobs: Arg<'_>,
+    timeout: Arg<'_>,
+    budget: Option<Bound<'_, PyAny>>,
+) -> PyResult<usize> {
+    // Checked where they enter, by name, before anything else: a bad number is an error, never a panic.
+    let max_jobs = match max_jobs {
+        Arg::Default => 64,
+        Arg::Given(v) => whole_arg("max_jobs", &v)?,
+    };
+    let max_jobs = u32::try_from(max_jobs)
+        .map_err(|_| {
+            PyValueError::new_err(format!(
+                "max_jobs must be a whole number from 0 to {}, got {max_jobs}",
+                u32::MAX
+            ))
+        })?
+        .try_into()
+        .unwrap_or(usize::MAX);
+    let timeout = match timeout {
+        Arg::Default => 0.0,
+        Arg::Given(v) => seconds_arg("timeout", &v)?,
+    };
+    let budget = budget.map(|b| seconds_arg("budget", &b)).transpose()?;
     let value_error = |e: bld_remote_core::config::ConfigError| PyValueError::new_err(e.0);
     let first_wait =
         bld_remote_core::config::non_negative_seconds("timeout", timeout).map_err(value_error)?;
@@ -167,21 +193,29 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
     shared.finish(job, outcome);
 }
 
-/// The handler returns `(True, result)` or `(False, {"message": ..., extra fields...})`.
+/// The handler returns `(True, result)` or `(False, {"message": ..., extra fields...})`. The conversion's
+/// [`Report`] is never dropped: warnings go into the reply as `warnings`; a part that could not be
+/// converted makes the reply an error that still says the command ran (`"ran": true`) and carries the
+/// output captured so far.
 fn handler_result(obj: &Bound<'_, PyAny>) -> Outcome {
+    let mut report = Report::default();
     let Ok(tuple) = obj.cast::<PyTuple>() else {
-        return Outcome::Success(py_to_json(obj, 0));
+        let v = py_to_json_reported(obj, &mut report);
+        return reported(v, &report);
     };
     if tuple.len() != 2 {
-        return Outcome::Success(py_to_json(obj, 0));
+        let v = py_to_json_reported(obj, &mut report);
+        return reported(v, &report);
     }
     let ok = tuple
         .get_item(0)
         .and_then(|o| o.is_truthy())
         .unwrap_or(false);
-    let payload = tuple.get_item(1).map_or(Value::Null, |p| py_to_json(&p, 0));
+    let payload = tuple
+        .get_item(1)
+        .map_or(Value::Null, |p| py_to_json_reported(&p, &mut report));
     if ok {
-        return Outcome::Success(payload);
+        return reported(payload, &report);
     }
     match payload {
         Value::Object(mut m) => {
@@ -190,10 +224,65 @@ fn handler_result(obj: &Bound<'_, PyAny>) -> Outcome {
                 Some(other) => other.to_string(),
                 None => "command failed".into(),
             };
+            let problems: Vec<String> = report
+                .errors()
+                .into_iter()
+                .chain(report.warnings())
+                .collect();
+            if !problems.is_empty() {
+                m.insert("warnings".into(), Value::from(problems));
+            }
             Outcome::error_with(message, m)
         }
         Value::String(s) => Outcome::error(s),
         other => Outcome::error(other.to_string()),
+    }
+}
+
+/// A command's successful result with its conversion report: `warnings` added to an object result; an
+/// error reply (`"ran": true`, the captured `output`, `errors`, `warnings`) when a part was unconvertible.
+fn reported(result: Value, report: &Report) -> Outcome {
+    let warnings = report.warnings();
+    let errors = report.errors();
+    if !errors.is_empty() {
+        let mut extra = Map::new();
+        extra.insert("ran".into(), Value::Bool(true));
+        if let Value::Object(mut m) = result {
+            let mut output = Map::new();
+            for k in ["stdout", "stderr"] {
+                if let Some(text) = m.remove(k) {
+                    output.insert(k.into(), text);
+                }
+            }
+            if !output.is_empty() {
+                extra.insert("output".into(), Value::Object(output));
+            }
+        }
+        let message = format!(
+            "the command ran, but its result could not be converted to JSON: {}",
+            errors.join("; ")
+        );
+        extra.insert("errors".into(), Value::from(errors));
+        if !warnings.is_empty() {
+            extra.insert("warnings".into(), Value::from(warnings));
+        }
+        return Outcome::error_with(message, extra);
+    }
+    match result {
+        Value::Object(mut m) if !warnings.is_empty() => {
+            m.insert("warnings".into(), Value::from(warnings));
+            Outcome::Success(Value::Object(m))
+        }
+        other => {
+            if !warnings.is_empty() {
+                // A bare (non-object) result has no place for them: say it in Blender's log at least.
+                eprintln!(
+                    "bld_remote [WARNING] result converted with losses: {}",
+                    warnings.join("; ")
+                );
+            }
+            Outcome::Success(other)
+        }
     }
 }
 

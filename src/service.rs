@@ -17,7 +17,7 @@ use pyo3::types::PyDict;
 use bld_remote_core::config::{self, ConfigError, ProcessEnv, Settings, StartupOptions};
 use bld_remote_core::server::{Config, Server, Shared, StartError};
 
-use crate::convert::{dict_to_map, json_to_py};
+use crate::convert::{dict_to_map, json_to_py, seconds_arg, whole_arg};
 use crate::instances;
 
 /// The service this process runs (at most one), with the Python handler its jobs go to.
@@ -83,7 +83,8 @@ fn config_error(e: ConfigError) -> PyErr {
 #[pyfunction]
 #[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
-    default_timeout=None, request_read_timeout=None, max_depth=None))]
+    default_timeout=None, request_read_timeout=None, max_depth=None, persist_max_value_bytes=None,
+    persist_max_total_bytes=None, persist_max_keys=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     py: Python<'_>,
@@ -91,28 +92,43 @@ pub fn start(
     commands: Vec<String>,
     mode: String,
     host: Option<String>,
-    port: Option<u16>,
+    port: Option<Bound<'_, PyAny>>,
     token: Option<String>,
     info: Option<Bound<'_, PyDict>>,
-    max_request_bytes: Option<u64>,
-    max_connections: Option<u64>,
-    queue_capacity: Option<u64>,
-    idle_timeout: Option<f64>,
-    default_timeout: Option<f64>,
-    request_read_timeout: Option<f64>,
-    max_depth: Option<u64>,
+    max_request_bytes: Option<Bound<'_, PyAny>>,
+    max_connections: Option<Bound<'_, PyAny>>,
+    queue_capacity: Option<Bound<'_, PyAny>>,
+    idle_timeout: Option<Bound<'_, PyAny>>,
+    default_timeout: Option<Bound<'_, PyAny>>,
+    request_read_timeout: Option<Bound<'_, PyAny>>,
+    max_depth: Option<Bound<'_, PyAny>>,
+    persist_max_value_bytes: Option<Bound<'_, PyAny>>,
+    persist_max_total_bytes: Option<Bound<'_, PyAny>>,
+    persist_max_keys: Option<Bound<'_, PyAny>>,
 ) -> PyResult<Option<(String, u16)>> {
+    // Every number is checked where it enters, by name: its type here, its range in `config`.
+    let count =
+        |name: &str, v: Option<Bound<'_, PyAny>>| v.map(|v| whole_arg(name, &v)).transpose();
+    let secs =
+        |name: &str, v: Option<Bound<'_, PyAny>>| v.map(|v| seconds_arg(name, &v)).transpose();
+    let port = count("port", port)?
+        .map(|p| config::check_port("port", p))
+        .transpose()
+        .map_err(config_error)?;
     let settings = Settings {
         host,
         port,
         token,
-        max_request_bytes,
-        max_connections,
-        queue_capacity,
-        max_depth,
-        idle_timeout,
-        default_timeout,
-        request_read_timeout,
+        max_request_bytes: count("max_request_bytes", max_request_bytes)?,
+        max_connections: count("max_connections", max_connections)?,
+        queue_capacity: count("queue_capacity", queue_capacity)?,
+        max_depth: count("max_depth", max_depth)?,
+        idle_timeout: secs("idle_timeout", idle_timeout)?,
+        default_timeout: secs("default_timeout", default_timeout)?,
+        request_read_timeout: secs("request_read_timeout", request_read_timeout)?,
+        persist_max_value_bytes: count("persist_max_value_bytes", persist_max_value_bytes)?,
+        persist_max_total_bytes: count("persist_max_total_bytes", persist_max_total_bytes)?,
+        persist_max_keys: count("persist_max_keys", persist_max_keys)?,
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;
     if let Some(s) = SERVICE.lock().as_ref() {

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -411,3 +412,130 @@ def test_http_refuses_public_bind_without_token(served):
 def test_sigterm_stops_the_http_server(http_server):
     server = http_server()
     assert server.stop() == 0
+
+
+# --- the HTTP server's bounds: header-read timeout, idle keep-alive timeout, connection cap ---------------
+
+
+def closed_after(sock: socket.socket, limit: float) -> float | None:
+    """Seconds until the peer closes `sock` (EOF or reset), reading and discarding; None if still open at
+    `limit`."""
+    started = time.monotonic()
+    sock.settimeout(0.1)
+    while time.monotonic() - started < limit:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    return None
+
+
+def test_http_half_sent_headers_are_closed_within_the_header_timeout(http_server):
+    server = http_server("--http-header-timeout", "1", "--http-idle-timeout", "30")
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+    drip = socket.create_connection(("127.0.0.1", server.port))
+    started = time.monotonic()
+    results: dict[str, float | None] = {}
+
+    def dripper() -> None:
+        # A slowloris: a byte of headers every 0.2 s. The timeout counts from the first byte, so it is cut too.
+        for b in b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n":
+            try:
+                drip.sendall(bytes([b]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=dripper, daemon=True)
+    t.start()
+    for name, s in (("silent", silent), ("half", half), ("drip", drip)):
+        left = 5 - (time.monotonic() - started)
+        took = closed_after(s, left)
+        results[name] = None if took is None else time.monotonic() - started
+        s.close()
+    t.join(10)
+    for name, took in results.items():
+        assert took is not None and 0.9 <= took <= 2.5, (name, took, results)
+    # The server still serves a whole request at once.
+    status, _ = raw_post(server.url, {})
+    assert status == 200
+
+
+def test_http_idle_keep_alive_connection_is_closed_after_the_idle_timeout(http_server):
+    server = http_server("--http-header-timeout", "1", "--http-idle-timeout", "3")
+    s = socket.create_connection(("127.0.0.1", server.port))
+    # One complete request on a keep-alive connection, answered (404: not the endpoint).
+    s.sendall(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    s.settimeout(10)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 404"), head
+    answered = time.monotonic()
+    # Idle from here: not cut by the 1 s header timeout, cut at the 3 s idle timeout.
+    took = closed_after(s, 8)
+    s.close()
+    assert took is not None and 2.8 <= took <= 4.5, took
+    assert time.monotonic() - answered >= 2.8
+
+
+def test_http_connections_beyond_the_cap_get_503_and_a_real_client_still_works(http_server):
+    server = http_server("--http-max-connections", "3", "--http-header-timeout", "30")
+    holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    try:
+        # Wait until all three are counted (the accept loop runs asynchronously), by probing until a 503.
+        deadline = time.monotonic() + 10
+        refused = b""
+        while time.monotonic() < deadline:
+            extra = socket.create_connection(("127.0.0.1", server.port))
+            extra.settimeout(5)
+            extra.sendall(b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            refused = b""
+            try:
+                while chunk := extra.recv(4096):
+                    refused += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            extra.close()
+            if refused.startswith(b"HTTP/1.1 503"):
+                break
+        assert refused.startswith(b"HTTP/1.1 503") and b"too many connections (limit 3)" in refused, refused
+    finally:
+        for h in holders:
+            h.close()
+
+    # The slots come back: a real MCP client is served (retrying while the holders' tasks wind down).
+    async def main() -> None:
+        async with Client(streamable_http_client(server.url), mode="legacy") as client:
+            r = await client.call_tool("get_scene_info", {})
+            assert not r.is_error, text(r)
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            asyncio.run(main())
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_http_long_tool_call_is_not_cut_by_the_timeouts(http_server):
+    server = http_server("--http-header-timeout", "1", "--http-idle-timeout", "1")
+
+    async def main() -> None:
+        async with Client(streamable_http_client(server.url), mode="legacy") as client:
+            r = await client.call_tool(
+                "execute_blender_code", {"code": "import time; time.sleep(2.5); print('slept')"}
+            )
+            assert not r.is_error and "slept" in text(r), text(r)
+
+    asyncio.run(main())

@@ -75,6 +75,9 @@ pub mod env {
     pub const IDLE_TIMEOUT: &str = "BLD_REMOTE_IDLE_TIMEOUT";
     pub const DEFAULT_TIMEOUT: &str = "BLD_REMOTE_DEFAULT_TIMEOUT";
     pub const REQUEST_READ_TIMEOUT: &str = "BLD_REMOTE_REQUEST_READ_TIMEOUT";
+    pub const PERSIST_MAX_VALUE_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_VALUE_BYTES";
+    pub const PERSIST_MAX_TOTAL_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_TOTAL_BYTES";
+    pub const PERSIST_MAX_KEYS: &str = "BLD_REMOTE_PERSIST_MAX_KEYS";
 }
 
 /// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
@@ -97,6 +100,8 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     /// A client that does not read its replies for this long is disconnected.
     pub write_timeout: Duration,
+    /// Bounds of the persist store (`put_persist_data`): one value, all values, the number of keys.
+    pub persist: crate::persist::Limits,
     /// `gui` or `background`: reported by `get_status`.
     pub mode: String,
     /// Commands the main thread handles (registered by the Python side). Others are unknown.
@@ -119,6 +124,7 @@ impl Default for Config {
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             default_timeout: Some(DEFAULT_REQUEST_DEADLINE),
             write_timeout: Duration::from_secs(30),
+            persist: crate::persist::Limits::default(),
             mode: "background".into(),
             main_thread_commands: Vec::new(),
             info: Map::new(),
@@ -128,18 +134,23 @@ impl Default for Config {
 
 /// Settings given explicitly (keyword arguments of `start_mcp_service()`, the add-on's preferences).
 /// `None` falls back to the environment, then to the default. Timeouts are seconds; 0 turns a limit off.
+/// Counts are `i128` so that any number a caller passes (negative, past `u64`) reaches the range check
+/// and gets its message.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub token: Option<String>,
-    pub max_request_bytes: Option<u64>,
-    pub max_connections: Option<u64>,
-    pub queue_capacity: Option<u64>,
-    pub max_depth: Option<u64>,
+    pub max_request_bytes: Option<i128>,
+    pub max_connections: Option<i128>,
+    pub queue_capacity: Option<i128>,
+    pub max_depth: Option<i128>,
     pub idle_timeout: Option<f64>,
     pub default_timeout: Option<f64>,
     pub request_read_timeout: Option<f64>,
+    pub persist_max_value_bytes: Option<i128>,
+    pub persist_max_total_bytes: Option<i128>,
+    pub persist_max_keys: Option<i128>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -194,8 +205,20 @@ fn parse_count(name: &str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigE
     }
 }
 
-fn check_count(name: &str, n: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    parse_count(name, &n.to_string(), min, max)
+/// A count given as a number (from Python: any `int`, so it may be negative or past `u64`).
+fn check_count(name: &str, n: i128, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match u64::try_from(n) {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(ConfigError(format!(
+            "{name} must be a whole number from {min} to {max}, got {n}"
+        ))),
+    }
+}
+
+/// A port given as a number: 0 (pick a free one) to 65535.
+pub fn check_port(name: &str, n: i128) -> Result<u16, ConfigError> {
+    u16::try_from(n)
+        .map_err(|_| ConfigError(format!("{name} must be a port number (0-65535), got {n}")))
 }
 
 /// Seconds for a timeout setting: 0 means none (`Ok(None)`); otherwise a finite number from 1 ms to a day.
@@ -275,9 +298,10 @@ impl StartupOptions {
 impl Config {
     /// The service's configuration: each explicit setting, else its environment variable, else the
     /// default. Every number is range-checked here, where it enters; the message names the culprit.
+    #[allow(clippy::too_many_lines)] // one flat list of settings
     pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let count = |given: Option<u64>,
+        let count = |given: Option<i128>,
                      name: &str,
                      var: &str,
                      min: u64,
@@ -372,6 +396,32 @@ impl Config {
                 Some(d.request_read_timeout),
             )?
             .unwrap_or(Duration::from_secs(86_400)),
+            persist: crate::persist::Limits {
+                max_value_bytes: count(
+                    settings.persist_max_value_bytes,
+                    "persist_max_value_bytes",
+                    env::PERSIST_MAX_VALUE_BYTES,
+                    1,
+                    1 << 40,
+                    d.persist.max_value_bytes,
+                )?,
+                max_total_bytes: count(
+                    settings.persist_max_total_bytes,
+                    "persist_max_total_bytes",
+                    env::PERSIST_MAX_TOTAL_BYTES,
+                    1,
+                    1 << 40,
+                    d.persist.max_total_bytes,
+                )?,
+                max_keys: count(
+                    settings.persist_max_keys,
+                    "persist_max_keys",
+                    env::PERSIST_MAX_KEYS,
+                    1,
+                    1 << 32,
+                    d.persist.max_keys,
+                )?,
+            },
             ..d
         })
     }

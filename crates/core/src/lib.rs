@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod instances;
 pub mod jobs;
+pub mod persist;
 pub mod protocol;
 pub mod server;

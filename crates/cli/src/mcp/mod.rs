@@ -33,7 +33,7 @@ use conn::{Backend, Target};
 use tools::BlenderMcp;
 
 /// Default budget for one image in a tool result (PNG bytes, before base64).
-pub const DEFAULT_MAX_IMAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1024 * 1024;
 
 /// `bld-remote mcp` options.
 #[derive(Args, Debug, Clone)]
@@ -64,9 +64,23 @@ pub struct McpArgs {
     /// Extra Host header value allowed over HTTP (loopback names always are).
     #[arg(long, value_name = "HOST")]
     pub allow_host: Vec<String>,
+    /// Seconds an HTTP client gets to send a request's headers, counted from its connection or from its
+    /// first byte after a reply; a client that sends half a request and stalls is then disconnected.
+    #[arg(long, default_value_t = http::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_header_timeout: u64,
+    /// Seconds an HTTP keep-alive connection may sit idle between requests before it is closed.
+    #[arg(long, default_value_t = http::DEFAULT_IDLE_TIMEOUT_SECS, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub http_idle_timeout: u64,
+    /// Most HTTP connections open at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub http_max_connections: u64,
     /// Largest image (PNG bytes) put in a tool result; larger renders and screenshots are scaled down.
-    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES")]
-    pub max_image_bytes: usize,
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGE_BYTES, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_image_bytes: u64,
 }
 
 /// Why `bld-remote mcp` stopped other than by its client leaving or a signal; the reason is already on
@@ -118,7 +132,8 @@ pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<(),
             return Err(Failed::Error);
         }
     };
-    let max_image = args.max_image_bytes.max(1024);
+    // 1 KiB to 1 GiB (clap checked it): fits a usize on every platform Blender runs on.
+    let max_image = usize::try_from(args.max_image_bytes).unwrap_or(usize::MAX);
     let shutdown = CancellationToken::new();
     let status = runtime.block_on(async {
         let serve = async {

@@ -46,8 +46,9 @@ pub struct CodeArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ScreenshotArgs {
-    /// Longest side of the screenshot in pixels (default 800).
-    #[serde(default)]
+    /// Longest side of the screenshot in pixels, 1 to 16384 (default 800).
+    #[serde(default, deserialize_with = "max_size")]
+    #[schemars(range(min = 1, max = 16384))]
     pub max_size: Option<u32>,
 }
 
@@ -77,18 +78,81 @@ impl Engine {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct RenderArgs {
-    /// Image width in pixels (default: the scene's output width, at most 1920).
-    #[serde(default)]
+    /// Image width in pixels, 1 to 8192 (default: the scene's output width, at most 1920).
+    #[serde(default, deserialize_with = "width")]
+    #[schemars(range(min = 1, max = 8192))]
     pub width: Option<u32>,
-    /// Image height in pixels (default: the scene's output height, at most 1920).
-    #[serde(default)]
+    /// Image height in pixels, 1 to 8192 (default: the scene's output height, at most 1920).
+    #[serde(default, deserialize_with = "height")]
+    #[schemars(range(min = 1, max = 8192))]
     pub height: Option<u32>,
     /// Render engine (default WORKBENCH, the fastest).
     #[serde(default)]
     pub engine: Option<Engine>,
-    /// Samples for CYCLES / EEVEE (default: 16 for CYCLES, the scene's setting for EEVEE).
-    #[serde(default)]
+    /// Samples for CYCLES / EEVEE, 1 to 65536 (default: 16 for CYCLES, the scene's setting for EEVEE).
+    #[serde(default, deserialize_with = "samples")]
+    #[schemars(range(min = 1, max = 65536))]
     pub samples: Option<u32>,
+}
+
+// Every number a tool takes is range-checked here, where it enters, with an error naming the argument and
+// its range (the same ranges the add-on's commands check, bld_remote/commands.py). Absent or null: the
+// default.
+
+/// Render sizes, in pixels.
+const MAX_SIDE: u32 = 8192;
+const MAX_SCREENSHOT_SIZE: u32 = 16384;
+const MAX_SAMPLES: u32 = 65536;
+
+/// An optional whole number from `min` to `max` (an integral float such as 800.0 counts).
+fn bounded<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    name: &str,
+    min: u32,
+    max: u32,
+) -> Result<Option<u32>, D::Error> {
+    let v = Option::<Value>::deserialize(d)?;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let n = match &v {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+                // In range and integral (checked just above): the cast is exact.
+                .map(|f| {
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let n = f as u64;
+                    n
+                })
+        }),
+        _ => None,
+    };
+    match n
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (min..=max).contains(n))
+    {
+        Some(n) => Ok(Some(n)),
+        None => Err(serde::de::Error::custom(format!(
+            "{name} must be a whole number from {min} to {max}, got {v}"
+        ))),
+    }
+}
+
+fn max_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "max_size", 1, MAX_SCREENSHOT_SIZE)
+}
+
+fn width<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "width", 1, MAX_SIDE)
+}
+
+fn height<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "height", 1, MAX_SIDE)
+}
+
+fn samples<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "samples", 1, MAX_SAMPLES)
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -436,7 +500,7 @@ impl BlenderMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let mut params = Map::new();
-        params.insert("max_size".into(), json!(a.max_size.unwrap_or(800).max(1)));
+        params.insert("max_size".into(), json!(a.max_size.unwrap_or(800)));
         params.insert("format".into(), json!("png"));
         let r = self
             .backend

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::Shared;
 use crate::jobs::{not_run, JobState, Phase};
-use crate::protocol::{Outcome, Request};
+use crate::protocol::{self, Outcome, Request};
 
 fn str_param<'a>(params: &'a Map<String, Value>, name: &str) -> Result<&'a str, Outcome> {
     match params.get(name) {
@@ -92,23 +92,25 @@ pub(super) fn control(
                 let key = key.to_string();
                 // Moved, not copied: the request is answered here and dropped.
                 let data = p.remove("data").unwrap_or(Value::Null);
-                shared.persist_put(key.clone(), data);
-                Outcome::Success(Value::String(format!("Data stored with key: {key}")))
+                match shared.persist().put(key.clone(), data) {
+                    Ok(()) => {
+                        Outcome::Success(Value::String(format!("Data stored with key: {key}")))
+                    }
+                    Err(e) => Outcome::error(e.to_string()),
+                }
             }
             Err(e) => e,
         },
+        // Found: answered by `persist_get_reply` (the shared value is written into the reply, uncopied).
         "get_persist_data" => match str_param(p, "key") {
-            Ok(key) => match shared.persist_get(key) {
-                Some(data) => Outcome::Success(json!({"data": data, "found": true})),
-                None => Outcome::Success(json!({
-                    "data": p.get("default").cloned().unwrap_or(Value::Null),
-                    "found": false,
-                })),
-            },
+            Ok(_) => Outcome::Success(json!({
+                "data": p.remove("default").unwrap_or(Value::Null),
+                "found": false,
+            })),
             Err(e) => e,
         },
         "remove_persist_data" => match str_param(p, "key") {
-            Ok(key) => Outcome::Success(json!({"removed": shared.persist_remove(key)})),
+            Ok(key) => Outcome::Success(json!({"removed": shared.persist().remove(key)})),
             Err(e) => e,
         },
         "server_shutdown" => {
@@ -131,6 +133,29 @@ pub(super) fn control(
         _ => return None,
     };
     Some(outcome)
+}
+
+/// `get_persist_data` of a stored key: the reply's bytes, serialised straight from the shared stored value
+/// (no copy of it is made, and the store's lock is not held while writing). `None` for anything else
+/// (other commands, a missing key, a bad `key`), which [`control`] answers.
+pub(super) fn persist_get_reply(
+    shared: &Shared,
+    req: &Request,
+    id: Option<&Value>,
+) -> Option<Vec<u8>> {
+    if req.legacy || req.command != "get_persist_data" {
+        return None;
+    }
+    let Some(Value::String(key)) = req.params.get("key") else {
+        return None;
+    };
+    let value = shared.persist().get(key)?;
+    let mut out = Vec::with_capacity(64);
+    protocol::begin_success_reply(&mut out, id);
+    out.extend_from_slice(b"{\"data\":");
+    protocol::write_json(&mut out, &value);
+    out.extend_from_slice(b",\"found\":true}}\n");
+    Some(out)
 }
 
 /// The key of a request id in a connection's table of jobs (`cancel` finds jobs by it).

@@ -17,7 +17,6 @@ mod reader;
 mod reply;
 mod writer;
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,6 +29,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::{json, Value};
 
 use crate::jobs::{not_run, Job, JobQueue, Msg};
+use crate::persist::PersistStore;
 use crate::protocol::Outcome;
 
 pub use crate::config::Config;
@@ -96,7 +96,7 @@ pub struct Shared {
     next_seq: AtomicU64,
     served: AtomicU64,
     auth_failures: AtomicU64,
-    persist: Mutex<HashMap<String, Value>>,
+    persist: PersistStore,
     /// The largest read buffer of the connections that have ended, handed to the next connection, so that
     /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
     /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
@@ -157,6 +157,7 @@ impl Server {
             ended_tx,
             ended_rx,
             queue: JobQueue::new(config.queue_capacity),
+            persist: PersistStore::new(config.persist),
             config,
             addr,
             gate: RwLock::new(false),
@@ -166,7 +167,6 @@ impl Server {
             next_seq: AtomicU64::new(1),
             served: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
-            persist: Mutex::new(HashMap::new()),
             spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             started: Instant::now(),
@@ -318,6 +318,7 @@ impl Shared {
 
     pub fn status(&self) -> Value {
         let running = self.running.lock().clone();
+        let (persist_keys, persist_bytes) = self.persist.usage();
         let mut v = json!({
             "running": !self.is_stopping(),
             "host": self.addr.ip().to_string(),
@@ -346,7 +347,11 @@ impl Shared {
                 "idle_timeout": self.config.idle_timeout.map(|d| d.as_secs_f64()),
                 "request_read_timeout": self.config.request_read_timeout.as_secs_f64(),
                 "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),
+                "persist_max_value_bytes": self.config.persist.max_value_bytes,
+                "persist_max_total_bytes": self.config.persist.max_total_bytes,
+                "persist_max_keys": self.config.persist.max_keys,
             },
+            "persist": {"keys": persist_keys, "bytes": persist_bytes},
             "version": env!("CARGO_PKG_VERSION"),
         });
         if let Value::Object(m) = &mut v {
@@ -374,17 +379,10 @@ impl Shared {
         self.spare_read_buffer.lock().len()
     }
 
-    /// Persisted values live in the service (not in Blender data), shared by all clients.
-    pub fn persist_put(&self, key: String, data: Value) {
-        self.persist.lock().insert(key, data);
-    }
-
-    pub fn persist_get(&self, key: &str) -> Option<Value> {
-        self.persist.lock().get(key).cloned()
-    }
-
-    pub fn persist_remove(&self, key: &str) -> bool {
-        self.persist.lock().remove(key).is_some()
+    /// Persisted values live in the service (not in Blender data), shared by all clients, bounded by
+    /// `config.persist` (see `crate::persist`).
+    pub fn persist(&self) -> &PersistStore {
+        &self.persist
     }
 }
 

@@ -15,7 +15,7 @@ use crossbeam_channel::Sender;
 use serde_json::Value;
 
 use super::accept::refuse_connection;
-use super::control::{control, id_key};
+use super::control::{self, control, id_key};
 use super::reply::{prepare_execute_code, truthy, Shape};
 use super::writer::{Writer, MAX_PIPELINED};
 use super::{Config, Shared};
@@ -276,6 +276,14 @@ fn handle_frame(
         &shared.auth_failures,
     ) {
         return ready(outcome);
+    }
+    if let Some(bytes) = control::persist_get_reply(shared, &request, id.as_ref()) {
+        shared.served.fetch_add(1, Ordering::Relaxed);
+        return ToWriter::Ready {
+            framed: id.is_some(),
+            bytes,
+            settle: None,
+        };
     }
     let mut settle = None;
     if let Some(outcome) = control(shared, &mut request, by_id, &mut settle) {
