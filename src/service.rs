@@ -113,6 +113,7 @@ pub fn start(
         idle_timeout,
         default_timeout,
         request_read_timeout,
+        ..Settings::default()
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;
     if let Some(s) = SERVICE.lock().as_ref() {

@@ -75,7 +75,18 @@ pub mod env {
     pub const IDLE_TIMEOUT: &str = "BLD_REMOTE_IDLE_TIMEOUT";
     pub const DEFAULT_TIMEOUT: &str = "BLD_REMOTE_DEFAULT_TIMEOUT";
     pub const REQUEST_READ_TIMEOUT: &str = "BLD_REMOTE_REQUEST_READ_TIMEOUT";
+    pub const WRITE_TIMEOUT: &str = "BLD_REMOTE_WRITE_TIMEOUT";
+    pub const MAX_QUEUED_PER_CONNECTION: &str = "BLD_REMOTE_MAX_QUEUED_PER_CONNECTION";
+    pub const MAX_REPLY_BYTES_IN_FLIGHT: &str = "BLD_REMOTE_MAX_REPLY_BYTES_IN_FLIGHT";
 }
+
+/// Default cap on one connection's jobs waiting for the main thread (a quarter of the default queue, so
+/// one client alone never fills it).
+pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 1024;
+
+/// Default budget of encoded reply bytes a connection may hold unwritten before its requests stop being
+/// read and its queued jobs stop being started.
+pub const DEFAULT_MAX_REPLY_BYTES_IN_FLIGHT: usize = 64 << 20;
 
 /// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
 #[derive(Debug, Clone)]
@@ -88,6 +99,12 @@ pub struct Config {
     pub max_depth: usize,
     pub max_connections: usize,
     pub queue_capacity: usize,
+    /// Jobs one connection may have waiting for the main thread; more are refused as busy (`ran: false`).
+    pub max_queued_per_connection: usize,
+    /// Encoded reply bytes one connection may hold unwritten (its client is not reading them). At the
+    /// budget its requests stop being read (TCP backpressure) and its queued jobs wait, until the client
+    /// reads. A single reply larger than the budget still goes out whole.
+    pub max_reply_bytes_in_flight: usize,
     /// Close a connection that sends nothing between requests for this long (`None`: never, the default:
     /// existing clients keep one connection open and idle for hours; see docs/PROTOCOL.md).
     pub idle_timeout: Option<Duration>,
@@ -95,7 +112,8 @@ pub struct Config {
     pub request_read_timeout: Duration,
     /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
     pub default_timeout: Option<Duration>,
-    /// A client that does not read its replies for this long is disconnected.
+    /// Each reply must be written completely within this time of its first byte (a total deadline per
+    /// reply, not per write call): a client that does not read it in time is disconnected.
     pub write_timeout: Duration,
     /// `gui` or `background`: reported by `get_status`.
     pub mode: String,
@@ -115,6 +133,8 @@ impl Default for Config {
             max_depth: protocol::DEFAULT_MAX_DEPTH,
             max_connections: 256,
             queue_capacity: 4096,
+            max_queued_per_connection: DEFAULT_MAX_QUEUED_PER_CONNECTION,
+            max_reply_bytes_in_flight: DEFAULT_MAX_REPLY_BYTES_IN_FLIGHT,
             idle_timeout: None,
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             default_timeout: Some(DEFAULT_REQUEST_DEADLINE),
@@ -140,6 +160,9 @@ pub struct Settings {
     pub idle_timeout: Option<f64>,
     pub default_timeout: Option<f64>,
     pub request_read_timeout: Option<f64>,
+    pub write_timeout: Option<f64>,
+    pub max_queued_per_connection: Option<u64>,
+    pub max_reply_bytes_in_flight: Option<u64>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -275,6 +298,7 @@ impl StartupOptions {
 impl Config {
     /// The service's configuration: each explicit setting, else its environment variable, else the
     /// default. Every number is range-checked here, where it enters; the message names the culprit.
+    #[allow(clippy::too_many_lines)] // one entry per setting, each checked the same way
     pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
         let d = Config::default();
         let count = |given: Option<u64>,
@@ -372,6 +396,30 @@ impl Config {
                 Some(d.request_read_timeout),
             )?
             .unwrap_or(Duration::from_secs(86_400)),
+            // 0 = no limit, likewise: a day.
+            write_timeout: timeout(
+                settings.write_timeout,
+                "write_timeout",
+                env::WRITE_TIMEOUT,
+                Some(d.write_timeout),
+            )?
+            .unwrap_or(Duration::from_secs(86_400)),
+            max_queued_per_connection: count(
+                settings.max_queued_per_connection,
+                "max_queued_per_connection",
+                env::MAX_QUEUED_PER_CONNECTION,
+                1,
+                1 << 20,
+                d.max_queued_per_connection,
+            )?,
+            max_reply_bytes_in_flight: count(
+                settings.max_reply_bytes_in_flight,
+                "max_reply_bytes_in_flight",
+                env::MAX_REPLY_BYTES_IN_FLIGHT,
+                1024,
+                1 << 40,
+                d.max_reply_bytes_in_flight,
+            )?,
             ..d
         })
     }
@@ -413,6 +461,9 @@ mod tests {
             (env::IDLE_TIMEOUT, "nan"),
             (env::DEFAULT_TIMEOUT, "-5"),
             (env::MAX_REQUEST_BYTES, "lots"),
+            (env::MAX_QUEUED_PER_CONNECTION, "0"),
+            (env::MAX_REPLY_BYTES_IN_FLIGHT, "10"),
+            (env::WRITE_TIMEOUT, "inf"),
         ] {
             let env = HashMap::from([(var, raw)]);
             let e = Config::resolve(&Settings::default(), &env).unwrap_err();

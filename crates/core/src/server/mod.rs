@@ -15,6 +15,7 @@ mod accept;
 mod control;
 mod reader;
 mod reply;
+mod slots;
 mod writer;
 
 use std::collections::HashMap;
@@ -75,6 +76,8 @@ struct Running {
 struct ConnectionHandle {
     stream: TcpStream,
     thread: JoinHandle<()>,
+    /// What the connection is doing, for reclaiming its slot under pressure.
+    activity: Arc<slots::Activity>,
 }
 
 /// State shared by the listener, the connection threads and the main-thread pump.
@@ -96,6 +99,8 @@ pub struct Shared {
     next_seq: AtomicU64,
     served: AtomicU64,
     auth_failures: AtomicU64,
+    /// Connections closed to make room for a newcomer at `max_connections`.
+    reclaimed: AtomicU64,
     persist: Mutex<HashMap<String, Value>>,
     /// The largest read buffer of the connections that have ended, handed to the next connection, so that
     /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
@@ -166,6 +171,7 @@ impl Server {
             next_seq: AtomicU64::new(1),
             served: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
+            reclaimed: AtomicU64::new(0),
             persist: Mutex::new(HashMap::new()),
             spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
@@ -338,11 +344,15 @@ impl Shared {
                 "seconds": r.since.elapsed().as_secs_f64(),
             })),
             "auth_failures": self.auth_failures.load(Ordering::Relaxed),
+            "connections_reclaimed": self.reclaimed.load(Ordering::Relaxed),
             "limits": {
                 "max_request_bytes": self.config.max_request_bytes,
                 "max_depth": self.config.max_depth,
                 "max_connections": self.config.max_connections,
                 "queue_capacity": self.queue.capacity(),
+                "max_queued_per_connection": self.config.max_queued_per_connection,
+                "max_reply_bytes_in_flight": self.config.max_reply_bytes_in_flight,
+                "write_timeout": self.config.write_timeout.as_secs_f64(),
                 "idle_timeout": self.config.idle_timeout.map(|d| d.as_secs_f64()),
                 "request_read_timeout": self.config.request_read_timeout.as_secs_f64(),
                 "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),

@@ -1,17 +1,24 @@
-//! The writer half of a connection: owns the sending side of the socket and every reply the connection
-//! owes. Runs on the connection's `bld_remote-writer` thread (spawned and joined by its reader).
+//! The writer half of a connection: every reply the connection owes, in the order it goes out, and the
+//! sending side of the socket. Runs on two threads: the connection's `bld_remote-writer` (spawned and
+//! joined by its reader) decides what is sent when, and never blocks on the socket; its
+//! `bld_remote-sender` (spawned and joined by the writer) writes each reply within a total deadline. The
+//! bytes handed from one to the other are counted against the connection's reply budget (`jobs::Flow`),
+//! so a client that does not read stops its own requests being read and its jobs being started.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Instant;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Select};
+use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::{Map, Value};
 
 use super::reader::{InFlight, ToWriter};
 use super::reply::shape_reply;
-use crate::jobs::{timed_out_not_run, timed_out_running, Completion, Expiry, Progress};
+use super::slots::Activity;
+use crate::jobs::{timed_out_not_run, timed_out_running, Completion, Expiry, Lane, Progress};
 use crate::protocol::{self, Outcome, Reply};
 
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
@@ -23,6 +30,11 @@ pub(super) const MAX_PIPELINED: usize = 4096;
 /// timeout reply that says whether the work ran.
 pub(super) struct Writer {
     stream: TcpStream,
+    lane: Arc<Lane>,
+    activity: Arc<Activity>,
+    write_timeout: Duration,
+    /// To the sender thread (set while `run` runs).
+    out: Option<Sender<Outgoing>>,
     in_flight: HashMap<u64, InFlight>,
     /// Deadlines of in-flight jobs, earliest first.
     deadlines: BTreeSet<(Instant, u64)>,
@@ -44,14 +56,32 @@ pub(super) struct Writer {
 }
 
 enum Owed {
-    Bytes(Vec<u8>),
+    /// Ready bytes; `true` when they answer a request.
+    Bytes(Vec<u8>, bool),
     Job(u64),
 }
 
+/// What the writer hands its sender: a reply, its size (held against the budget until written), and
+/// whether it answers a request (for the connection's activity) or is a progress line or a farewell.
+struct Outgoing {
+    reply: Reply,
+    len: usize,
+    request: bool,
+}
+
 impl Writer {
-    pub(super) fn new(stream: TcpStream) -> Self {
+    pub(super) fn new(
+        stream: TcpStream,
+        lane: Arc<Lane>,
+        activity: Arc<Activity>,
+        write_timeout: Duration,
+    ) -> Self {
         Self {
             stream,
+            lane,
+            activity,
+            write_timeout,
+            out: None,
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             ordered: VecDeque::new(),
@@ -70,6 +100,57 @@ impl Writer {
         done: &Receiver<Completion>,
         progress: &Receiver<Progress>,
     ) {
+        let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outgoing>();
+        // Never sent on: the sender drops it as it ends, which wakes this thread's select.
+        let (gone_tx, gone_rx) = crossbeam_channel::bounded::<()>(0);
+        let sender = match self.stream.try_clone() {
+            Ok(stream) => {
+                let lane = Arc::clone(&self.lane);
+                let activity = Arc::clone(&self.activity);
+                let limit = self.write_timeout;
+                std::thread::Builder::new()
+                    .name("bld_remote-sender".into())
+                    .spawn(move || {
+                        let _ = catch_unwind(AssertUnwindSafe(|| {
+                            send_loop(&stream, &out_rx, &lane, &activity, limit);
+                        }));
+                        // However it ended, nothing waits for this connection's writes any more.
+                        lane.close();
+                        drop(gone_tx);
+                    })
+                    .ok()
+            }
+            Err(_) => None,
+        };
+        if sender.is_some() {
+            self.out = Some(out_tx);
+        } else {
+            drop(out_tx);
+            self.dead = true;
+        }
+        self.serve(rx, done, progress, &gone_rx);
+        // Everything owed is handed over (or the client is gone): the sender writes what it has, closes
+        // the sending side, and ends.
+        self.out = None;
+        if let Some(h) = sender {
+            let _ = h.join();
+        }
+        if self.dead {
+            // Nobody will read these replies: queued work for them must never run.
+            for job in self.in_flight.values() {
+                job.state.cancel();
+            }
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn serve(
+        &mut self,
+        rx: &Receiver<ToWriter>,
+        done: &Receiver<Completion>,
+        progress: &Receiver<Progress>,
+        gone: &Receiver<()>,
+    ) {
         let mut reader_open = true;
         // Disconnected once the reader and every job are gone; then it must not be selected (always ready).
         let mut progress_open = true;
@@ -82,6 +163,7 @@ impl Writer {
             let rx_index = take_requests.then(|| sel.recv(rx));
             let done_index = sel.recv(done);
             let progress_index = progress_open.then(|| sel.recv(progress));
+            let gone_index = sel.recv(gone);
             let selected = match self.deadlines.first() {
                 Some(&(deadline, _)) => sel.select_deadline(deadline).ok(),
                 None => Some(sel.select()),
@@ -96,14 +178,15 @@ impl Writer {
                         bytes,
                         framed,
                         settle,
+                        request,
                     }) => {
                         if let Some((seq, outcome)) = settle {
                             self.settle(seq, outcome);
                         }
                         if framed {
-                            self.write(&bytes);
+                            self.write(bytes, request);
                         } else {
-                            self.ordered.push_back(Owed::Bytes(bytes));
+                            self.ordered.push_back(Owed::Bytes(bytes, request));
                             self.flush_ordered();
                         }
                     }
@@ -119,20 +202,12 @@ impl Writer {
                     Ok(p) => self.progress(p),
                     Err(_) => progress_open = false,
                 }
+            } else if op.index() == gone_index {
+                // The sender gave up on the client (write deadline, reset).
+                let _ = op.recv(gone);
+                self.dead = true;
             }
         }
-        if self.dead {
-            // Nobody will read these replies: queued work for them must never run.
-            for job in self.in_flight.values() {
-                job.state.cancel();
-            }
-            let _ = self.stream.shutdown(Shutdown::Both);
-            return;
-        }
-        // Everything owed is sent. Closing our sending side tells a client that half-closed (or whose
-        // stream failed) that no more replies come.
-        let _ = self.stream.flush();
-        let _ = self.stream.shutdown(Shutdown::Write);
     }
 
     /// `{"id": N, "progress": {...}}` for a framed job still owed a reply (after its reply, or its
@@ -158,7 +233,7 @@ impl Writer {
         let mut line = Map::new();
         line.insert("id".into(), id);
         line.insert("progress".into(), value);
-        self.write(&protocol::encode_value(&Value::Object(line)));
+        self.write(protocol::encode_value(&Value::Object(line)), false);
     }
 
     fn track(&mut self, job: InFlight) {
@@ -203,7 +278,7 @@ impl Writer {
         }
         let reply = shape_reply(job.id.as_ref(), job.shape, outcome);
         if job.id.is_some() {
-            self.write_reply(&reply);
+            self.write_reply(reply, true);
         } else {
             self.parked.insert(seq, reply);
             self.flush_ordered();
@@ -244,15 +319,15 @@ impl Writer {
     fn flush_ordered(&mut self) {
         while let Some(front) = self.ordered.front() {
             match front {
-                Owed::Bytes(_) => {
-                    if let Some(Owed::Bytes(b)) = self.ordered.pop_front() {
-                        self.write(&b);
+                Owed::Bytes(..) => {
+                    if let Some(Owed::Bytes(b, request)) = self.ordered.pop_front() {
+                        self.write(b, request);
                     }
                 }
                 Owed::Job(seq) => match self.parked.remove(seq) {
                     Some(reply) => {
                         self.ordered.pop_front();
-                        self.write_reply(&reply);
+                        self.write_reply(reply, true);
                     }
                     None => return,
                 },
@@ -260,40 +335,94 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    fn write(&mut self, bytes: Vec<u8>, request: bool) {
+        self.write_reply(Reply::One(bytes), request);
+    }
+
+    /// Hand a reply to the sender, held against the connection's budget until it is written.
+    fn write_reply(&mut self, reply: Reply, request: bool) {
         if self.dead {
             return;
         }
-        if self.stream.write_all(bytes).is_err() {
+        let len = reply.slices().iter().map(|s| s.len()).sum();
+        self.lane.flow().hold(len);
+        let sent = self.out.as_ref().is_some_and(|out| {
+            out.send(Outgoing {
+                reply,
+                len,
+                request,
+            })
+            .is_ok()
+        });
+        if !sent {
+            self.lane.release(len);
             self.dead = true;
         }
     }
+}
 
-    /// Write a reply of several pieces with vectored writes (one `writev` unless the socket is full).
-    fn write_reply(&mut self, reply: &Reply) {
-        if self.dead {
-            return;
+/// The sender: writes each reply it is handed, in order, each within `limit` of its first byte (a total
+/// deadline, not one per write call: a client that reads a trickle cannot hold a reply for longer), and
+/// releases its bytes from the budget. A reply that misses its deadline, or a failed write, cuts the
+/// connection. Once the writer is done, closes the sending side (a client that half-closed learns that no
+/// more replies come). Runs on the connection's `bld_remote-sender` thread.
+fn send_loop(
+    stream: &TcpStream,
+    rx: &Receiver<Outgoing>,
+    lane: &Lane,
+    activity: &Activity,
+    limit: Duration,
+) {
+    let mut timeout_set = None;
+    for item in rx {
+        let written = write_within(stream, &item.reply, limit, &mut timeout_set);
+        lane.release(item.len);
+        if item.request {
+            activity.replied();
         }
-        if let Reply::One(bytes) = reply {
-            self.write(bytes);
+        if !written {
+            let _ = stream.shutdown(Shutdown::Both);
             return;
-        }
-        let pieces = reply.slices();
-        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.stream.write_vectored(rest) {
-                Ok(0) => {
-                    self.dead = true;
-                    return;
-                }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.dead = true;
-                    return;
-                }
-            }
         }
     }
+    let mut s = stream;
+    let _ = s.flush();
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Write `reply` completely within `limit` (vectored writes: one `writev` unless the socket is full).
+/// `timeout_set` is the socket's current write timeout, so the common one-write reply costs no extra call.
+fn write_within(
+    mut stream: &TcpStream,
+    reply: &Reply,
+    limit: Duration,
+    timeout_set: &mut Option<Duration>,
+) -> bool {
+    let Some(deadline) = Instant::now().checked_add(limit) else {
+        return false;
+    };
+    let pieces = reply.slices();
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    let mut allowed = limit;
+    while !rest.is_empty() {
+        if *timeout_set != Some(allowed) {
+            if stream.set_write_timeout(Some(allowed)).is_err() {
+                return false;
+            }
+            *timeout_set = Some(allowed);
+        }
+        match stream.write_vectored(rest) {
+            Ok(0) => return false,
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // Includes the timeout: the deadline has passed.
+            Err(_) => return false,
+        }
+        allowed = deadline.saturating_duration_since(Instant::now());
+        if allowed.is_zero() && !rest.is_empty() {
+            return false;
+        }
+    }
+    true
 }
