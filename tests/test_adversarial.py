@@ -713,23 +713,25 @@ def test_too_many_connections_reclaims_idle_ones_and_idle_timeout(limited):
         ok(c.request({"type": "ping", "token": limited.token}))
 
     # Every slot busy: four connections mid-request (not slow yet), one running a job, three with a job
-    # queued behind it. The running job waits (in Blender) until the three are queued, reports progress,
-    # then holds until this test has probed and sent a ping (requests_served moves on).
+    # queued behind it. The running job reports progress as it starts, waits (in Blender) until the three
+    # are queued, reports again, then holds until this test has probed and sent a ping.
     for c in conns[4:]:
         c.send(b'{"type": "ping", "token": "%s"' % limited.token.encode())
     hold = (
         "import time, bld_remote\n"
+        "bld_remote._core.report_progress(0)\n"
         "t = time.monotonic()\n"
         "while bld_remote.get_status()['queue_length'] < 3 and time.monotonic() - t < 10: time.sleep(0.005)\n"
-        "bld_remote.report_progress(1)\n"
+        "bld_remote._core.report_progress(1)\n"
         "served = bld_remote.get_status()['requests_served']\n"
         "while bld_remote.get_status()['requests_served'] == served and time.monotonic() - t < 10:\n"
         "    time.sleep(0.005)\n"
     )
     conns[0].send({"type": "execute_code", "id": "hold", "token": limited.token, "params": {"code": hold}})
+    assert conns[0].reply()["progress"]["progress"] == 0
     for c in conns[1:4]:
         c.send({"type": "get_scene_info", "token": limited.token})
-    assert "progress" in conns[0].reply()
+    assert conns[0].reply()["progress"]["progress"] == 1
     refused = socket.create_connection(("127.0.0.1", limited.port), timeout=5)
     data = read_until_closed(refused)
     refused.close()

@@ -80,9 +80,13 @@ pub mod env {
     pub const MAX_REPLY_BYTES_IN_FLIGHT: &str = "BLD_REMOTE_MAX_REPLY_BYTES_IN_FLIGHT";
 }
 
-/// Default cap on one connection's jobs waiting for the main thread (a quarter of the default queue, so
-/// one client alone never fills it).
-pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 1024;
+/// Default capacity of the job queue (all connections together).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 16_384;
+
+/// Default cap on one connection's jobs waiting for the main thread: a quarter of the default queue, so
+/// one client alone never fills it, yet a pipelining client may still have 4096 requests queued (as it
+/// could before the cap existed).
+pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 4096;
 
 /// Default budget of encoded reply bytes a connection may hold unwritten before its requests stop being
 /// read and its queued jobs stop being started.
@@ -132,7 +136,7 @@ impl Default for Config {
             max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
             max_depth: protocol::DEFAULT_MAX_DEPTH,
             max_connections: 256,
-            queue_capacity: 4096,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_queued_per_connection: DEFAULT_MAX_QUEUED_PER_CONNECTION,
             max_reply_bytes_in_flight: DEFAULT_MAX_REPLY_BYTES_IN_FLIGHT,
             idle_timeout: None,
