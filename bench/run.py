@@ -982,7 +982,8 @@ def main() -> None:
         rep.p(f"## Headless results ({'--quick' if quick else 'full run'})")
         rep.p()
         rep.p(
-            f"- command: `python bench/run.py{' --quick' if quick else ''}`; date: "
+            f"- command: `python bench/run.py{' --quick' if quick else ''}"
+            f"{' --only ' + args.only if args.only else ''}`; date: "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
         )
         rep.p(f"- machine: {machine()}; {version[0] if version else 'blender ?'} headless (`-b`)")

@@ -119,6 +119,7 @@ def test_a_reply_read_at_a_trickle_is_cut_at_the_total_deadline(start_blender):
     s.close()
     assert got < 64 * MB
     assert cut_after < write_timeout + 3, f"cut after {cut_after:.1f} s"
+    print(f"trickle: cut {cut_after:.2f} s after the first byte, {got / MB:.1f} MB of 64 read")
     assert ok(call(b.port, "ping"))
 
 
@@ -195,3 +196,4 @@ def test_a_slow_request_is_reclaimed_under_pressure_when_none_is_idle(start_blen
     for s in slow:
         s.close()
     assert refused >= 1 and served == 1
+    print(f"slow: {refused} newcomers refused, then served {time.monotonic() - t0:.2f} s after the first")
