@@ -128,23 +128,8 @@ fn reclaim_one(shared: &Shared, conns: &[ConnectionHandle]) -> bool {
     // Idle before slow, oldest first.
     candidates.sort_by_key(|(k, _)| *k);
     for (kind, c) in candidates {
-        let farewell = |d: std::time::Duration| {
-            match kind {
-            Candidate::Idle(_) => format!(
-                "closed to make room: idle for {:.1} s while the service was at its limit of {max} \
-                 connections (the connection idle the longest is closed for a newcomer); reconnect to \
-                 continue",
-                d.as_secs_f64()
-            ),
-            Candidate::Slow(_) => format!(
-                "closed to make room: a request had been arriving for {:.1} s while the service was at \
-                 its limit of {max} connections (a slow request is closed for a newcomer when none is \
-                 idle); the request was not run",
-                d.as_secs_f64()
-            ),
-        }
-        };
-        if c.activity.reclaim(kind, farewell) {
+        let message = |d: Duration| farewell(kind, d, max);
+        if c.activity.reclaim(kind, message) {
             if c.activity.release_slot() {
                 shared.active_conns.fetch_sub(1, Ordering::AcqRel);
             }
@@ -155,6 +140,22 @@ fn reclaim_one(shared: &Shared, conns: &[ConnectionHandle]) -> bool {
         }
     }
     false
+}
+
+/// What a reclaimed connection is told before it is closed.
+fn farewell(kind: Candidate, for_how_long: Duration, max: usize) -> String {
+    let secs = for_how_long.as_secs_f64();
+    match kind {
+        Candidate::Idle(_) => format!(
+            "closed to make room: idle for {secs:.1} s while the service was at its limit of {max} \
+             connections (the connection idle the longest is closed for a newcomer); reconnect to continue"
+        ),
+        Candidate::Slow(_) => format!(
+            "closed to make room: a request had been arriving for {secs:.1} s while the service was at its \
+             limit of {max} connections (a slow request is closed for a newcomer when none is idle); the \
+             request was not run"
+        ),
+    }
 }
 
 /// Drop the handles of connections whose threads have ended (joining them), so the list stays bounded,
