@@ -7,9 +7,11 @@
 //! stream into requests, answers `control` commands itself, queues the rest as jobs for the main thread)
 //! and a writer (`writer`: waits for every job of its connection at once and for their deadlines; replies
 //! to plain requests leave in request order, replies to framed requests (with an id) as soon as they are
-//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script). `reply` shapes a job's outcome
-//! into the bytes clients expect; each reply is serialised once and written with one (vectored) write
-//! (Nagle is off). See docs/PROTOCOL.md.
+//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script) with its sender thread (the
+//! socket writes, each reply within a total deadline, counted against the connection's reply budget).
+//! `slots` tracks what each connection is doing, so the listener can reclaim idle ones under pressure.
+//! `reply` shapes a job's outcome into the bytes clients expect; each reply is serialised once and written
+//! with one (vectored) write (Nagle is off). See docs/PROTOCOL.md.
 
 mod accept;
 mod control;

@@ -24,7 +24,7 @@ use crate::protocol::{self, Outcome, Reply};
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
 pub(super) const MAX_PIPELINED: usize = 4096;
 
-/// The writer half: one per connection. Writes each reply with a single `write_all`. Replies to requests
+/// The writer half: one per connection. Hands each reply, serialised once, to its sender. Replies to requests
 /// without an id leave in request order (plain clients match replies by order); replies to framed
 /// requests leave as soon as they are ready. Enforces deadlines: at a job's deadline it answers with a
 /// timeout reply that says whether the work ran.
