@@ -1,14 +1,16 @@
 //! The writer half of a connection: every reply the connection owes, in the order it goes out, and the
 //! sending side of the socket. Runs on two threads: the connection's `bld_remote-writer` (spawned and
-//! joined by its reader) decides what is sent when, and never blocks on the socket; its
-//! `bld_remote-sender` (spawned and joined by the writer) writes each reply within a total deadline. The
-//! bytes handed from one to the other are counted against the connection's reply budget (`jobs::Flow`),
-//! so a client that does not read stops its own requests being read and its jobs being started.
+//! joined by its reader) decides what is sent when, and writes a reply itself only while the socket takes
+//! it at once (at most `DIRECT_WRITE`); its `bld_remote-sender` (spawned and joined by the writer) writes
+//! the rest, each reply within a total deadline, so the writer never waits on a client that does not read.
+//! Unwritten reply bytes are counted against the connection's reply budget (`jobs::Flow`), so such a
+//! client stops its own requests being read and its jobs being started.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,12 @@ use crate::protocol::{self, Outcome, Reply};
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
 pub(super) const MAX_PIPELINED: usize = 4096;
 
+/// How long the writer itself may spend writing a reply when its sender is idle (the common case: the
+/// socket has room, the write returns at once, and no thread hand-off is paid). A write that takes longer
+/// (the client is not reading) is handed to the sender, which finishes it within the reply's deadline;
+/// so completions go unprocessed (and uncounted against the budget) for at most this long.
+const DIRECT_WRITE: Duration = Duration::from_millis(5);
+
 /// The writer half: one per connection. Hands each reply, serialised once, to its sender. Replies to requests
 /// without an id leave in request order (plain clients match replies by order); replies to framed
 /// requests leave as soon as they are ready. Enforces deadlines: at a job's deadline it answers with a
@@ -35,6 +43,11 @@ pub(super) struct Writer {
     write_timeout: Duration,
     /// To the sender thread (set while `run` runs).
     out: Option<Sender<Outgoing>>,
+    /// Replies handed to the sender and not yet finished: while any is, the writer must not write itself.
+    busy: Arc<AtomicUsize>,
+    /// The socket's write timeout as last set (nanoseconds; 0 unknown), shared with the sender: the two
+    /// take turns on the socket, never at once.
+    timeout_set: Arc<AtomicU64>,
     in_flight: HashMap<u64, InFlight>,
     /// Deadlines of in-flight jobs, earliest first.
     deadlines: BTreeSet<(Instant, u64)>,
@@ -67,6 +80,10 @@ struct Outgoing {
     reply: Reply,
     len: usize,
     request: bool,
+    /// Bytes the writer already wrote itself.
+    offset: usize,
+    /// When the reply's first write began: its total deadline runs from here.
+    started: Instant,
 }
 
 impl Writer {
@@ -82,6 +99,8 @@ impl Writer {
             activity,
             write_timeout,
             out: None,
+            busy: Arc::new(AtomicUsize::new(0)),
+            timeout_set: Arc::new(AtomicU64::new(0)),
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             ordered: VecDeque::new(),
@@ -108,11 +127,21 @@ impl Writer {
                 let lane = Arc::clone(&self.lane);
                 let activity = Arc::clone(&self.activity);
                 let limit = self.write_timeout;
+                let busy = Arc::clone(&self.busy);
+                let timeout_set = Arc::clone(&self.timeout_set);
                 std::thread::Builder::new()
                     .name("bld_remote-sender".into())
                     .spawn(move || {
                         let _ = catch_unwind(AssertUnwindSafe(|| {
-                            send_loop(&stream, &out_rx, &lane, &activity, limit);
+                            send_loop(
+                                &stream,
+                                &out_rx,
+                                &lane,
+                                &activity,
+                                limit,
+                                &busy,
+                                &timeout_set,
+                            );
                         }));
                         // However it ended, nothing waits for this connection's writes any more.
                         lane.close();
@@ -339,43 +368,84 @@ impl Writer {
         self.write_reply(Reply::One(bytes), request);
     }
 
-    /// Hand a reply to the sender, held against the connection's budget until it is written.
+    /// Write a reply, held against the connection's budget until it is written: here when the sender is
+    /// idle and the socket takes it within `DIRECT_WRITE`, else (the rest of it) by the sender.
     fn write_reply(&mut self, reply: Reply, request: bool) {
         if self.dead {
             return;
         }
         let len = reply.slices().iter().map(|s| s.len()).sum();
         self.lane.flow().hold(len);
+        let started = Instant::now();
+        let mut offset = 0;
+        if self.busy.load(Ordering::Acquire) == 0 {
+            let first = DIRECT_WRITE.min(self.write_timeout);
+            match write_until(
+                &self.stream,
+                &reply,
+                0,
+                first,
+                started + first,
+                &self.timeout_set,
+            ) {
+                Ok(()) => {
+                    self.lane.release(len);
+                    if request {
+                        self.activity.replied();
+                    }
+                    return;
+                }
+                Err(Stuck::TimedOut(written)) => offset = written,
+                Err(Stuck::Failed) => {
+                    self.lane.release(len);
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+        self.busy.fetch_add(1, Ordering::AcqRel);
         let sent = self.out.as_ref().is_some_and(|out| {
             out.send(Outgoing {
                 reply,
                 len,
                 request,
+                offset,
+                started,
             })
             .is_ok()
         });
         if !sent {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
             self.lane.release(len);
             self.dead = true;
         }
     }
 }
 
-/// The sender: writes each reply it is handed, in order, each within `limit` of its first byte (a total
-/// deadline, not one per write call: a client that reads a trickle cannot hold a reply for longer), and
-/// releases its bytes from the budget. A reply that misses its deadline, or a failed write, cuts the
-/// connection. Once the writer is done, closes the sending side (a client that half-closed learns that no
-/// more replies come). Runs on the connection's `bld_remote-sender` thread.
+/// The sender: writes (the rest of) each reply it is handed, in order, each within `limit` of its first
+/// byte (a total deadline, not one per write call: a client that reads a trickle cannot hold a reply for
+/// longer), and releases its bytes from the budget. A reply that misses its deadline, or a failed write,
+/// cuts the connection. Once the writer is done, closes the sending side (a client that half-closed learns
+/// that no more replies come). Runs on the connection's `bld_remote-sender` thread.
 fn send_loop(
     stream: &TcpStream,
     rx: &Receiver<Outgoing>,
     lane: &Lane,
     activity: &Activity,
     limit: Duration,
+    busy: &AtomicUsize,
+    timeout_set: &AtomicU64,
 ) {
-    let mut timeout_set = None;
     for item in rx {
-        let written = write_within(stream, &item.reply, limit, &mut timeout_set);
+        let until = item.started.checked_add(limit);
+        let first = until.map_or(Duration::ZERO, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
+        let written = !first.is_zero()
+            && until.is_some_and(|u| {
+                write_until(stream, &item.reply, item.offset, first, u, timeout_set).is_ok()
+            });
         lane.release(item.len);
         if item.request {
             activity.replied();
@@ -384,45 +454,63 @@ fn send_loop(
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
+        // Only now may the writer write again itself: replies leave in order.
+        busy.fetch_sub(1, Ordering::AcqRel);
     }
     let mut s = stream;
     let _ = s.flush();
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// Write `reply` completely within `limit` (vectored writes: one `writev` unless the socket is full).
-/// `timeout_set` is the socket's current write timeout, so the common one-write reply costs no extra call.
-fn write_within(
+/// Why a write did not finish.
+enum Stuck {
+    /// `until` passed; this many bytes of the reply are written.
+    TimedOut(usize),
+    /// The connection failed (reset, closed).
+    Failed,
+}
+
+/// Write `reply` from byte `offset` with vectored writes (one `writev` unless the socket is full), giving up
+/// once `until` passes. The first call waits at most `first`: a timeout the socket usually has already, so
+/// the common one-write reply costs no extra system call (`timeout_set` is the socket's current one).
+fn write_until(
     mut stream: &TcpStream,
     reply: &Reply,
-    limit: Duration,
-    timeout_set: &mut Option<Duration>,
-) -> bool {
-    let Some(deadline) = Instant::now().checked_add(limit) else {
-        return false;
-    };
+    offset: usize,
+    first: Duration,
+    until: Instant,
+    timeout_set: &AtomicU64,
+) -> Result<(), Stuck> {
     let pieces = reply.slices();
     let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];
-    let mut allowed = limit;
+    IoSlice::advance_slices(&mut rest, offset);
+    let mut written = offset;
+    let mut allowed = first;
     while !rest.is_empty() {
-        if *timeout_set != Some(allowed) {
+        let nanos = u64::try_from(allowed.as_nanos()).unwrap_or(u64::MAX).max(1);
+        if timeout_set.load(Ordering::Acquire) != nanos {
             if stream.set_write_timeout(Some(allowed)).is_err() {
-                return false;
+                return Err(Stuck::Failed);
             }
-            *timeout_set = Some(allowed);
+            timeout_set.store(nanos, Ordering::Release);
         }
         match stream.write_vectored(rest) {
-            Ok(0) => return false,
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Ok(0) => return Err(Stuck::Failed),
+            Ok(n) => {
+                IoSlice::advance_slices(&mut rest, n);
+                written += n;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            // Includes the timeout: the deadline has passed.
-            Err(_) => return false,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Stuck::TimedOut(written));
+            }
+            Err(_) => return Err(Stuck::Failed),
         }
-        allowed = deadline.saturating_duration_since(Instant::now());
+        allowed = until.saturating_duration_since(Instant::now());
         if allowed.is_zero() && !rest.is_empty() {
-            return false;
+            return Err(Stuck::TimedOut(written));
         }
     }
-    true
+    Ok(())
 }
