@@ -757,6 +757,93 @@ def bench_main_thread(rep: Report, bld: BlenderProcess, cfg: dict) -> None:
     )
 
 
+def bench_fairness(rep: Report, bld: BlenderProcess, cfg: dict) -> None:
+    """A fresh client's get_scene_info while another connection keeps `window` execute_code jobs of
+    `job_ms` each queued: with round-robin lanes it waits for the job running now, not for the queue."""
+    job_s, window, n = cfg["fair_job_ms"] / 1000, cfg["fair_window"], cfg["fair_n"]
+    job = req("execute_code", {"code": f"import time; time.sleep({job_s})"})
+
+    def probe(count: int) -> list[float]:
+        out = []
+        with connect(bld.port) as s:
+            roundtrip(s, PING)
+            for i in range(count):
+                t0 = time.perf_counter()
+                roundtrip(s, SCENE)
+                out.append(time.perf_counter() - t0)
+                # Spread the probes over the job's phase (not in lockstep with the flood's jobs).
+                time.sleep(job_s * ((i * 7919) % 13) / 13)
+        return out
+
+    idle = probe(n)
+    with connect(bld.port) as s:
+        one_job = []
+        for _ in range(max(5, n // 10)):
+            t0 = time.perf_counter()
+            roundtrip(s, job)
+            one_job.append(time.perf_counter() - t0)
+    stop = threading.Event()
+    flood_replies = [0]
+
+    def flood() -> None:
+        body = job[1:]
+        make = lambda i: b'{"id":%d,' % i + body  # noqa: E731
+        with connect(bld.port) as s:
+            s.sendall(b"".join(make(i) for i in range(window)))
+            sent = window
+            while not stop.is_set():
+                data = s.recv(1 << 20)
+                if not data:
+                    return
+                k = data.count(b"\n")
+                flood_replies[0] += k
+                s.sendall(b"".join(make(sent + i) for i in range(k)))
+                sent += k
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while flood_replies[0] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    flooded = probe(n)
+    stop.set()
+    t.join(timeout=30)
+    job_med = statistics.median(one_job)
+    extra_p50 = statistics.median(flooded) - statistics.median(idle)
+    extra_p95 = pct(flooded, 0.95) - statistics.median(idle)
+    rep.data["fairness"] = {"idle": idle, "flooded": flooded, "one_job": one_job, "window": window}
+    rep.p(
+        f"### Fairness: a fresh client's get_scene_info while another connection keeps {window} "
+        f"execute_code jobs of {cfg['fair_job_ms']} ms queued ({n} probes; ms)"
+    )
+    rep.p()
+    rep.table(
+        ["", "p50", "p95", "max"],
+        [
+            ["get_scene_info, idle service", ms(statistics.median(idle)), ms(pct(idle, 0.95)), ms(max(idle))],
+            ["one flood job alone (round trip)", ms(job_med), ms(pct(one_job, 0.95)), ms(max(one_job))],
+            [
+                "get_scene_info while flooded",
+                ms(statistics.median(flooded)),
+                ms(pct(flooded, 0.95)),
+                ms(max(flooded)),
+            ],
+        ],
+    )
+    rep.p(
+        f"Extra wait while flooded: p50 {ms(extra_p50)} ms, p95 {ms(extra_p95)} ms; one job {ms(job_med)} ms. "
+        f"First-in first-out, the probe would wait for the whole window: about {window * job_s * 1000:.0f} ms."
+    )
+    rep.p()
+    rep.verdict(
+        "fresh client's wait while another floods ≤ about one job (p95 extra ≤ 1.25 × one job)",
+        f"{ms(extra_p95)} ms",
+        f"{ms(job_med)} ms",
+        f"{extra_p95 / job_med:.2f}×",
+        extra_p95 <= 1.25 * job_med,
+    )
+
+
 def bench_idle(rep: Report, bld: BlenderProcess, ref: Echo, cfg: dict) -> None:
     secs = cfg["idle_seconds"]
     rows = []
@@ -856,7 +943,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples; < 2 minutes")
     ap.add_argument("--wheel", type=Path, help="the bld_remote wheel (default: newest dist/*.whl)")
-    ap.add_argument("--only", default="", help="comma list: latency,throughput,payloads,main,idle,reference")
+    ap.add_argument(
+        "--only", default="", help="comma list: latency,throughput,payloads,main,fairness,idle,reference"
+    )
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
     quick = args.quick
@@ -874,6 +963,9 @@ def main() -> None:
         "idle_seconds": 10.0,
         "ref_n": 10 if quick else 40,
         "ref_sizes_mb": [1] if quick else [1, 4],
+        "fair_job_ms": 20,
+        "fair_window": 64,
+        "fair_n": 100 if quick else 300,
     }
     only = set(filter(None, args.only.split(",")))
     want = lambda s: not only or s in only  # noqa: E731
@@ -890,7 +982,8 @@ def main() -> None:
         rep.p(f"## Headless results ({'--quick' if quick else 'full run'})")
         rep.p()
         rep.p(
-            f"- command: `python bench/run.py{' --quick' if quick else ''}`; date: "
+            f"- command: `python bench/run.py{' --quick' if quick else ''}"
+            f"{' --only ' + args.only if args.only else ''}`; date: "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
         )
         rep.p(f"- machine: {machine()}; {version[0] if version else 'blender ?'} headless (`-b`)")
@@ -907,6 +1000,8 @@ def main() -> None:
             bench_payloads(rep, echo, bld, cfg)
         if want("main"):
             bench_main_thread(rep, bld, cfg)
+        if want("fairness"):
+            bench_fairness(rep, bld, cfg)
         if want("reference"):
             bench_reference(rep, echo, ref, bld, cfg)
         if want("idle"):

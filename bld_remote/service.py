@@ -81,7 +81,7 @@ def start_mcp_service(
 
     Limits (argument, else the environment variable, else the default; timeouts in seconds, 0 = none):
     ``max_request_bytes`` (``BLD_REMOTE_MAX_REQUEST_BYTES``, 64 MiB), ``max_connections``
-    (``BLD_REMOTE_MAX_CONNECTIONS``, 256), ``queue_capacity`` (``BLD_REMOTE_QUEUE_CAPACITY``, 4096),
+    (``BLD_REMOTE_MAX_CONNECTIONS``, 256), ``queue_capacity`` (``BLD_REMOTE_QUEUE_CAPACITY``, 16384),
     ``idle_timeout`` (``BLD_REMOTE_IDLE_TIMEOUT``, none), ``default_timeout``
     (``BLD_REMOTE_DEFAULT_TIMEOUT``, 300), ``request_read_timeout`` (``BLD_REMOTE_REQUEST_READ_TIMEOUT``,
     60), ``max_depth`` (``BLD_REMOTE_MAX_DEPTH``, 100); the persist store's ``persist_max_value_bytes``

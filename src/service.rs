@@ -129,6 +129,7 @@ pub fn start(
         persist_max_value_bytes: count("persist_max_value_bytes", persist_max_value_bytes)?,
         persist_max_total_bytes: count("persist_max_total_bytes", persist_max_total_bytes)?,
         persist_max_keys: count("persist_max_keys", persist_max_keys)?,
+        ..Settings::default()
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;
     if let Some(s) = SERVICE.lock().as_ref() {

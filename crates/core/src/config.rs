@@ -78,7 +78,22 @@ pub mod env {
     pub const PERSIST_MAX_VALUE_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_VALUE_BYTES";
     pub const PERSIST_MAX_TOTAL_BYTES: &str = "BLD_REMOTE_PERSIST_MAX_TOTAL_BYTES";
     pub const PERSIST_MAX_KEYS: &str = "BLD_REMOTE_PERSIST_MAX_KEYS";
+    pub const WRITE_TIMEOUT: &str = "BLD_REMOTE_WRITE_TIMEOUT";
+    pub const MAX_QUEUED_PER_CONNECTION: &str = "BLD_REMOTE_MAX_QUEUED_PER_CONNECTION";
+    pub const MAX_REPLY_BYTES_IN_FLIGHT: &str = "BLD_REMOTE_MAX_REPLY_BYTES_IN_FLIGHT";
 }
+
+/// Default capacity of the job queue (all connections together).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 16_384;
+
+/// Default cap on one connection's jobs waiting for the main thread: a quarter of the default queue, so
+/// one client alone never fills it, yet a pipelining client may still have 4096 requests queued (as it
+/// could before the cap existed).
+pub const DEFAULT_MAX_QUEUED_PER_CONNECTION: usize = 4096;
+
+/// Default budget of encoded reply bytes a connection may hold unwritten before its requests stop being
+/// read and its queued jobs stop being started.
+pub const DEFAULT_MAX_REPLY_BYTES_IN_FLIGHT: usize = 64 << 20;
 
 /// Everything that shapes a service. `Config::default()` is the safe default: loopback, port 6688.
 #[derive(Debug, Clone)]
@@ -91,6 +106,12 @@ pub struct Config {
     pub max_depth: usize,
     pub max_connections: usize,
     pub queue_capacity: usize,
+    /// Jobs one connection may have waiting for the main thread; more are refused as busy (`ran: false`).
+    pub max_queued_per_connection: usize,
+    /// Encoded reply bytes one connection may hold unwritten (its client is not reading them). At the
+    /// budget its requests stop being read (TCP backpressure) and its queued jobs wait, until the client
+    /// reads. A single reply larger than the budget still goes out whole.
+    pub max_reply_bytes_in_flight: usize,
     /// Close a connection that sends nothing between requests for this long (`None`: never, the default:
     /// existing clients keep one connection open and idle for hours; see docs/PROTOCOL.md).
     pub idle_timeout: Option<Duration>,
@@ -98,7 +119,8 @@ pub struct Config {
     pub request_read_timeout: Duration,
     /// Deadline for requests that carry no `timeout` (`None`: wait as long as the work takes).
     pub default_timeout: Option<Duration>,
-    /// A client that does not read its replies for this long is disconnected.
+    /// Each reply must be written completely within this time of its first byte (a total deadline per
+    /// reply, not per write call): a client that does not read it in time is disconnected.
     pub write_timeout: Duration,
     /// Bounds of the persist store (`put_persist_data`): one value, all values, the number of keys.
     pub persist: crate::persist::Limits,
@@ -119,7 +141,9 @@ impl Default for Config {
             max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
             max_depth: protocol::DEFAULT_MAX_DEPTH,
             max_connections: 256,
-            queue_capacity: 4096,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_queued_per_connection: DEFAULT_MAX_QUEUED_PER_CONNECTION,
+            max_reply_bytes_in_flight: DEFAULT_MAX_REPLY_BYTES_IN_FLIGHT,
             idle_timeout: None,
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             default_timeout: Some(DEFAULT_REQUEST_DEADLINE),
@@ -151,6 +175,9 @@ pub struct Settings {
     pub persist_max_value_bytes: Option<i128>,
     pub persist_max_total_bytes: Option<i128>,
     pub persist_max_keys: Option<i128>,
+    pub write_timeout: Option<f64>,
+    pub max_queued_per_connection: Option<i128>,
+    pub max_reply_bytes_in_flight: Option<i128>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -298,7 +325,7 @@ impl StartupOptions {
 impl Config {
     /// The service's configuration: each explicit setting, else its environment variable, else the
     /// default. Every number is range-checked here, where it enters; the message names the culprit.
-    #[allow(clippy::too_many_lines)] // one flat list of settings
+    #[allow(clippy::too_many_lines)] // one entry per setting, each checked the same way
     pub fn resolve(settings: &Settings, src: &dyn Source) -> Result<Config, ConfigError> {
         let d = Config::default();
         let count = |given: Option<i128>,
@@ -422,6 +449,30 @@ impl Config {
                     d.persist.max_keys,
                 )?,
             },
+            // 0 = no limit, likewise: a day.
+            write_timeout: timeout(
+                settings.write_timeout,
+                "write_timeout",
+                env::WRITE_TIMEOUT,
+                Some(d.write_timeout),
+            )?
+            .unwrap_or(Duration::from_secs(86_400)),
+            max_queued_per_connection: count(
+                settings.max_queued_per_connection,
+                "max_queued_per_connection",
+                env::MAX_QUEUED_PER_CONNECTION,
+                1,
+                1 << 20,
+                d.max_queued_per_connection,
+            )?,
+            max_reply_bytes_in_flight: count(
+                settings.max_reply_bytes_in_flight,
+                "max_reply_bytes_in_flight",
+                env::MAX_REPLY_BYTES_IN_FLIGHT,
+                1024,
+                1 << 40,
+                d.max_reply_bytes_in_flight,
+            )?,
             ..d
         })
     }
@@ -463,6 +514,9 @@ mod tests {
             (env::IDLE_TIMEOUT, "nan"),
             (env::DEFAULT_TIMEOUT, "-5"),
             (env::MAX_REQUEST_BYTES, "lots"),
+            (env::MAX_QUEUED_PER_CONNECTION, "0"),
+            (env::MAX_REPLY_BYTES_IN_FLIGHT, "10"),
+            (env::WRITE_TIMEOUT, "inf"),
         ] {
             let env = HashMap::from([(var, raw)]);
             let e = Config::resolve(&Settings::default(), &env).unwrap_err();

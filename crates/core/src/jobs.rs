@@ -1,16 +1,19 @@
 //! Jobs: requests that need Blender's main thread, handed over from connection threads through one bounded
-//! crossbeam channel. Each job's outcome goes back through its connection's completion channel, tagged
+//! queue with a lane per connection, served round-robin (`JobQueue`, `Lane`), and each connection's reply
+//! budget (`Flow`). Each job's outcome goes back through its connection's completion channel, tagged
 //! with the job's sequence number, so one writer thread can wait for all of its connection's jobs (and
 //! their deadlines) at once. Pure Rust.
 //!
 //! Threads: connection threads create jobs and collect completions; Blender's main thread (the pump,
 //! driven from Python) takes jobs and completes them. Completing never blocks the main thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex};
 use serde_json::{Map, Value};
 
 use crate::protocol::Outcome;
@@ -311,89 +314,384 @@ pub fn timed_out_running() -> Outcome {
 /// Why a job could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {
+    /// The whole queue is full.
     Busy,
+    /// This connection already has its share of queued jobs (`max_queued_per_connection`).
+    ConnectionBusy,
     Stopped,
 }
 
-/// The channel between connection threads and the main thread.
-#[derive(Debug, Clone)]
-pub struct JobQueue {
-    tx: Sender<Msg>,
-    rx: Receiver<Msg>,
+/// Flow control of one connection's replies: the encoded bytes its writer holds that the client has not
+/// read yet, against a budget. Over budget, the connection's reader stops reading requests and the queue
+/// stops starting its jobs, until the client reads (or the connection dies: then everything proceeds, to
+/// be refused). Shared by the connection's threads and the job queue; lock-free except while waiting.
+#[derive(Debug)]
+pub struct Flow {
+    budget: usize,
+    held: AtomicUsize,
+    closed: AtomicBool,
+    lock: Mutex<()>,
+    room: Condvar,
+}
+
+impl Flow {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget: budget.max(1),
+            held: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            room: Condvar::new(),
+        }
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes held unwritten now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// `n` more bytes are waiting to be written.
+    pub fn hold(&self, n: usize) {
+        self.held.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` held bytes were written (or dropped). True when this brought the connection back under budget.
+    pub fn release(&self, n: usize) -> bool {
+        let before = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                Some(h.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        let crossed = before >= self.budget && before.saturating_sub(n) < self.budget;
+        if crossed {
+            // Taken after the change, so a waiter that re-checks under the lock cannot miss it.
+            let _guard = self.lock.lock();
+            self.room.notify_all();
+        }
+        crossed
+    }
+
+    /// Under budget (or closed: nothing will be written any more, so nothing should wait for it).
+    pub fn has_room(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.held() < self.budget
+    }
+
+    /// The connection is ending: wake whoever waits for room.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _guard = self.lock.lock();
+        self.room.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Wait at most `timeout` for room; returns whether there is room now.
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        if self.has_room() {
+            return true;
+        }
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            return self.has_room();
+        };
+        let mut guard = self.lock.lock();
+        while !self.has_room() {
+            if self.room.wait_until(&mut guard, deadline).timed_out() {
+                break;
+            }
+        }
+        self.has_room()
+    }
+}
+
+/// One connection's jobs in the queue.
+#[derive(Debug, Default)]
+struct LaneJobs {
+    jobs: VecDeque<Job>,
+    flow: Option<Arc<Flow>>,
+    /// In the ring, or the lane served last (`QueueState::current`). A lane with jobs that is not
+    /// scheduled is paused: its writer is over budget; `Lane::release` reschedules it.
+    scheduled: bool,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    lanes: HashMap<u64, LaneJobs>,
+    /// Lanes with jobs, in the order they are served.
+    ring: VecDeque<u64>,
+    /// The lane whose job was taken last: it goes to the back of the ring at the next take, so a lane that
+    /// gains a job meanwhile is served before it again.
+    current: Option<u64>,
+    len: usize,
+    woken: bool,
+    next_lane: u64,
+}
+
+impl QueueState {
+    /// The next job, round-robin between lanes, first-in first-out within one; lanes over their reply
+    /// budget are skipped (paused).
+    fn take(&mut self) -> Option<Job> {
+        if let Some(last) = self.current.take() {
+            if let Some(lane) = self.lanes.get_mut(&last) {
+                if lane.jobs.is_empty() {
+                    lane.scheduled = false;
+                } else {
+                    self.ring.push_back(last);
+                }
+            }
+        }
+        while let Some(id) = self.ring.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                continue;
+            };
+            if lane.jobs.is_empty() || lane.flow.as_ref().is_some_and(|f| !f.has_room()) {
+                lane.scheduled = false;
+                continue;
+            }
+            let job = lane.jobs.pop_front();
+            if job.is_some() {
+                self.len -= 1;
+                self.current = Some(id);
+            }
+            return job;
+        }
+        None
+    }
+
+    fn schedule(&mut self, id: u64) -> bool {
+        match self.lanes.get_mut(&id) {
+            Some(lane) if !lane.scheduled && !lane.jobs.is_empty() => {
+                lane.scheduled = true;
+                self.ring.push_back(id);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct QueueInner {
+    state: Mutex<QueueState>,
+    ready: Condvar,
     capacity: usize,
 }
 
+/// The queue between connection threads and the main thread: one lane per connection, served
+/// round-robin (a connection with 1000 jobs queued delays another's next job by at most the job running
+/// now), first-in first-out within a lane (replies leave in request order). Bounded as a whole
+/// (`capacity`) and per lane (the cap given to [`Lane::submit`]).
+#[derive(Debug, Clone)]
+pub struct JobQueue {
+    inner: Arc<QueueInner>,
+}
+
+/// Lane 0: jobs submitted without a connection of their own ([`JobQueue::submit`]).
+const DEFAULT_LANE: u64 = 0;
+
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
-        // One slot above capacity is kept for Wake, so a full queue can still be woken.
-        let (tx, rx) = crossbeam_channel::bounded(capacity + 1);
-        Self { tx, rx, capacity }
+        let mut state = QueueState {
+            next_lane: DEFAULT_LANE + 1,
+            ..QueueState::default()
+        };
+        state.lanes.insert(DEFAULT_LANE, LaneJobs::default());
+        Self {
+            inner: Arc::new(QueueInner {
+                state: Mutex::new(state),
+                ready: Condvar::new(),
+                capacity: capacity.max(1),
+            }),
+        }
     }
 
-    /// Queue a job. On error the job comes back, so the caller can refuse it with the right message.
+    /// A lane for one connection, whose jobs wait while `flow` is over budget. Dropping the lane drops its
+    /// queued jobs (each still completes, as not run).
+    pub fn lane(&self, flow: Arc<Flow>) -> Lane {
+        let mut st = self.inner.state.lock();
+        let id = st.next_lane;
+        st.next_lane += 1;
+        st.lanes.insert(
+            id,
+            LaneJobs {
+                flow: Some(Arc::clone(&flow)),
+                ..LaneJobs::default()
+            },
+        );
+        Lane {
+            id,
+            flow,
+            queue: self.clone(),
+        }
+    }
+
+    /// Queue a job on the default lane (no per-lane cap). On error the job comes back, so the caller can
+    /// refuse it with the right message.
     pub fn submit(&self, job: Job) -> Result<(), (SubmitError, Job)> {
-        if self.tx.len() >= self.capacity {
+        self.submit_to(DEFAULT_LANE, job, usize::MAX)
+    }
+
+    fn submit_to(&self, id: u64, job: Job, cap: usize) -> Result<(), (SubmitError, Job)> {
+        let mut st = self.inner.state.lock();
+        if st.len >= self.inner.capacity {
             return Err((SubmitError::Busy, job));
         }
-        match self.tx.try_send(Msg::Job(job)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let why = if e.is_full() {
-                    SubmitError::Busy
-                } else {
-                    SubmitError::Stopped
-                };
-                match e.into_inner() {
-                    Msg::Job(job) => Err((why, job)),
-                    // Only a job was sent; nothing to give back.
-                    Msg::Wake => Ok(()),
+        let Some(lane) = st.lanes.get_mut(&id) else {
+            return Err((SubmitError::Stopped, job));
+        };
+        if lane.jobs.len() >= cap {
+            return Err((SubmitError::ConnectionBusy, job));
+        }
+        lane.jobs.push_back(job);
+        st.len += 1;
+        st.schedule(id);
+        drop(st);
+        self.inner.ready.notify_one();
+        Ok(())
+    }
+
+    fn resume(&self, id: u64) {
+        let scheduled = self.inner.state.lock().schedule(id);
+        if scheduled {
+            self.inner.ready.notify_one();
+        }
+    }
+
+    fn close_lane(&self, id: u64) {
+        let lane = {
+            let mut st = self.inner.state.lock();
+            let lane = st.lanes.remove(&id);
+            if let Some(l) = &lane {
+                st.len -= l.jobs.len();
+            }
+            lane
+        };
+        // Dropped outside the lock: each job's `Drop` completes it (as not run).
+        drop(lane);
+    }
+
+    /// Make a blocked pump return to its caller. Harmless if it is not blocked.
+    pub fn wake(&self) {
+        self.inner.state.lock().woken = true;
+        self.inner.ready.notify_all();
+    }
+
+    /// Jobs queued (not yet taken by the main thread).
+    pub fn len(&self) -> usize {
+        self.inner.state.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Next message, waiting at most `timeout` (`None` = until one arrives). A pending wake-up comes
+    /// before any job.
+    pub fn recv(&self, timeout: Option<Duration>) -> Option<Msg> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut st = self.inner.state.lock();
+        loop {
+            if st.woken {
+                st.woken = false;
+                return Some(Msg::Wake);
+            }
+            if let Some(job) = st.take() {
+                return Some(Msg::Job(job));
+            }
+            match (timeout, deadline) {
+                (None, _) | (Some(_), None) => self.inner.ready.wait(&mut st),
+                (Some(_), Some(d)) => {
+                    if self.inner.ready.wait_until(&mut st, d).timed_out() {
+                        if std::mem::take(&mut st.woken) {
+                            return Some(Msg::Wake);
+                        }
+                        return st.take().map(Msg::Job);
+                    }
                 }
             }
         }
     }
 
-    /// Make a blocked pump return to its caller. Harmless if it is not blocked.
-    pub fn wake(&self) {
-        let _ = self.tx.try_send(Msg::Wake);
-    }
-
-    pub fn len(&self) -> usize {
-        self.rx.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Next message, waiting at most `timeout` (`None` = until one arrives).
-    pub fn recv(&self, timeout: Option<Duration>) -> Option<Msg> {
-        match timeout {
-            None => self.rx.recv().ok(),
-            Some(t) if t.is_zero() => self.rx.try_recv().ok(),
-            Some(t) => self.rx.recv_timeout(t).ok(),
-        }
-    }
-
     /// Take every queued job without running it (used while stopping).
     pub fn drain(&self) -> Vec<Job> {
-        let mut jobs = Vec::new();
-        while let Ok(m) = self.rx.try_recv() {
-            if let Msg::Job(j) = m {
-                jobs.push(j);
-            }
+        let mut st = self.inner.state.lock();
+        let mut jobs = Vec::with_capacity(st.len);
+        for lane in st.lanes.values_mut() {
+            jobs.extend(lane.jobs.drain(..));
+            lane.scheduled = false;
         }
+        st.ring.clear();
+        st.current = None;
+        st.len = 0;
         jobs
+    }
+}
+
+/// A connection's place in the [`JobQueue`]: submits its jobs, and reschedules them when its writer
+/// drains below budget. Dropped when the connection ends; its queued jobs are dropped with it.
+#[derive(Debug)]
+pub struct Lane {
+    id: u64,
+    flow: Arc<Flow>,
+    queue: JobQueue,
+}
+
+impl Lane {
+    /// Queue a job; at most `cap` of this lane's jobs may wait at once.
+    pub fn submit(&self, job: Job, cap: usize) -> Result<(), (SubmitError, Job)> {
+        self.queue.submit_to(self.id, job, cap)
+    }
+
+    pub fn flow(&self) -> &Arc<Flow> {
+        &self.flow
+    }
+
+    /// Held reply bytes were written: release them, and restart this lane's jobs if that brought the
+    /// connection back under budget.
+    pub fn release(&self, n: usize) {
+        if self.flow.release(n) {
+            self.queue.resume(self.id);
+        }
+    }
+
+    /// The connection is ending: nothing waits for its writer any more.
+    pub fn close(&self) {
+        self.flow.close();
+        self.queue.resume(self.id);
+    }
+
+    /// This lane's jobs waiting for the main thread.
+    pub fn queued(&self) -> usize {
+        self.queue
+            .inner
+            .state
+            .lock()
+            .lanes
+            .get(&self.id)
+            .map_or(0, |l| l.jobs.len())
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.queue.close_lane(self.id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::Receiver;
     use serde_json::json;
 
     fn job(seq: u64, deadline: Option<Instant>) -> (Job, Arc<JobState>, Receiver<Completion>) {
@@ -517,8 +815,97 @@ mod tests {
         let r = q.submit(job(9, None).0);
         assert!(matches!(r, Err((SubmitError::Busy, ref j)) if j.seq == 9));
         q.wake();
-        assert_eq!(q.len(), 3);
+        assert_eq!(q.len(), 2);
+        assert!(matches!(q.recv(Some(Duration::ZERO)), Some(Msg::Wake)));
         assert_eq!(q.drain().len(), 2);
         assert!(q.is_empty());
+        assert!(q.recv(Some(Duration::ZERO)).is_none());
+    }
+
+    fn seq_of(m: Option<Msg>) -> u64 {
+        match m {
+            Some(Msg::Job(j)) => j.seq,
+            other => panic!("expected a job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lanes_are_served_round_robin_and_fifo_within_each() {
+        let q = JobQueue::new(100);
+        let a = q.lane(Arc::new(Flow::new(1 << 20)));
+        let b = q.lane(Arc::new(Flow::new(1 << 20)));
+        for i in 0..5 {
+            assert!(a.submit(job(i, None).0, 100).is_ok());
+        }
+        assert_eq!(seq_of(q.recv(Some(Duration::ZERO))), 0);
+        // b arrives while a's job 0 "runs": b goes next, before a's job 1.
+        assert!(b.submit(job(100, None).0, 100).is_ok());
+        assert!(b.submit(job(101, None).0, 100).is_ok());
+        let order: Vec<u64> = (0..6)
+            .map(|_| seq_of(q.recv(Some(Duration::ZERO))))
+            .collect();
+        assert_eq!(order, [100, 1, 101, 2, 3, 4]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_lane_has_its_own_cap() {
+        let q = JobQueue::new(100);
+        let a = q.lane(Arc::new(Flow::new(1 << 20)));
+        let b = q.lane(Arc::new(Flow::new(1 << 20)));
+        for i in 0..3 {
+            assert!(a.submit(job(i, None).0, 3).is_ok());
+        }
+        assert!(matches!(
+            a.submit(job(3, None).0, 3),
+            Err((SubmitError::ConnectionBusy, _))
+        ));
+        assert!(b.submit(job(10, None).0, 3).is_ok());
+        assert_eq!(a.queued(), 3);
+        // Dropping a lane drops its jobs, and each still completes (as not run).
+        let (dropped, _state, done) = job(20, None);
+        let third = q.lane(Arc::new(Flow::new(1 << 20)));
+        assert!(third.submit(dropped, 3).is_ok());
+        drop(third);
+        assert_eq!(q.len(), 4);
+        assert!(done.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_lane_over_its_reply_budget_waits_until_released() {
+        let q = JobQueue::new(100);
+        let flow = Arc::new(Flow::new(1000));
+        let a = q.lane(Arc::clone(&flow));
+        let b = q.lane(Arc::new(Flow::new(1000)));
+        flow.hold(1500);
+        assert!(!flow.has_room());
+        assert!(a.submit(job(1, None).0, 10).is_ok());
+        assert!(b.submit(job(2, None).0, 10).is_ok());
+        assert_eq!(seq_of(q.recv(Some(Duration::ZERO))), 2);
+        assert!(q.recv(Some(Duration::ZERO)).is_none(), "a is paused");
+        assert_eq!(q.len(), 1);
+        a.release(400);
+        assert!(q.recv(Some(Duration::ZERO)).is_none(), "still over budget");
+        a.release(400);
+        assert!(flow.has_room());
+        assert_eq!(seq_of(q.recv(Some(Duration::ZERO))), 1);
+        // A closed flow never holds jobs back.
+        flow.hold(5000);
+        assert!(a.submit(job(3, None).0, 10).is_ok());
+        assert!(q.recv(Some(Duration::ZERO)).is_none());
+        a.close();
+        assert_eq!(seq_of(q.recv(Some(Duration::ZERO))), 3);
+    }
+
+    #[test]
+    fn waiting_for_room_wakes_on_release() {
+        let flow = Arc::new(Flow::new(10));
+        flow.hold(20);
+        assert!(!flow.wait_for_room(Duration::from_millis(10)));
+        let f = Arc::clone(&flow);
+        let t = std::thread::spawn(move || f.wait_for_room(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        flow.release(15);
+        assert!(t.join().unwrap_or(false));
     }
 }

@@ -1,5 +1,8 @@
-//! The listener: accepts connections, reaps ended ones, refuses those over `max_connections` (with an
-//! error reply), and spawns each connection's thread (`reader::serve_connection`). Runs on the service's
+//! The listener: accepts connections, reaps ended ones, and spawns each connection's thread
+//! (`reader::serve_connection`). At `max_connections` it makes room: it waits briefly for a connection
+//! that is already ending, else reclaims the connection idle the longest (or else one whose request has
+//! been trickling in for a while; see `slots`), which gets an error reply saying why; it refuses the
+//! newcomer (with an error reply) only when every connection is busy. Runs on the service's
 //! `bld_remote-listener` thread until `Server::stop` wakes it.
 
 use std::io::Write;
@@ -10,12 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::reader::serve_connection;
+use super::slots::{Activity, Candidate};
 use super::{ConnectionHandle, Shared};
 use crate::protocol::{self, Outcome};
 
 /// At the connection limit, how long the listener waits for a connection whose client has closed to
 /// finish ending before it refuses a newcomer. Only spent when every slot is taken.
 const ENDING_GRACE: Duration = Duration::from_millis(250);
+/// At the connection limit with no connection known to be ending, how long to give readers to notice a
+/// close that has just happened (a client that closes and reconnects at once) before reclaiming another.
+const NOTICE: Duration = Duration::from_millis(5);
 
 pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     for incoming in listener.incoming() {
@@ -29,9 +36,23 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         };
         let max = shared.config.max_connections;
         // A client that has just closed still holds its slot until its threads end, which takes moments:
-        // at the limit, wait that long (no more) for one to end before refusing the newcomer.
+        // at the limit, wait that long (no more) for one to end before reclaiming or refusing. Only
+        // worth it when some connection is known to be ending.
         let grace_end = Instant::now() + ENDING_GRACE;
-        while shared.active_conns.load(Ordering::Acquire) >= max {
+        let at_limit = || shared.active_conns.load(Ordering::Acquire) >= max;
+        let any_ending = || {
+            shared
+                .conns
+                .lock()
+                .iter()
+                .any(|c| !c.thread.is_finished() && c.activity.is_ending())
+        };
+        let mut wait_for_ending = at_limit() && any_ending();
+        if at_limit() && !wait_for_ending {
+            let _ = shared.ended_rx.recv_timeout(NOTICE);
+            wait_for_ending = at_limit() && any_ending();
+        }
+        while wait_for_ending && at_limit() {
             let left = grace_end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -40,13 +61,16 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         }
         let mut conns = shared.conns.lock();
         reap(&mut conns);
-        if shared.active_conns.load(Ordering::Acquire) >= max {
+        // Reclaimed connections still closing count here, so threads stay bounded (twice the limit).
+        if shared.active_conns.load(Ordering::Acquire) >= max
+            && (conns.len() >= max.saturating_mul(2) || !reclaim_one(shared, &conns))
+        {
             drop(conns);
             refuse_connection(
                 stream,
                 &format!(
-                    "too many connections (limit {}); try again later",
-                    shared.config.max_connections
+                    "too many connections (limit {max}), every one busy: none idle or slow to make room; \
+                     try again later"
                 ),
             );
             continue;
@@ -59,20 +83,25 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             continue;
         };
         let s = Arc::clone(shared);
+        let activity = Arc::new(Activity::new());
+        let act = Arc::clone(&activity);
         // Counted here, before the thread exists, so the next accept already sees the slot taken; the
-        // thread gives it back as its last act.
+        // thread gives it back as its last act (unless the listener already did, reclaiming it).
         shared.active_conns.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name("bld_remote-conn".into())
             .spawn(move || {
-                let _ = catch_unwind(AssertUnwindSafe(|| serve_connection(&s, stream)));
-                s.active_conns.fetch_sub(1, Ordering::AcqRel);
+                let _ = catch_unwind(AssertUnwindSafe(|| serve_connection(&s, stream, &act)));
+                if act.release_slot() {
+                    s.active_conns.fetch_sub(1, Ordering::AcqRel);
+                }
                 let _ = s.ended_tx.try_send(());
             });
         if let Ok(thread) = spawned {
             conns.push(ConnectionHandle {
                 stream: handle_stream,
                 thread,
+                activity,
             });
         } else {
             shared.active_conns.fetch_sub(1, Ordering::AcqRel);
@@ -82,6 +111,50 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 "cannot serve this connection (out of threads)",
             );
         }
+    }
+}
+
+/// At the limit: reclaim the connection idle the longest, else the one slowest to send its request (for
+/// longer than `slots::SLOW_AFTER`). Its slot passes to the newcomer at once; its reader, woken by the
+/// read side's shutdown, sends the farewell and closes. False when every connection is busy.
+fn reclaim_one(shared: &Shared, conns: &[ConnectionHandle]) -> bool {
+    let now = Instant::now();
+    let max = shared.config.max_connections;
+    let mut candidates: Vec<(Candidate, &ConnectionHandle)> = conns
+        .iter()
+        .filter(|c| !c.thread.is_finished())
+        .filter_map(|c| c.activity.candidate(now).map(|k| (k, c)))
+        .collect();
+    // Idle before slow, oldest first.
+    candidates.sort_by_key(|(k, _)| *k);
+    for (kind, c) in candidates {
+        let message = |d: Duration| farewell(kind, d, max);
+        if c.activity.reclaim(kind, message) {
+            if c.activity.release_slot() {
+                shared.active_conns.fetch_sub(1, Ordering::AcqRel);
+            }
+            shared.reclaimed.fetch_add(1, Ordering::Relaxed);
+            // Wakes the reader blocked in read(): it finds the connection reclaimed and says goodbye.
+            let _ = c.stream.shutdown(Shutdown::Read);
+            return true;
+        }
+    }
+    false
+}
+
+/// What a reclaimed connection is told before it is closed.
+fn farewell(kind: Candidate, for_how_long: Duration, max: usize) -> String {
+    let secs = for_how_long.as_secs_f64();
+    match kind {
+        Candidate::Idle(_) => format!(
+            "closed to make room: idle for {secs:.1} s while the service was at its limit of {max} \
+             connections (the connection idle the longest is closed for a newcomer); reconnect to continue"
+        ),
+        Candidate::Slow(_) => format!(
+            "closed to make room: a request had been arriving for {secs:.1} s while the service was at its \
+             limit of {max} connections (a slow request is closed for a newcomer when none is idle); the \
+             request was not run"
+        ),
     }
 }
 

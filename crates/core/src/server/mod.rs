@@ -7,14 +7,17 @@
 //! stream into requests, answers `control` commands itself, queues the rest as jobs for the main thread)
 //! and a writer (`writer`: waits for every job of its connection at once and for their deadlines; replies
 //! to plain requests leave in request order, replies to framed requests (with an id) as soon as they are
-//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script). `reply` shapes a job's outcome
-//! into the bytes clients expect; each reply is serialised once and written with one (vectored) write
-//! (Nagle is off). See docs/PROTOCOL.md.
+//! ready, so a `ping` or `cancel` is never stuck behind a 30-second script) with its sender thread (the
+//! socket writes, each reply within a total deadline, counted against the connection's reply budget).
+//! `slots` tracks what each connection is doing, so the listener can reclaim idle ones under pressure.
+//! `reply` shapes a job's outcome into the bytes clients expect; each reply is serialised once and written
+//! with one (vectored) write (Nagle is off). See docs/PROTOCOL.md.
 
 mod accept;
 mod control;
 mod reader;
 mod reply;
+mod slots;
 mod writer;
 
 use std::io::ErrorKind;
@@ -75,6 +78,8 @@ struct Running {
 struct ConnectionHandle {
     stream: TcpStream,
     thread: JoinHandle<()>,
+    /// What the connection is doing, for reclaiming its slot under pressure.
+    activity: Arc<slots::Activity>,
 }
 
 /// State shared by the listener, the connection threads and the main-thread pump.
@@ -97,6 +102,8 @@ pub struct Shared {
     served: AtomicU64,
     auth_failures: AtomicU64,
     persist: PersistStore,
+    /// Connections closed to make room for a newcomer at `max_connections`.
+    reclaimed: AtomicU64,
     /// The largest read buffer of the connections that have ended, handed to the next connection, so that
     /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
     /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
@@ -167,6 +174,7 @@ impl Server {
             next_seq: AtomicU64::new(1),
             served: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
+            reclaimed: AtomicU64::new(0),
             spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             started: Instant::now(),
@@ -339,11 +347,15 @@ impl Shared {
                 "seconds": r.since.elapsed().as_secs_f64(),
             })),
             "auth_failures": self.auth_failures.load(Ordering::Relaxed),
+            "connections_reclaimed": self.reclaimed.load(Ordering::Relaxed),
             "limits": {
                 "max_request_bytes": self.config.max_request_bytes,
                 "max_depth": self.config.max_depth,
                 "max_connections": self.config.max_connections,
                 "queue_capacity": self.queue.capacity(),
+                "max_queued_per_connection": self.config.max_queued_per_connection,
+                "max_reply_bytes_in_flight": self.config.max_reply_bytes_in_flight,
+                "write_timeout": self.config.write_timeout.as_secs_f64(),
                 "idle_timeout": self.config.idle_timeout.map(|d| d.as_secs_f64()),
                 "request_read_timeout": self.config.request_read_timeout.as_secs_f64(),
                 "default_timeout": self.config.default_timeout.map(|d| d.as_secs_f64()),

@@ -17,10 +17,11 @@ use serde_json::Value;
 use super::accept::refuse_connection;
 use super::control::{self, control, id_key};
 use super::reply::{prepare_execute_code, truthy, Shape};
+use super::slots::Activity;
 use super::writer::{Writer, MAX_PIPELINED};
 use super::{Config, Shared};
 use crate::auth::ConnAuth;
-use crate::jobs::{not_run, Completion, Job, JobState, Progress, SubmitError};
+use crate::jobs::{not_run, Completion, Flow, Job, JobState, Lane, Progress, SubmitError};
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
 /// Room offered to each read of the socket (the read buffer grows past it for larger requests).
@@ -30,6 +31,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 /// Progress reports a connection may have waiting for its writer; more are dropped (never blocking).
 const PROGRESS_BACKLOG: usize = 256;
+/// While its replies are over budget, how often a waiting reader checks whether the service is stopping.
+const ROOM_POLL: Duration = Duration::from_millis(200);
 
 /// What the reader hands the writer, in request order.
 pub(super) enum ToWriter {
@@ -40,6 +43,8 @@ pub(super) enum ToWriter {
         framed: bool,
         /// Answer this in-flight job now with this outcome first (a `cancel`).
         settle: Option<(u64, Outcome)>,
+        /// It answers a request (rather than ending the stream): counted in the connection's activity.
+        request: bool,
     },
     /// A job the reader is about to queue for the main thread; its outcome arrives as a `Completion`.
     Job(InFlight),
@@ -57,21 +62,33 @@ pub(super) struct InFlight {
 }
 
 /// The reader half. Runs on the connection's thread; spawns and joins the writer.
-pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
+pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream, activity: &Arc<Activity>) {
     let Ok(write_stream) = stream.try_clone() else {
         return;
     };
+    // This connection's place in the job queue, and the budget of reply bytes it may hold unread.
+    let lane = Arc::new(
+        shared
+            .queue
+            .lane(Arc::new(Flow::new(shared.config.max_reply_bytes_in_flight))),
+    );
     let (tx, rx) = crossbeam_channel::bounded::<ToWriter>(MAX_PIPELINED);
     // Unbounded so the main thread never blocks completing a job; at most MAX_PIPELINED are in flight.
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
     // Progress reports of this connection's framed jobs. Bounded: a report that finds it full is dropped,
     // so reporting never blocks the main thread.
     let (progress_tx, progress_rx) = crossbeam_channel::bounded::<Progress>(PROGRESS_BACKLOG);
+    let (writer_lane, writer_activity) = (Arc::clone(&lane), Arc::clone(activity));
+    let write_timeout = shared.config.write_timeout;
     let writer = std::thread::Builder::new()
         .name("bld_remote-writer".into())
         .spawn(move || {
             let _ = catch_unwind(AssertUnwindSafe(|| {
-                Writer::new(write_stream).run(&rx, &done_rx, &progress_rx);
+                Writer::new(write_stream, writer_lane, writer_activity, write_timeout).run(
+                    &rx,
+                    &done_rx,
+                    &progress_rx,
+                );
             }));
         });
     let Ok(writer) = writer else {
@@ -79,10 +96,33 @@ pub(super) fn serve_connection(shared: &Arc<Shared>, stream: TcpStream) {
         return;
     };
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        read_loop(shared, &stream, &tx, &done_tx, &progress_tx);
+        read_loop(
+            shared,
+            &stream,
+            &tx,
+            &done_tx,
+            &progress_tx,
+            &lane,
+            activity,
+        );
     }));
+    activity.ending();
+    // A listener at the connection limit may be waiting to see whether a slot is about to free.
+    let _ = shared.ended_tx.try_send(());
     drop(tx);
     let _ = writer.join();
+    // Dropping the lane (with the writer's copy gone) drops any job still queued for this connection.
+    drop(lane);
+}
+
+/// The connection holds replies over its budget (its client is not reading them): wait until it reads,
+/// the connection dies, or the service stops. The socket is not read meanwhile, so TCP slows the client.
+fn wait_for_room(shared: &Shared, lane: &Lane) {
+    while !lane.flow().wait_for_room(ROOM_POLL) {
+        if shared.is_stopping() {
+            return;
+        }
+    }
 }
 
 /// Why the reader stopped reading requests.
@@ -95,12 +135,20 @@ enum ReadEnd {
     Error(Vec<u8>),
 }
 
+/// The farewell of a connection the listener reclaimed to make room for a newcomer.
+fn reclaimed_reply(why: &str) -> ReadEnd {
+    ReadEnd::Error(protocol::encode_reply(None, &Outcome::error(why)))
+}
+
+#[allow(clippy::too_many_lines)] // one loop: wait for room, read, split into requests, hand them over
 fn read_loop(
     shared: &Arc<Shared>,
     mut stream: &TcpStream,
     tx: &Sender<ToWriter>,
     done_tx: &Sender<Completion>,
     progress_tx: &Sender<Progress>,
+    lane: &Lane,
+    activity: &Activity,
 ) {
     let config = &shared.config;
     // The connection's read buffer: the socket is read straight into it, requests are parsed where they
@@ -127,11 +175,20 @@ fn read_loop(
             }
             None => config.idle_timeout,
         };
+        if request_began.is_none() && !lane.flow().has_room() {
+            // Between requests only, so a request's arrival clock never runs while we do not read.
+            wait_for_room(shared, lane);
+        }
         if socket_timeout != Some(wanted) {
             let _ = stream.set_read_timeout(wanted);
             socket_timeout = Some(wanted);
         }
-        match decoder.read_from(&mut stream, READ_CHUNK) {
+        let read = decoder.read_from(&mut stream, READ_CHUNK);
+        // A reclaimed connection serves nothing more: what arrived (if anything) is not read as a request.
+        if let Err(why) = activity.reading() {
+            break reclaimed_reply(&why);
+        }
+        match read {
             Ok(0) => break ReadEnd::Eof,
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -155,8 +212,16 @@ fn read_loop(
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     request_began = None;
-                    let msg =
-                        handle_frame(shared, frame, &mut auth, &mut by_id, done_tx, progress_tx);
+                    activity.owe();
+                    let msg = handle_frame(
+                        shared,
+                        frame,
+                        &mut auth,
+                        &mut by_id,
+                        done_tx,
+                        progress_tx,
+                        lane,
+                    );
                     if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
                         // Nobody will send this reply: queued work for it must never run.
                         if let ToWriter::Job(f) = msg {
@@ -170,6 +235,9 @@ fn read_loop(
                 }
                 Ok(None) => break None,
                 Err(e) => break Some(e),
+            }
+            if !lane.flow().has_room() {
+                wait_for_room(shared, lane);
             }
         };
         if writer_gone {
@@ -186,16 +254,20 @@ fn read_loop(
         } else {
             request_began = None;
         }
+        activity.received(request_began);
         if by_id.len() > 1024 {
             by_id.retain(|_, (_, s)| s.phase().is_pending());
         }
     };
     shared.keep_read_buffer(decoder.into_buffer());
+    activity.ending();
+    let _ = shared.ended_tx.try_send(());
     if let ReadEnd::Error(bytes) = end {
         let _ = tx.send(ToWriter::Ready {
             bytes,
             framed: false,
             settle: None,
+            request: false,
         });
         let _ = tx.send(ToWriter::Close);
         linger(stream);
@@ -251,6 +323,7 @@ fn handle_frame(
     by_id: &mut HashMap<String, (u64, Arc<JobState>)>,
     done_tx: &Sender<Completion>,
     progress_tx: &Sender<Progress>,
+    lane: &Lane,
 ) -> ToWriter {
     let mut request = match protocol::parse_request(frame) {
         Ok(r) => r,
@@ -259,6 +332,7 @@ fn handle_frame(
                 framed: bad.id.is_some(),
                 bytes: protocol::encode_reply(bad.id.as_ref(), &Outcome::error(bad.message)),
                 settle: None,
+                request: true,
             }
         }
     };
@@ -268,6 +342,7 @@ fn handle_frame(
         framed: id.is_some(),
         bytes: protocol::encode_reply(id.as_ref(), &outcome),
         settle: None,
+        request: true,
     };
     // The token check and the challenge-response handshake (crate::auth): per connection.
     if let Some(outcome) = auth.gate(
@@ -283,6 +358,7 @@ fn handle_frame(
             framed: id.is_some(),
             bytes,
             settle: None,
+            request: true,
         };
     }
     let mut settle = None;
@@ -292,6 +368,7 @@ fn handle_frame(
             framed: id.is_some(),
             bytes: protocol::encode_reply(id.as_ref(), &outcome),
             settle,
+            request: true,
         };
     }
     if !shared
@@ -349,7 +426,7 @@ fn handle_frame(
         if *stopping {
             Err((SubmitError::Stopped, job))
         } else {
-            shared.queue.submit(job)
+            lane.submit(job, shared.config.max_queued_per_connection)
         }
     };
     // A refused job completes through the same channel as any other, with its reason.
@@ -358,6 +435,11 @@ fn handle_frame(
         Err((SubmitError::Busy, job)) => job.refuse(not_run(&format!(
             "busy: {} requests are already queued for Blender's main thread; try again later",
             shared.queue.capacity()
+        ))),
+        Err((SubmitError::ConnectionBusy, job)) => job.refuse(not_run(&format!(
+            "busy: this connection already has {} requests queued for Blender's main thread (the \
+             per-connection limit); wait for some replies before sending more",
+            shared.config.max_queued_per_connection
         ))),
         Err((SubmitError::Stopped, job)) => {
             job.refuse(not_run("the service is stopping; the request was not run"));

@@ -1,28 +1,53 @@
-//! The writer half of a connection: owns the sending side of the socket and every reply the connection
-//! owes. Runs on the connection's `bld_remote-writer` thread (spawned and joined by its reader).
+//! The writer half of a connection: every reply the connection owes, in the order it goes out, and the
+//! sending side of the socket. Runs on two threads: the connection's `bld_remote-writer` (spawned and
+//! joined by its reader) decides what is sent when, and writes a reply itself only while the socket takes
+//! it at once (at most `DIRECT_WRITE`); its `bld_remote-sender` (spawned and joined by the writer) writes
+//! the rest, each reply within a total deadline, so the writer never waits on a client that does not read.
+//! Unwritten reply bytes are counted against the connection's reply budget (`jobs::Flow`), so such a
+//! client stops its own requests being read and its jobs being started.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Instant;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Select};
+use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::{Map, Value};
 
 use super::reader::{InFlight, ToWriter};
 use super::reply::shape_reply;
-use crate::jobs::{timed_out_not_run, timed_out_running, Completion, Expiry, Progress};
+use super::slots::Activity;
+use crate::jobs::{timed_out_not_run, timed_out_running, Completion, Expiry, Lane, Progress};
 use crate::protocol::{self, Outcome, Reply};
 
 /// Replies a connection may have outstanding (pipelined) before its reader stops reading: backpressure.
 pub(super) const MAX_PIPELINED: usize = 4096;
 
-/// The writer half: one per connection. Writes each reply with a single `write_all`. Replies to requests
+/// How long the writer itself may spend writing a reply when its sender is idle (the common case: the
+/// socket has room, the write returns at once, and no thread hand-off is paid). A write that takes longer
+/// (the client is not reading) is handed to the sender, which finishes it within the reply's deadline;
+/// so completions go unprocessed (and uncounted against the budget) for at most this long.
+const DIRECT_WRITE: Duration = Duration::from_millis(5);
+
+/// The writer half: one per connection. Hands each reply, serialised once, to its sender. Replies to requests
 /// without an id leave in request order (plain clients match replies by order); replies to framed
 /// requests leave as soon as they are ready. Enforces deadlines: at a job's deadline it answers with a
 /// timeout reply that says whether the work ran.
 pub(super) struct Writer {
     stream: TcpStream,
+    lane: Arc<Lane>,
+    activity: Arc<Activity>,
+    write_timeout: Duration,
+    /// To the sender thread (set while `run` runs).
+    out: Option<Sender<Outgoing>>,
+    /// Replies handed to the sender and not yet finished: while any is, the writer must not write itself.
+    busy: Arc<AtomicUsize>,
+    /// The socket's write timeout as last set (nanoseconds; 0 unknown), shared with the sender: the two
+    /// take turns on the socket, never at once.
+    timeout_set: Arc<AtomicU64>,
     in_flight: HashMap<u64, InFlight>,
     /// Deadlines of in-flight jobs, earliest first.
     deadlines: BTreeSet<(Instant, u64)>,
@@ -44,14 +69,38 @@ pub(super) struct Writer {
 }
 
 enum Owed {
-    Bytes(Vec<u8>),
+    /// Ready bytes; `true` when they answer a request.
+    Bytes(Vec<u8>, bool),
     Job(u64),
 }
 
+/// What the writer hands its sender: a reply, its size (held against the budget until written), and
+/// whether it answers a request (for the connection's activity) or is a progress line or a farewell.
+struct Outgoing {
+    reply: Reply,
+    len: usize,
+    request: bool,
+    /// Bytes the writer already wrote itself.
+    offset: usize,
+    /// When the reply's first write began: its total deadline runs from here.
+    started: Instant,
+}
+
 impl Writer {
-    pub(super) fn new(stream: TcpStream) -> Self {
+    pub(super) fn new(
+        stream: TcpStream,
+        lane: Arc<Lane>,
+        activity: Arc<Activity>,
+        write_timeout: Duration,
+    ) -> Self {
         Self {
             stream,
+            lane,
+            activity,
+            write_timeout,
+            out: None,
+            busy: Arc::new(AtomicUsize::new(0)),
+            timeout_set: Arc::new(AtomicU64::new(0)),
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             ordered: VecDeque::new(),
@@ -70,6 +119,67 @@ impl Writer {
         done: &Receiver<Completion>,
         progress: &Receiver<Progress>,
     ) {
+        let (out_tx, out_rx) = crossbeam_channel::unbounded::<Outgoing>();
+        // Never sent on: the sender drops it as it ends, which wakes this thread's select.
+        let (gone_tx, gone_rx) = crossbeam_channel::bounded::<()>(0);
+        let sender = match self.stream.try_clone() {
+            Ok(stream) => {
+                let lane = Arc::clone(&self.lane);
+                let activity = Arc::clone(&self.activity);
+                let limit = self.write_timeout;
+                let busy = Arc::clone(&self.busy);
+                let timeout_set = Arc::clone(&self.timeout_set);
+                std::thread::Builder::new()
+                    .name("bld_remote-sender".into())
+                    .spawn(move || {
+                        let _ = catch_unwind(AssertUnwindSafe(|| {
+                            send_loop(
+                                &stream,
+                                &out_rx,
+                                &lane,
+                                &activity,
+                                limit,
+                                &busy,
+                                &timeout_set,
+                            );
+                        }));
+                        // However it ended, nothing waits for this connection's writes any more.
+                        lane.close();
+                        drop(gone_tx);
+                    })
+                    .ok()
+            }
+            Err(_) => None,
+        };
+        if sender.is_some() {
+            self.out = Some(out_tx);
+        } else {
+            drop(out_tx);
+            self.dead = true;
+        }
+        self.serve(rx, done, progress, &gone_rx);
+        // Everything owed is handed over (or the client is gone): the sender writes what it has, closes
+        // the sending side, and ends.
+        self.out = None;
+        if let Some(h) = sender {
+            let _ = h.join();
+        }
+        if self.dead {
+            // Nobody will read these replies: queued work for them must never run.
+            for job in self.in_flight.values() {
+                job.state.cancel();
+            }
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn serve(
+        &mut self,
+        rx: &Receiver<ToWriter>,
+        done: &Receiver<Completion>,
+        progress: &Receiver<Progress>,
+        gone: &Receiver<()>,
+    ) {
         let mut reader_open = true;
         // Disconnected once the reader and every job are gone; then it must not be selected (always ready).
         let mut progress_open = true;
@@ -82,6 +192,7 @@ impl Writer {
             let rx_index = take_requests.then(|| sel.recv(rx));
             let done_index = sel.recv(done);
             let progress_index = progress_open.then(|| sel.recv(progress));
+            let gone_index = sel.recv(gone);
             let selected = match self.deadlines.first() {
                 Some(&(deadline, _)) => sel.select_deadline(deadline).ok(),
                 None => Some(sel.select()),
@@ -96,14 +207,15 @@ impl Writer {
                         bytes,
                         framed,
                         settle,
+                        request,
                     }) => {
                         if let Some((seq, outcome)) = settle {
                             self.settle(seq, outcome);
                         }
                         if framed {
-                            self.write(&bytes);
+                            self.write(bytes, request);
                         } else {
-                            self.ordered.push_back(Owed::Bytes(bytes));
+                            self.ordered.push_back(Owed::Bytes(bytes, request));
                             self.flush_ordered();
                         }
                     }
@@ -119,20 +231,12 @@ impl Writer {
                     Ok(p) => self.progress(p),
                     Err(_) => progress_open = false,
                 }
+            } else if op.index() == gone_index {
+                // The sender gave up on the client (write deadline, reset).
+                let _ = op.recv(gone);
+                self.dead = true;
             }
         }
-        if self.dead {
-            // Nobody will read these replies: queued work for them must never run.
-            for job in self.in_flight.values() {
-                job.state.cancel();
-            }
-            let _ = self.stream.shutdown(Shutdown::Both);
-            return;
-        }
-        // Everything owed is sent. Closing our sending side tells a client that half-closed (or whose
-        // stream failed) that no more replies come.
-        let _ = self.stream.flush();
-        let _ = self.stream.shutdown(Shutdown::Write);
     }
 
     /// `{"id": N, "progress": {...}}` for a framed job still owed a reply (after its reply, or its
@@ -158,7 +262,7 @@ impl Writer {
         let mut line = Map::new();
         line.insert("id".into(), id);
         line.insert("progress".into(), value);
-        self.write(&protocol::encode_value(&Value::Object(line)));
+        self.write(protocol::encode_value(&Value::Object(line)), false);
     }
 
     fn track(&mut self, job: InFlight) {
@@ -203,7 +307,7 @@ impl Writer {
         }
         let reply = shape_reply(job.id.as_ref(), job.shape, outcome);
         if job.id.is_some() {
-            self.write_reply(&reply);
+            self.write_reply(reply, true);
         } else {
             self.parked.insert(seq, reply);
             self.flush_ordered();
@@ -244,15 +348,15 @@ impl Writer {
     fn flush_ordered(&mut self) {
         while let Some(front) = self.ordered.front() {
             match front {
-                Owed::Bytes(_) => {
-                    if let Some(Owed::Bytes(b)) = self.ordered.pop_front() {
-                        self.write(&b);
+                Owed::Bytes(..) => {
+                    if let Some(Owed::Bytes(b, request)) = self.ordered.pop_front() {
+                        self.write(b, request);
                     }
                 }
                 Owed::Job(seq) => match self.parked.remove(seq) {
                     Some(reply) => {
                         self.ordered.pop_front();
-                        self.write_reply(&reply);
+                        self.write_reply(reply, true);
                     }
                     None => return,
                 },
@@ -260,40 +364,153 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        if self.dead {
-            return;
-        }
-        if self.stream.write_all(bytes).is_err() {
-            self.dead = true;
-        }
+    fn write(&mut self, bytes: Vec<u8>, request: bool) {
+        self.write_reply(Reply::One(bytes), request);
     }
 
-    /// Write a reply of several pieces with vectored writes (one `writev` unless the socket is full).
-    fn write_reply(&mut self, reply: &Reply) {
+    /// Write a reply, held against the connection's budget until it is written: here when the sender is
+    /// idle and the socket takes it within `DIRECT_WRITE`, else (the rest of it) by the sender.
+    fn write_reply(&mut self, reply: Reply, request: bool) {
         if self.dead {
             return;
         }
-        if let Reply::One(bytes) = reply {
-            self.write(bytes);
-            return;
-        }
-        let pieces = reply.slices();
-        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.stream.write_vectored(rest) {
-                Ok(0) => {
-                    self.dead = true;
+        let len = reply.slices().iter().map(|s| s.len()).sum();
+        self.lane.flow().hold(len);
+        let started = Instant::now();
+        let mut offset = 0;
+        if self.busy.load(Ordering::Acquire) == 0 {
+            let first = DIRECT_WRITE.min(self.write_timeout);
+            match write_until(
+                &self.stream,
+                &reply,
+                0,
+                first,
+                started + first,
+                &self.timeout_set,
+            ) {
+                Ok(()) => {
+                    self.lane.release(len);
+                    if request {
+                        self.activity.replied();
+                    }
                     return;
                 }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
+                Err(Stuck::TimedOut(written)) => offset = written,
+                Err(Stuck::Failed) => {
+                    self.lane.release(len);
+                    let _ = self.stream.shutdown(Shutdown::Both);
                     self.dead = true;
                     return;
                 }
             }
         }
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let sent = self.out.as_ref().is_some_and(|out| {
+            out.send(Outgoing {
+                reply,
+                len,
+                request,
+                offset,
+                started,
+            })
+            .is_ok()
+        });
+        if !sent {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            self.lane.release(len);
+            self.dead = true;
+        }
     }
+}
+
+/// The sender: writes (the rest of) each reply it is handed, in order, each within `limit` of its first
+/// byte (a total deadline, not one per write call: a client that reads a trickle cannot hold a reply for
+/// longer), and releases its bytes from the budget. A reply that misses its deadline, or a failed write,
+/// cuts the connection. Once the writer is done, closes the sending side (a client that half-closed learns
+/// that no more replies come). Runs on the connection's `bld_remote-sender` thread.
+fn send_loop(
+    stream: &TcpStream,
+    rx: &Receiver<Outgoing>,
+    lane: &Lane,
+    activity: &Activity,
+    limit: Duration,
+    busy: &AtomicUsize,
+    timeout_set: &AtomicU64,
+) {
+    for item in rx {
+        let until = item.started.checked_add(limit);
+        let first = until.map_or(Duration::ZERO, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
+        let written = !first.is_zero()
+            && until.is_some_and(|u| {
+                write_until(stream, &item.reply, item.offset, first, u, timeout_set).is_ok()
+            });
+        lane.release(item.len);
+        if item.request {
+            activity.replied();
+        }
+        if !written {
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+        // Only now may the writer write again itself: replies leave in order.
+        busy.fetch_sub(1, Ordering::AcqRel);
+    }
+    let mut s = stream;
+    let _ = s.flush();
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Why a write did not finish.
+enum Stuck {
+    /// `until` passed; this many bytes of the reply are written.
+    TimedOut(usize),
+    /// The connection failed (reset, closed).
+    Failed,
+}
+
+/// Write `reply` from byte `offset` with vectored writes (one `writev` unless the socket is full), giving up
+/// once `until` passes. The first call waits at most `first`: a timeout the socket usually has already, so
+/// the common one-write reply costs no extra system call (`timeout_set` is the socket's current one).
+fn write_until(
+    mut stream: &TcpStream,
+    reply: &Reply,
+    offset: usize,
+    first: Duration,
+    until: Instant,
+    timeout_set: &AtomicU64,
+) -> Result<(), Stuck> {
+    let pieces = reply.slices();
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    IoSlice::advance_slices(&mut rest, offset);
+    let mut written = offset;
+    let mut allowed = first;
+    while !rest.is_empty() {
+        let nanos = u64::try_from(allowed.as_nanos()).unwrap_or(u64::MAX).max(1);
+        if timeout_set.load(Ordering::Acquire) != nanos {
+            if stream.set_write_timeout(Some(allowed)).is_err() {
+                return Err(Stuck::Failed);
+            }
+            timeout_set.store(nanos, Ordering::Release);
+        }
+        match stream.write_vectored(rest) {
+            Ok(0) => return Err(Stuck::Failed),
+            Ok(n) => {
+                IoSlice::advance_slices(&mut rest, n);
+                written += n;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Stuck::TimedOut(written));
+            }
+            Err(_) => return Err(Stuck::Failed),
+        }
+        allowed = until.saturating_duration_since(Instant::now());
+        if allowed.is_zero() && !rest.is_empty() {
+            return Err(Stuck::TimedOut(written));
+        }
+    }
+    Ok(())
 }
