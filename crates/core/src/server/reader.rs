@@ -192,9 +192,10 @@ fn read_loop(
                 if request_began.is_some() {
                     break ReadEnd::Error(slow_request_reply(config));
                 }
+                // `ran: false`: a client whose request crossed this notice knows it was never read.
                 break ReadEnd::Error(protocol::encode_reply(
                     None,
-                    &Outcome::error(format!(
+                    &not_run(&format!(
                         "idle timeout: nothing received for {} s; closing the connection",
                         config.idle_timeout.map_or(0.0, |d| d.as_secs_f64())
                     )),
