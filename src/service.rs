@@ -83,7 +83,8 @@ fn config_error(e: ConfigError) -> PyErr {
 #[pyfunction]
 #[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
-    default_timeout=None, request_read_timeout=None, max_depth=None))]
+    default_timeout=None, request_read_timeout=None, max_depth=None, max_jobs=None,
+    max_job_result_bytes=None, job_result_ttl=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     py: Python<'_>,
@@ -101,6 +102,9 @@ pub fn start(
     default_timeout: Option<f64>,
     request_read_timeout: Option<f64>,
     max_depth: Option<u64>,
+    max_jobs: Option<u64>,
+    max_job_result_bytes: Option<u64>,
+    job_result_ttl: Option<f64>,
 ) -> PyResult<Option<(String, u16)>> {
     let settings = Settings {
         host,
@@ -113,6 +117,9 @@ pub fn start(
         idle_timeout,
         default_timeout,
         request_read_timeout,
+        max_jobs,
+        max_job_result_bytes,
+        job_result_ttl,
         ..Settings::default()
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;

@@ -9,3 +9,4 @@ pub mod instances;
 pub mod jobs;
 pub mod protocol;
 pub mod server;
+pub mod store;

@@ -13,6 +13,7 @@
 
 mod accept;
 mod control;
+mod job_commands;
 mod reader;
 mod reply;
 mod slots;
@@ -32,6 +33,7 @@ use serde_json::{json, Value};
 
 use crate::jobs::{not_run, Job, JobQueue, Msg};
 use crate::protocol::Outcome;
+use crate::store::JobStore;
 
 pub use crate::config::Config;
 
@@ -102,6 +104,8 @@ pub struct Shared {
     /// Connections closed to make room for a newcomer at `max_connections`.
     reclaimed: AtomicU64,
     persist: Mutex<HashMap<String, Value>>,
+    /// Jobs that outlive their connection (`submit_code_job`); see `crate::store`.
+    store: Arc<JobStore>,
     /// The largest read buffer of the connections that have ended, handed to the next connection, so that
     /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
     /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
@@ -158,6 +162,7 @@ impl Server {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
+        let store = JobStore::new(config.jobs.clone());
         let shared = Arc::new(Shared {
             ended_tx,
             ended_rx,
@@ -173,6 +178,7 @@ impl Server {
             auth_failures: AtomicU64::new(0),
             reclaimed: AtomicU64::new(0),
             persist: Mutex::new(HashMap::new()),
+            store,
             spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             started: Instant::now(),
