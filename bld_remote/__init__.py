@@ -31,7 +31,11 @@ from ._core import (  # noqa: E402
     BlenderTimeoutError,
     Client,
     ExecResult,
+    Job,
+    JobCancelled,
+    JobTimedOut,
     RemoteError,
+    check_cancelled,
 )
 from .service import (  # noqa: E402
     DEFAULT_HOST,
@@ -56,6 +60,10 @@ __all__ = [
     "Client",
     "DEFAULT_HOST",
     "ExecResult",
+    "Job",
+    "JobCancelled",
+    "JobTimedOut",
+    "check_cancelled",
     "RemoteError",
     "DEFAULT_PORT",
     "get_status",

@@ -62,6 +62,9 @@ def start(
     persist_max_value_bytes: int | None = None,
     persist_max_total_bytes: int | None = None,
     persist_max_keys: int | None = None,
+    max_jobs: int | None = None,
+    max_job_result_bytes: int | None = None,
+    job_result_ttl: float | None = None,
 ) -> tuple[str, int] | None:
     """Bind and start serving on native threads; returns the bound ``(host, port)``.
 
@@ -105,6 +108,13 @@ def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) 
 
 def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
     """Headless pump: block (GIL released) and run jobs until the service stops."""
+
+def check_cancelled() -> None:
+    """In a job's code: raise JobCancelled once a cancel was asked for, JobTimedOut once it ran past its
+    ``job_timeout_seconds``; else return. Outside a job it does nothing."""
+
+def cancel_requested() -> bool:
+    """Whether a cancel was asked for the job running now."""
 
 def report_progress(progress: float, total: float | None = None, message: str | None = None) -> bool:
     """Report the running job's progress to its client (framed requests only); False when nobody listens."""
@@ -154,6 +164,13 @@ class BlenderTimeoutError(TimeoutError):
 
     address: str | None
     ran: bool | None
+
+class JobCancelled(Exception):
+    """Raised by ``check_cancelled()`` in a job's code once a cancel was asked for; by ``Job.result()`` for a
+    cancelled job."""
+
+class JobTimedOut(Exception):
+    """Raised by ``check_cancelled()`` in a job's code once it ran past its ``job_timeout_seconds``."""
 
 class RemoteError(RuntimeError):
     """The service answered with an error reply (the remote code raised, unknown command, bad parameter...)."""
@@ -211,6 +228,8 @@ class Client:
         """Send any command and return its ``result``; an error reply raises RemoteError."""
     def execute(self, code: str) -> ExecResult:
         """Run Python in Blender; RemoteError (with ``traceback`` and partial ``output``) if it raises."""
+    def submit(self, code: str, job_timeout: float | None = None) -> Job:
+        """Submit code as a job that outlives this connection (``submit_code_job``); returns at once."""
     def scene_info(self) -> dict[str, Any]: ...
     def object_info(self, name: str) -> dict[str, Any]: ...
     def status(self) -> dict[str, Any]: ...
@@ -220,3 +239,15 @@ class Client:
     def close(self) -> None: ...
     def __enter__(self) -> Client: ...
     def __exit__(self, *exc: object) -> bool: ...
+
+@final
+class Job:
+    """A job submitted with ``Client.submit``: it runs in Blender whether or not the client stays connected."""
+
+    @property
+    def id(self) -> str: ...
+    def status(self) -> dict[str, Any]: ...
+    def result(self, timeout: float | None = None) -> ExecResult:
+        """Wait for the end; RemoteError if the code raised, JobCancelled, BlenderTimeoutError (ran=True: past
+        its job timeout; ran=None: still going after ``timeout``)."""
+    def cancel(self, reason: str | None = None) -> dict[str, Any]: ...

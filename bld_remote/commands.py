@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from . import _core
 from ._core import OutputCapture
 
 # Client code may check ``isinstance(sys.stdout, io.TextIOBase)``; the capture is one.
@@ -231,6 +232,11 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(code, str):
         raise CommandError("execute_code needs 'code' (a string of Python)")
     namespace: dict[str, Any] = {"bpy": bpy, "__name__": "__main__", "__builtins__": __builtins__}
+    # Cooperative cancellation (blender-remote's names): check_cancelled() raises JobCancelled once a cancel
+    # was asked for (cancel_job, or cancel of a framed request), JobTimedOut past job_timeout_seconds.
+    job_context = {"job_id": params.get("_job_id"), "cancel_requested": _core.cancel_requested}
+    namespace["check_cancelled"] = _core.check_cancelled
+    namespace["job_context"] = namespace["ctx"] = namespace["__bld_remote_job_context"] = job_context
     # Rust-side text files (src/py_capture.rs): the output is copied once, and the reply takes it as is.
     out, err = OutputCapture(), OutputCapture()
     started = time.perf_counter()

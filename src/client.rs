@@ -92,9 +92,24 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+/// An ``ExecResult`` from an ``execute_code``-shaped result (also a finished job's).
+pub(crate) fn exec_result(py: Python<'_>, v: Value) -> PyResult<ExecResult> {
+    let r = py.detach(|| exec_output(v));
+    let result = match &r.result {
+        Some(v) => json_to_py(py, v)?.unbind(),
+        None => py.None(),
+    };
+    Ok(ExecResult {
+        stdout: r.stdout,
+        stderr: r.stderr,
+        result,
+        duration: r.duration,
+    })
+}
+
 impl PyClient {
     /// One request with the GIL released; Python signal handlers run every 100 ms (Ctrl+C works).
-    fn request(
+    pub(crate) fn request(
         &self,
         py: Python<'_>,
         command: &str,
@@ -213,17 +228,33 @@ impl PyClient {
         let mut params = Map::new();
         params.insert("code".into(), Value::String(code.to_string()));
         let v = self.request(py, "execute_code", params)?;
-        let r = py.detach(|| exec_output(v));
-        let result = match &r.result {
-            Some(v) => json_to_py(py, v)?.unbind(),
-            None => py.None(),
-        };
-        Ok(ExecResult {
-            stdout: r.stdout,
-            stderr: r.stderr,
-            result,
-            duration: r.duration,
-        })
+        exec_result(py, v)
+    }
+
+    /// Submit code as a job that runs whether or not this client stays connected
+    /// (``submit_code_job``); returns its ``Job`` at once. ``job_timeout``: seconds it may run before
+    /// ``check_cancelled()`` raises in it.
+    #[pyo3(signature = (code, job_timeout=None))]
+    fn submit(
+        slf: &Bound<'_, Self>,
+        code: &str,
+        job_timeout: Option<f64>,
+    ) -> PyResult<crate::job::Job> {
+        let py = slf.py();
+        let mut params = Map::new();
+        params.insert("code".into(), Value::String(code.to_string()));
+        if let Some(t) = job_timeout {
+            let t = bld_remote_core::config::positive_seconds("job_timeout", t)
+                .map_err(|e| PyValueError::new_err(e.0))?;
+            params.insert("job_timeout_seconds".into(), Value::from(t.as_secs_f64()));
+        }
+        let v = slf.borrow().request(py, "submit_code_job", params)?;
+        match v.get("job_id").and_then(Value::as_str) {
+            Some(id) => Ok(crate::job::Job::new(slf.clone().unbind(), id.to_string())),
+            None => Err(BlenderConnectionError::new_err(format!(
+                "the service answered submit_code_job without a job_id: {v}"
+            ))),
+        }
     }
 
     /// ``get_scene_info``: the scene's name, every object, frame range...

@@ -26,6 +26,18 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     bld_remote,
+    JobCancelled,
+    pyo3::exceptions::PyException,
+    "Raised by ``check_cancelled()`` in a job's code once a cancel was asked for (``cancel_job``)."
+);
+pyo3::create_exception!(
+    bld_remote,
+    JobTimedOut,
+    pyo3::exceptions::PyException,
+    "Raised by ``check_cancelled()`` in a job's code once it ran past its ``job_timeout_seconds``."
+);
+pyo3::create_exception!(
+    bld_remote,
     RemoteError,
     PyRuntimeError,
     "The service answered with an error: the remote code raised, an unknown command, a bad parameter...\n\n\
@@ -101,5 +113,7 @@ pub fn add_to_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("BlenderTimeoutError", py.get_type::<BlenderTimeoutError>())?;
     m.add("RemoteError", py.get_type::<RemoteError>())?;
+    m.add("JobCancelled", py.get_type::<JobCancelled>())?;
+    m.add("JobTimedOut", py.get_type::<JobTimedOut>())?;
     Ok(())
 }

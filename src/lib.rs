@@ -12,12 +12,16 @@
 //! | `convert`  | JSON <-> Python                                                 | whoever holds the GIL   |
 //! | `capture`  | `OutputCapture`, execute_code's stdout/stderr                  | Blender's main thread   |
 //! | `client`   | the `Client` binding and `ExecResult`                          | the calling Python one  |
+//! | `job`      | `Job`, what `Client.submit` returns                            | the calling Python one  |
+//! | `cancel`   | `check_cancelled()` for the running job's code                 | Blender's main thread   |
 //! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
+mod cancel;
 mod capture;
 mod client;
 mod convert;
 mod error;
+mod job;
 mod pump;
 mod service;
 mod signals;
@@ -42,9 +46,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pump::step, m)?)?;
     m.add_function(wrap_pyfunction!(pump::serve_forever, m)?)?;
     m.add_function(wrap_pyfunction!(pump::report_progress, m)?)?;
+    m.add_function(wrap_pyfunction!(cancel::check_cancelled, m)?)?;
+    m.add_function(wrap_pyfunction!(cancel::cancel_requested, m)?)?;
     m.add_class::<capture::OutputCapture>()?;
     m.add_class::<client::PyClient>()?;
     m.add_class::<client::ExecResult>()?;
+    m.add_class::<job::Job>()?;
     error::add_to_module(m)?;
     Ok(())
 }

@@ -180,9 +180,11 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
             // Save and restore: client code may call step() itself, running a nested job.
             let outer = set_in_job(true);
             let outer_progress = std::mem::replace(&mut *PROGRESS.lock(), job.progress_sink());
+            let outer_state = crate::cancel::swap(Some(Arc::clone(&job.state)));
             let r = handler.call1(py, (job.command.as_str(), params));
             set_in_job(outer);
             *PROGRESS.lock() = outer_progress;
+            crate::cancel::swap(outer_state);
             match r {
                 Ok(obj) => handler_result(obj.bind(py)),
                 Err(e) => exception_outcome(py, &e),

@@ -84,7 +84,8 @@ fn config_error(e: ConfigError) -> PyErr {
 #[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
     default_timeout=None, request_read_timeout=None, max_depth=None, persist_max_value_bytes=None,
-    persist_max_total_bytes=None, persist_max_keys=None))]
+    persist_max_total_bytes=None, persist_max_keys=None, max_jobs=None, max_job_result_bytes=None,
+    job_result_ttl=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     py: Python<'_>,
@@ -105,6 +106,9 @@ pub fn start(
     persist_max_value_bytes: Option<Bound<'_, PyAny>>,
     persist_max_total_bytes: Option<Bound<'_, PyAny>>,
     persist_max_keys: Option<Bound<'_, PyAny>>,
+    max_jobs: Option<Bound<'_, PyAny>>,
+    max_job_result_bytes: Option<Bound<'_, PyAny>>,
+    job_result_ttl: Option<Bound<'_, PyAny>>,
 ) -> PyResult<Option<(String, u16)>> {
     // Every number is checked where it enters, by name: its type here, its range in `config`.
     let count =
@@ -129,6 +133,9 @@ pub fn start(
         persist_max_value_bytes: count("persist_max_value_bytes", persist_max_value_bytes)?,
         persist_max_total_bytes: count("persist_max_total_bytes", persist_max_total_bytes)?,
         persist_max_keys: count("persist_max_keys", persist_max_keys)?,
+        max_jobs: count("max_jobs", max_jobs)?,
+        max_job_result_bytes: count("max_job_result_bytes", max_job_result_bytes)?,
+        job_result_ttl: secs("job_result_ttl", job_result_ttl)?,
         ..Settings::default()
     };
     let resolved = Config::from_env(&settings).map_err(config_error)?;

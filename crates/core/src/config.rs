@@ -81,6 +81,9 @@ pub mod env {
     pub const WRITE_TIMEOUT: &str = "BLD_REMOTE_WRITE_TIMEOUT";
     pub const MAX_QUEUED_PER_CONNECTION: &str = "BLD_REMOTE_MAX_QUEUED_PER_CONNECTION";
     pub const MAX_REPLY_BYTES_IN_FLIGHT: &str = "BLD_REMOTE_MAX_REPLY_BYTES_IN_FLIGHT";
+    pub const MAX_JOBS: &str = "BLD_REMOTE_MAX_JOBS";
+    pub const MAX_JOB_RESULT_BYTES: &str = "BLD_REMOTE_MAX_JOB_RESULT_BYTES";
+    pub const JOB_RESULT_TTL: &str = "BLD_REMOTE_JOB_RESULT_TTL";
 }
 
 /// Default capacity of the job queue (all connections together).
@@ -130,6 +133,8 @@ pub struct Config {
     pub main_thread_commands: Vec<String>,
     /// Extra fields for `get_status` (Blender version, open file...), set by the embedding side.
     pub info: Map<String, Value>,
+    /// Bounds of the job store (`submit_code_job`): records, result bytes, TTL.
+    pub jobs: crate::store::StoreLimits,
 }
 
 impl Default for Config {
@@ -152,6 +157,7 @@ impl Default for Config {
             mode: "background".into(),
             main_thread_commands: Vec::new(),
             info: Map::new(),
+            jobs: crate::store::StoreLimits::default(),
         }
     }
 }
@@ -178,6 +184,9 @@ pub struct Settings {
     pub write_timeout: Option<f64>,
     pub max_queued_per_connection: Option<i128>,
     pub max_reply_bytes_in_flight: Option<i128>,
+    pub max_jobs: Option<i128>,
+    pub max_job_result_bytes: Option<i128>,
+    pub job_result_ttl: Option<f64>,
 }
 
 /// A variable or setting that is out of range: the message names it and says what it takes.
@@ -473,6 +482,32 @@ impl Config {
                 1 << 40,
                 d.max_reply_bytes_in_flight,
             )?,
+            jobs: crate::store::StoreLimits {
+                max_jobs: count(
+                    settings.max_jobs,
+                    "max_jobs",
+                    env::MAX_JOBS,
+                    1,
+                    1 << 20,
+                    d.jobs.max_jobs,
+                )?,
+                max_bytes: count(
+                    settings.max_job_result_bytes,
+                    "max_job_result_bytes",
+                    env::MAX_JOB_RESULT_BYTES,
+                    1024,
+                    1 << 40,
+                    d.jobs.max_bytes,
+                )?,
+                // 0 = keep until Blender exits (bounded by the counts anyway): a year stands for it.
+                ttl: timeout(
+                    settings.job_result_ttl,
+                    "job_result_ttl",
+                    env::JOB_RESULT_TTL,
+                    Some(d.jobs.ttl),
+                )?
+                .unwrap_or(Duration::from_secs(365 * 86_400)),
+            },
             ..d
         })
     }

@@ -8,7 +8,7 @@
 //! driven from Python) takes jobs and completes them. Completing never blocks the main thread.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,11 @@ pub enum Expiry {
 pub struct JobState {
     phase: AtomicU8,
     cancelled: AtomicBool,
+    /// When the main thread claimed it (Unix time in ms; 0: not yet).
+    started_unix_ms: AtomicU64,
+    /// How long it may run before `check_cancelled()` raises (ms; 0: no limit): a job's
+    /// `job_timeout_seconds`.
+    run_budget_ms: AtomicU64,
 }
 
 impl JobState {
@@ -125,6 +130,31 @@ impl JobState {
         matches!(self.phase(), Phase::Running | Phase::Done)
     }
 
+    /// Whether a cancel was asked for (queued or running).
+    pub fn cancel_requested(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// When the main thread claimed it, as Unix seconds.
+    pub fn started_at(&self) -> Option<f64> {
+        let ms = self.started_unix_ms.load(Ordering::SeqCst);
+        #[allow(clippy::cast_precision_loss)] // ms since 1970 fit f64's 52 bits for 100k years
+        (ms != 0).then(|| ms as f64 / 1000.0)
+    }
+
+    /// Let the job run for at most `budget` (checked cooperatively, by `check_cancelled()`).
+    pub fn set_run_budget(&self, budget: Duration) {
+        let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.run_budget_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// True when the job has run longer than its budget.
+    pub fn over_budget(&self) -> bool {
+        let budget = self.run_budget_ms.load(Ordering::SeqCst);
+        let started = self.started_unix_ms.load(Ordering::SeqCst);
+        budget != 0 && started != 0 && unix_ms().saturating_sub(started) > budget
+    }
+
     pub fn finished(&self) -> bool {
         self.phase() == Phase::Done
     }
@@ -132,6 +162,25 @@ impl JobState {
     /// `queued`, `running`, `finished` or `skipped` (cancelled or expired before it started).
     pub fn phase_name(&self) -> &'static str {
         self.phase().name()
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where a job's outcome goes: its connection's completion channel, or something else that keeps it (the
+/// job store, for jobs that outlive their connection). `complete` runs on the main thread: it must not
+/// block.
+pub trait CompletionSink: Send + Sync + std::fmt::Debug {
+    fn complete(&self, completion: Completion);
+}
+
+impl CompletionSink for Sender<Completion> {
+    fn complete(&self, completion: Completion) {
+        let _ = self.send(completion);
     }
 }
 
@@ -151,7 +200,7 @@ pub struct Job {
     pub params: Map<String, Value>,
     pub deadline: Option<Instant>,
     pub state: Arc<JobState>,
-    reply: Option<Sender<Completion>>,
+    reply: Option<Arc<dyn CompletionSink>>,
     /// Where progress reports go while the job runs (framed requests only; see [`Job::with_progress`]).
     progress: Option<Sender<Progress>>,
 }
@@ -196,6 +245,17 @@ impl Job {
         deadline: Option<Instant>,
         reply: Sender<Completion>,
     ) -> (Job, Arc<JobState>) {
+        Self::with_sink(seq, command, params, deadline, Arc::new(reply))
+    }
+
+    /// A job whose outcome goes to `sink` (which must never block).
+    pub fn with_sink(
+        seq: u64,
+        command: String,
+        params: Map<String, Value>,
+        deadline: Option<Instant>,
+        sink: Arc<dyn CompletionSink>,
+    ) -> (Job, Arc<JobState>) {
         let state = Arc::new(JobState::default());
         (
             Job {
@@ -204,7 +264,7 @@ impl Job {
                 params,
                 deadline,
                 state: Arc::clone(&state),
-                reply: Some(reply),
+                reply: Some(sink),
                 progress: None,
             },
             state,
@@ -242,6 +302,9 @@ impl Job {
             self.state.set(Phase::Skipped);
             return Err(not_run("the request was cancelled before it started"));
         }
+        self.state
+            .started_unix_ms
+            .store(unix_ms().max(1), Ordering::SeqCst);
         Ok(())
     }
 
@@ -259,8 +322,8 @@ impl Job {
     }
 
     fn send(&mut self, outcome: Outcome) {
-        if let Some(tx) = self.reply.take() {
-            let _ = tx.send(Completion {
+        if let Some(sink) = self.reply.take() {
+            sink.complete(Completion {
                 seq: self.seq,
                 outcome,
             });

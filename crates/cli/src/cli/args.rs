@@ -37,6 +37,8 @@ pub(super) enum Cmd {
     Shutdown(ShutdownArgs),
     /// List running instances (and delete descriptors of dead ones).
     Ls(LsArgs),
+    /// Jobs that outlive the connection: submit code, then ask for its status or result, cancel it, list.
+    Job(JobArgs),
     /// Serve MCP (stdio by default, or Streamable HTTP with --http) for LLM clients, talking to Blender.
     Mcp(crate::mcp::McpArgs),
 }
@@ -128,4 +130,67 @@ pub(super) struct LsArgs {
     /// Print the live instances' descriptors as a JSON list.
     #[arg(long)]
     pub(super) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct JobArgs {
+    #[command(subcommand)]
+    pub(super) command: JobCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum JobCmd {
+    /// Submit code as a job and print its id (it runs whether or not anyone waits).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["code", "file"])))]
+    Submit {
+        /// The code to run.
+        #[arg(short = 'c', value_name = "CODE")]
+        code: Option<String>,
+        /// A Python file to run (`-`: read standard input).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Seconds the job may run before `check_cancelled()` raises in it.
+        #[arg(long, value_name = "SECONDS")]
+        job_timeout: Option<f64>,
+        /// Print the whole snapshot as JSON instead of the id.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a job's status as JSON (exit 1 if the id is unknown).
+    Status {
+        /// The job's id (`bld-job-N`).
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a job's output (exit 0 completed, 1 failed or cancelled, 4 not done within --wait).
+    Result {
+        /// The job's id (`bld-job-N`).
+        id: String,
+        /// Seconds to wait for it to end (default: as long as it takes).
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+        /// Print the whole snapshot with the result as JSON instead.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Ask a job to stop: a queued one never runs, a running one stops at its next `check_cancelled()`.
+    Cancel {
+        /// The job's id (`bld-job-N`).
+        id: String,
+        /// Why (kept in the job's metadata).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the jobs the service keeps, as JSON.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
 }

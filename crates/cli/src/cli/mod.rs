@@ -12,6 +12,7 @@
 
 mod args;
 mod install;
+mod job;
 mod queries;
 mod start;
 
@@ -99,6 +100,7 @@ pub fn run(argv: Vec<String>, host: &Host<'_>) -> i32 {
         Cmd::Status(a) => queries::status(&a, host),
         Cmd::Shutdown(a) => queries::shutdown(&a, host),
         Cmd::Ls(a) => queries::ls(&a),
+        Cmd::Job(a) => job::job(a, host),
         Cmd::Mcp(a) => match crate::mcp::run(a, host.interrupted) {
             Ok(()) => 0,
             Err(crate::mcp::Failed::Usage) => EXIT_USAGE,

@@ -36,14 +36,14 @@ fn client_for(t: &Target) -> Result<Client, (i32, String)> {
 }
 
 /// [`client_for`], printing why there is no client; `Err` is the exit status.
-fn client_or_report(t: &Target) -> Result<Client, i32> {
+pub(super) fn client_or_report(t: &Target) -> Result<Client, i32> {
     client_for(t).map_err(|(rc, m)| {
         errln(&m);
         rc
     })
 }
 
-fn client_error_status(e: &ClientError) -> i32 {
+pub(super) fn client_error_status(e: &ClientError) -> i32 {
     match e {
         ClientError::Connect { .. } | ClientError::Lost { .. } | ClientError::Protocol { .. } => {
             EXIT_UNREACHABLE

@@ -130,7 +130,7 @@ pub(super) fn control(
             },
             _ => Outcome::error("cancel needs 'id': the id of a request sent on this connection"),
         },
-        _ => return None,
+        _ => return super::job_commands::job_command(shared, req),
     };
     Some(outcome)
 }

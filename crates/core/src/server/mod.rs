@@ -15,6 +15,7 @@
 
 mod accept;
 mod control;
+mod job_commands;
 mod reader;
 mod reply;
 mod slots;
@@ -34,6 +35,7 @@ use serde_json::{json, Value};
 use crate::jobs::{not_run, Job, JobQueue, Msg};
 use crate::persist::PersistStore;
 use crate::protocol::Outcome;
+use crate::store::JobStore;
 
 pub use crate::config::Config;
 
@@ -104,6 +106,8 @@ pub struct Shared {
     persist: PersistStore,
     /// Connections closed to make room for a newcomer at `max_connections`.
     reclaimed: AtomicU64,
+    /// Jobs that outlive their connection (`submit_code_job`); see `crate::store`.
+    store: Arc<JobStore>,
     /// The largest read buffer of the connections that have ended, handed to the next connection, so that
     /// a client opening a connection per large request (scripts, the CLI, the benches) does not fault in
     /// and zero fresh pages for each. One buffer, so at most `max_request_bytes` plus two reads; freed at
@@ -160,6 +164,7 @@ impl Server {
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
+        let store = JobStore::new(config.jobs.clone());
         let shared = Arc::new(Shared {
             ended_tx,
             ended_rx,
@@ -175,6 +180,7 @@ impl Server {
             served: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             reclaimed: AtomicU64::new(0),
+            store,
             spare_read_buffer: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             started: Instant::now(),

@@ -1,0 +1,176 @@
+//! `bld_remote.Job`: a job submitted with `Client.submit` (`submit_code_job`), which runs in Blender
+//! whether or not this client stays connected. `status()`, `result(timeout)` and `cancel()` ask the
+//! service's job store; reading a result never re-runs the code and does not consume it.
+//!
+//! Runs on the calling Python thread; every wait goes through the client (GIL released).
+
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use serde_json::{Map, Value};
+
+use bld_remote_core::client::ClientError;
+
+use crate::client::{exec_result, ExecResult, PyClient};
+use crate::convert::json_to_py;
+use crate::error::{client_error, JobCancelled};
+
+/// Longest single wait asked of the service (`wait_timeout_seconds`); longer waits are several requests, so
+/// the client's own per-request timeout never cuts a long wait short.
+const WAIT_SLICE: Duration = Duration::from_secs(20);
+
+/// A job running (or done) in Blender, by id. Keeps its client.
+#[pyclass(module = "bld_remote", name = "Job", frozen)]
+pub struct Job {
+    client: Py<PyClient>,
+    id: String,
+}
+
+impl Job {
+    pub fn new(client: Py<PyClient>, id: String) -> Self {
+        Self { client, id }
+    }
+
+    fn ask(&self, py: Python<'_>, command: &str, extra: Map<String, Value>) -> PyResult<Value> {
+        let mut params = extra;
+        params.insert("job_id".into(), Value::from(self.id.as_str()));
+        let v = self.client.bind(py).borrow().request(py, command, params)?;
+        if v.get("found") == Some(&Value::Bool(false)) {
+            return Err(pyo3::exceptions::PyLookupError::new_err(
+                v.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown job id")
+                    .to_string(),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+fn remote(py: Python<'_>, v: &Value, message: String) -> PyErr {
+    let mut reply = v.as_object().cloned().unwrap_or_default();
+    reply.insert("message".into(), Value::from(message.as_str()));
+    client_error(
+        py,
+        ClientError::Remote {
+            message,
+            exception: v
+                .get("exception")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            traceback: v
+                .get("traceback")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            reply,
+        },
+    )
+}
+
+#[pymethods]
+impl Job {
+    /// The job's id (`bld-job-N`).
+    #[getter]
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The job's snapshot: ``status`` (queued, running, cancelling, completed, failed, cancelled, ``timed_out``),
+    /// ``terminal``, timestamps... ``LookupError`` if the service does not know the id (its
+    /// result expired, or Blender restarted).
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let v = self.ask(py, "get_job_status", Map::new())?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    /// Wait up to ``timeout`` seconds (None: as long as it takes) for the job to end, and return its
+    /// ``ExecResult``. Raises ``RemoteError`` if its code raised, ``JobCancelled`` if it was cancelled,
+    /// ``BlenderTimeoutError`` if it ran past its job timeout (``ran=True``) or is still not done after
+    /// ``timeout`` (``ran=None``: it goes on; call ``result`` again).
+    #[pyo3(signature = (timeout=None))]
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<ExecResult> {
+        let limit = match timeout {
+            None => None,
+            Some(t) => Some(
+                bld_remote_core::config::non_negative_seconds("timeout", t)
+                    .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.0))?,
+            ),
+        };
+        let deadline = limit.and_then(|l| Instant::now().checked_add(l));
+        loop {
+            let left = deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()));
+            let mut p = Map::new();
+            p.insert(
+                "wait_timeout_seconds".into(),
+                Value::from(left.min(WAIT_SLICE).as_secs_f64()),
+            );
+            let v = self.ask(py, "get_job_result", p)?;
+            let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+            let error = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            match status {
+                "completed" if v.get("error").is_some_and(Value::is_string) => {
+                    return Err(remote(py, &v, error));
+                }
+                "completed" => {
+                    return exec_result(py, v.get("result").cloned().unwrap_or(Value::Null));
+                }
+                "failed" => return Err(remote(py, &v, error)),
+                "cancelled" => {
+                    return Err(JobCancelled::new_err(format!(
+                        "job {} was cancelled{}",
+                        self.id,
+                        if error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {error}")
+                        }
+                    )))
+                }
+                "timed_out" => {
+                    return Err(client_error(
+                        py,
+                        ClientError::Timeout {
+                            addr: String::new(),
+                            detail: format!("job {} ran past its job_timeout_seconds", self.id),
+                            ran: Some(true),
+                        },
+                    ))
+                }
+                _ => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(client_error(
+                    py,
+                    ClientError::Timeout {
+                        addr: String::new(),
+                        detail: format!(
+                            "job {} is still {status} after the wait; it goes on (call result() again)",
+                            self.id
+                        ),
+                        ran: None,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Ask for the job to stop: a queued job never runs; a running one stops at its next
+    /// ``check_cancelled()``; an ended one keeps its status. Returns the snapshot.
+    #[pyo3(signature = (reason=None))]
+    fn cancel(&self, py: Python<'_>, reason: Option<String>) -> PyResult<Py<PyAny>> {
+        let mut p = Map::new();
+        if let Some(r) = reason {
+            p.insert("reason".into(), Value::from(r));
+        }
+        let v = self.ask(py, "cancel_job", p)?;
+        Ok(json_to_py(py, &v)?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Job({:?})", self.id)
+    }
+}

@@ -1,0 +1,213 @@
+"""Jobs that outlive a connection (blender-remote's job commands, COMPAT.md), against a real headless Blender
+3.4.1: submit, status, result, cancel, list, the queue's status; cooperative cancellation and job timeouts;
+the store's bounds; `Client.submit` → `Job`; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+from helpers import Conn, call, ok
+
+WAIT_FOR = (
+    # Code that blocks until a file exists (the test creates it): a job held on the main thread, by state.
+    "import os, time\nwhile not os.path.exists({path!r}):\n    time.sleep(0.01)\n"
+)
+
+
+def wait_file(path, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def submit(port: int, code: str, **params) -> dict:
+    snap = ok(call(port, "submit_code_job", code=code, **params))
+    assert snap["job_id"].startswith("bld-job-") and snap["terminal"] is False, snap
+    return snap
+
+
+def wait_result(port: int, job_id: str) -> dict:
+    return ok(call(port, "get_job_result", job_id=job_id, wait_timeout_seconds=60))
+
+
+def test_a_job_outlives_its_connection_and_its_result_can_be_read_again(served, tmp_path):
+    gate = tmp_path / "go"
+    with Conn(served.port) as c:
+        snap = ok(
+            c.request("submit_code_job", code=WAIT_FOR.format(path=str(gate)) + "print('done')\nresult = 42")
+        )
+    # The submitting connection is gone; the job is still there, and status is answered while it runs.
+    job = snap["job_id"]
+    for key in ("status", "created_at", "updated_at", "started_at", "completed_at", "cancel_requested"):
+        assert key in snap, snap
+    status = ok(call(served.port, "get_job_status", job_id=job))
+    assert status["found"] is True and status["status"] in ("queued", "running"), status
+    assert "result" not in status
+    early = ok(call(served.port, "get_job_result", job_id=job))
+    assert early["terminal"] is False and "not reached a terminal state" in early["message"], early
+    gate.touch()
+    for _ in range(2):  # reading does not consume it
+        r = wait_result(served.port, job)
+        assert r["status"] == "completed" and r["terminal"] is True, r
+        assert r["result"]["output"]["stdout"] == "done\n" and r["result"]["value"] == 42, r
+        assert r["started_at"] <= r["completed_at"]
+    listed = ok(call(served.port, "list_jobs"))
+    assert job in [j["job_id"] for j in listed["jobs"]]
+    q = ok(call(served.port, "get_queue_status"))
+    assert q["job_store"]["jobs"] >= 1 and "queue_length" in q
+
+
+def test_a_cancelled_queued_job_never_runs_and_a_running_one_stops_at_its_checkpoint(served, tmp_path):
+    gate, ran, started = tmp_path / "go", tmp_path / "ran", tmp_path / "started"
+    holder = submit(served.port, WAIT_FOR.format(path=str(gate)))
+    queued = submit(served.port, f"open({str(ran)!r}, 'w').close()")
+    snap = ok(call(served.port, "cancel_job", job_id=queued["job_id"], reason="not needed"))
+    assert snap["status"] == "cancelled" and snap["cancel_requested"] is True, snap
+    assert snap["metadata"]["cancel_reason"] == "not needed"
+    # A running job: it announces itself, then loops on check_cancelled().
+    looping = submit(
+        served.port,
+        f"open({str(started)!r}, 'w').close()\nimport time\nwhile True:\n    check_cancelled()\n    time.sleep(0.01)",
+    )
+    gate.touch()
+    assert wait_result(served.port, holder["job_id"])["status"] == "completed"
+    wait_file(started)
+    snap = ok(call(served.port, "cancel_job", job_id=looping["job_id"]))
+    assert snap["status"] in ("cancelling", "cancelled"), snap
+    r = wait_result(served.port, looping["job_id"])
+    assert r["status"] == "cancelled" and r["exception"] == "JobCancelled", r
+    # The queued one never ran, and stays cancelled.
+    assert not ran.exists()
+    assert ok(call(served.port, "get_job_status", job_id=queued["job_id"]))["status"] == "cancelled"
+    # Cancelling an ended job keeps its status.
+    assert ok(call(served.port, "cancel_job", job_id=holder["job_id"]))["status"] == "completed"
+
+
+def test_job_timeout_failures_and_bad_input(served):
+    looping = submit(
+        served.port,
+        "import time\nwhile True:\n    check_cancelled()\n    time.sleep(0.01)",
+        job_timeout_seconds=0.3,
+    )
+    assert wait_result(served.port, looping["job_id"])["status"] == "timed_out"
+    failing = submit(served.port, "print('before')\n1/0")
+    r = wait_result(served.port, failing["job_id"])
+    assert r["status"] == "failed" and r["exception"] == "ZeroDivisionError", r
+    assert "ZeroDivisionError" in r["error"] and "Traceback" in r["traceback"]
+    assert r["output"]["stdout"] == "before\n"
+    for command in ("get_job_status", "get_job_result", "cancel_job"):
+        r = ok(call(served.port, command, job_id="bld-job-999999"))
+        assert r["found"] is False, r
+    with Conn(served.port) as c:
+        for params, words in (
+            ({"type": "get_job_status"}, "job_id"),
+            ({"type": "get_job_status", "params": {"job_id": 7}}, "job_id"),
+            ({"type": "submit_code_job", "params": {}}, "code"),
+            ({"type": "submit_code_job", "params": {"code": 5}}, "code"),
+            (
+                {"type": "submit_code_job", "params": {"code": "pass", "job_timeout_seconds": -1}},
+                "job_timeout",
+            ),
+            (
+                {"type": "submit_code_job", "params": {"code": "pass", "job_timeout_seconds": 1e300}},
+                "job_timeout",
+            ),
+            (
+                {"type": "submit_code_job", "params": {"code": "pass", "job_timeout_seconds": "x"}},
+                "job_timeout",
+            ),
+            (
+                {"type": "get_job_result", "params": {"job_id": "x", "wait_timeout_seconds": -2}},
+                "wait_timeout",
+            ),
+            ({"type": "cancel_job", "params": {"job_id": "x", "reason": 3}}, "reason"),
+        ):
+            r = c.request(params)
+            assert r["status"] == "error" and words in r["message"], (params, r)
+        # The same connection still works.
+        assert ok(c.request("ping"))["pong"] is True
+
+
+def test_a_full_store_drops_read_results_first_then_says_busy(start_blender, tmp_path):
+    b = start_blender(env={"BLD_REMOTE_MAX_JOBS": "3"})
+    ids = [submit(b.port, f"result = {i}")["job_id"] for i in range(3)]
+    for i in ids[1:]:
+        wait_result(b.port, i)  # two read, one not
+    # Full of three: the two read ones may go; the unread one stays.
+    submit(b.port, "result = 'a'")
+    submit(b.port, "result = 'b'")
+    r = call(b.port, "submit_code_job", code="result = 'c'")
+    assert r["status"] == "error" and r["message"].startswith("busy") and r["ran"] is False, r
+    assert ok(call(b.port, "get_job_status", job_id=ids[0]))["found"] is True
+    assert ok(call(b.port, "get_job_status", job_id=ids[1]))["found"] is False
+
+
+def test_client_submit_returns_a_job(installed, served, tmp_path):
+    gate = tmp_path / "go"
+    code = (
+        "import json, time\n"
+        "from bld_remote import Client, Job, JobCancelled, RemoteError, BlenderTimeoutError\n"
+        f"c = Client(port={served.port})\n"
+        "out = {}\n"
+        "j = c.submit('print(6 * 7)\\nresult = [1, 2]')\n"
+        "r = j.result(timeout=60)\n"
+        "out['id'], out['stdout'], out['result'] = j.id, r.stdout, r.result\n"
+        "out['status'] = j.status()['status']\n"
+        f"held = c.submit({WAIT_FOR.format(path=str(gate))!r})\n"
+        "try:\n    held.result(timeout=0.2)\nexcept BlenderTimeoutError as e:\n    out['still'] = [str(e), e.ran]\n"
+        "q = c.submit('result = 1')\n"
+        "out['cancel'] = q.cancel('no')['status']\n"
+        "try:\n    q.result(timeout=5)\nexcept JobCancelled as e:\n    out['cancelled'] = str(e)\n"
+        f"open({str(gate)!r}, 'w').close()\n"
+        "held.result(timeout=60)\n"
+        "f = c.submit('1/0')\n"
+        "try:\n    f.result(timeout=60)\nexcept RemoteError as e:\n    out['failed'] = e.exception\n"
+        "try:\n    Client(port=c.port).submit('pass', job_timeout=float('nan'))\n"
+        "except ValueError as e:\n    out['bad'] = str(e)\n"
+        "print(json.dumps(out))\n"
+    )
+    p = subprocess.run(
+        [str(installed / "python"), "-P", "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["id"].startswith("bld-job-") and out["stdout"] == "42\n" and out["result"] == [1, 2], out
+    assert out["status"] == "completed"
+    assert "still" in out["still"][0] and out["still"][1] is None, out
+    assert out["cancel"] == "cancelled" and "cancelled" in out["cancelled"], out
+    assert out["failed"] == "ZeroDivisionError"
+    assert "job_timeout" in out["bad"]
+
+
+def test_the_job_command(installed, served, tmp_path):
+    exe = str(installed / "bld-remote")
+    port = ["--port", str(served.port)]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, "job", *args, *port], capture_output=True, text=True, timeout=120)
+
+    sub = run("submit", "-c", "print('from a job')\nresult = 1")
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip()
+    assert job.startswith("bld-job-")
+    res = run("result", job)
+    assert res.returncode == 0 and res.stdout == "from a job\n", res
+    st = run("status", job)
+    assert st.returncode == 0 and json.loads(st.stdout)["status"] == "completed"
+    assert job in [j["job_id"] for j in json.loads(run("list").stdout)["jobs"]]
+    gate = tmp_path / "go"
+    held = run("submit", "-c", WAIT_FOR.format(path=str(gate))).stdout.strip()
+    still = run("result", held, "--wait", "0.2")
+    assert still.returncode == 4 and "still" in still.stderr, still
+    cancel = run("cancel", held, "--reason", "test")
+    assert cancel.returncode == 0 and json.loads(cancel.stdout)["cancel_requested"] is True
+    gate.touch()
+    failed = run("result", run("submit", "-c", "1/0").stdout.strip())
+    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr, failed
+    unknown = run("status", "bld-job-999999")
+    assert unknown.returncode == 1 and "unknown job id" in unknown.stderr
+    bad = run("submit", "-c", "pass", "--job-timeout=-1")
+    assert bad.returncode == 2 and "job-timeout" in bad.stderr
