@@ -14,6 +14,7 @@
 //! | `client`   | the `Client` binding and `ExecResult`                          | the calling Python one  |
 //! | `job`      | `Job`, what `Client.submit` returns                            | the calling Python one  |
 //! | `cancel`   | `check_cancelled()` for the running job's code                 | Blender's main thread   |
+//! | `persist`  | `bld_remote.persist` inside Blender, over the service's store  | the calling Python one  |
 //! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
 mod cancel;
@@ -22,6 +23,7 @@ mod client;
 mod convert;
 mod error;
 mod job;
+mod persist;
 mod pump;
 mod service;
 mod signals;
@@ -47,6 +49,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pump::serve_forever, m)?)?;
     m.add_function(wrap_pyfunction!(pump::report_progress, m)?)?;
     m.add_function(wrap_pyfunction!(cancel::check_cancelled, m)?)?;
+    m.add_function(wrap_pyfunction!(persist::persist_put, m)?)?;
+    m.add_function(wrap_pyfunction!(persist::persist_get, m)?)?;
+    m.add_function(wrap_pyfunction!(persist::persist_remove, m)?)?;
+    m.add_function(wrap_pyfunction!(persist::persist_keys, m)?)?;
     m.add_function(wrap_pyfunction!(cancel::cancel_requested, m)?)?;
     m.add_class::<capture::OutputCapture>()?;
     m.add_class::<client::PyClient>()?;
