@@ -31,8 +31,10 @@ from ._core import (  # noqa: E402
     BlenderTimeoutError,
     Client,
     ExecResult,
+    OutcomeUnknown,
     RemoteError,
 )
+from .pool import Pool  # noqa: E402
 from .service import (  # noqa: E402
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -56,6 +58,8 @@ __all__ = [
     "Client",
     "DEFAULT_HOST",
     "ExecResult",
+    "OutcomeUnknown",
+    "Pool",
     "RemoteError",
     "DEFAULT_PORT",
     "get_status",

@@ -12,12 +12,14 @@
 //! | `convert`  | JSON <-> Python                                                 | whoever holds the GIL   |
 //! | `capture`  | `OutputCapture`, execute_code's stdout/stderr                  | Blender's main thread   |
 //! | `client`   | the `Client` binding and `ExecResult`                          | the calling Python one  |
+//! | `pool`     | `PoolClient`: a pool's members and its map (`bld_remote.Pool`)  | the calling Python one  |
 //! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
 mod capture;
 mod client;
 mod convert;
 mod error;
+mod pool;
 mod pump;
 mod service;
 mod signals;
@@ -45,6 +47,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<capture::OutputCapture>()?;
     m.add_class::<client::PyClient>()?;
     m.add_class::<client::ExecResult>()?;
+    m.add_class::<pool::PoolClient>()?;
     error::add_to_module(m)?;
     Ok(())
 }

@@ -7,5 +7,6 @@ pub mod client;
 pub mod config;
 pub mod instances;
 pub mod jobs;
+pub mod pool;
 pub mod protocol;
 pub mod server;

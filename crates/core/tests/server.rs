@@ -275,7 +275,10 @@ fn a_slot_closed_by_its_client_is_free_for_the_next_connection_at_once() {
     let (_w3, mut r3) = connect(&server);
     let v = read_reply(&mut r3);
     assert!(
-        v["message"].as_str().unwrap_or("").contains("too many connections"),
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("too many connections"),
         "{v}"
     );
     server.stop();

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use bld_remote_core::config::DEFAULT_HOST;
 use clap::{Args, Parser, Subcommand};
 
+/// Most instances one `start --instances` runs (each Blender takes about 250 MB and a core's worth of work).
+pub(super) const MAX_INSTANCES: u16 = 64;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "bld-remote",
@@ -61,6 +64,20 @@ pub(super) struct StartArgs {
     /// Seconds to wait for the service to accept connections.
     #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
     pub(super) ready_timeout: f64,
+    /// Start N headless Blenders (needs --background), each on its own free port with its own descriptor;
+    /// one ready line each. One that dies is restarted on the same port (see --max-restarts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_INSTANCES)))]
+    pub(super) instances: Option<u16>,
+    /// With --instances: how many times each instance is restarted after dying, before it is left down.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub(super) max_restarts: u32,
+    /// The service token for Blender (`auto`: each instance generates its own, kept in its owner-only
+    /// descriptor). Default: `$BLD_REMOTE_TOKEN`.
+    #[arg(long, value_name = "TOKEN|auto")]
+    pub(super) token: Option<String>,
+    /// Stop Blender (every instance) when the process that started this command exits (Pool.start uses it).
+    #[arg(long)]
+    pub(super) stop_with_parent: bool,
     /// Extra arguments for Blender, after `--`. A further `--` passes the rest to Python's sys.argv.
     #[arg(last = true, value_name = "BLENDER ARGS")]
     pub(super) blender_args: Vec<String>,

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
 use super::reader::serve_connection;
 use super::{ConnectionHandle, Shared};
 use crate::protocol::{self, Outcome};
