@@ -159,6 +159,7 @@ impl PoolClient {
             timeout,
             retries,
             restart_wait,
+            emit_outcomes: false,
         };
         let members = self.members.lock().clone();
         let raised: Mutex<Option<PyErr>> = Mutex::new(None);

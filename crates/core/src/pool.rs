@@ -86,6 +86,8 @@ pub struct MapOptions {
     pub retries: u32,
     /// How long to wait for an owned member to come back after it died.
     pub restart_wait: Duration,
+    /// Put each item's [`outcome_json`] into its [`Event::Finished`] (for a caller that streams results).
+    pub emit_outcomes: bool,
 }
 
 impl Default for MapOptions {
@@ -94,6 +96,7 @@ impl Default for MapOptions {
             timeout: None,
             retries: 0,
             restart_wait: Duration::from_secs(120),
+            emit_outcomes: false,
         }
     }
 }
@@ -136,12 +139,13 @@ pub enum Event {
         member: usize,
         attempt: u32,
     },
-    /// An item has its final outcome.
+    /// An item has its final outcome; `outcome` is its [`outcome_json`] when [`MapOptions::emit_outcomes`].
     Finished {
         item: usize,
         member: Option<usize>,
         ok: bool,
         seconds: f64,
+        outcome: Option<Value>,
     },
     /// A member stopped answering; `waiting`: it is owned, and the map waits for its restart.
     MemberDown {
@@ -191,6 +195,45 @@ pub struct MapReport {
     pub pids: Vec<u32>,
     /// The caller's hook fired: items not finished are [`ItemError::Interrupted`].
     pub interrupted: bool,
+}
+
+/// One item's outcome as JSON, the shape `bld-remote map` prints: `{"item", "ok": true, "result"}` or
+/// `{"item", "ok": false, "error": {"kind", "message", ...}}`, where `kind` is `remote` (the code raised:
+/// `exception`, `traceback`, `output`), `timeout` (`ran`), `outcome_unknown`, `no_instance`,
+/// `interrupted` or `connection`.
+pub fn outcome_json(item: usize, outcome: &Result<Option<Value>, ItemError>) -> Value {
+    let mut error = Map::new();
+    let (kind, ran) = match outcome {
+        Ok(v) => {
+            return serde_json::json!({"item": item, "ok": true, "result": v.clone().unwrap_or(Value::Null)})
+        }
+        Err(ItemError::Failed(ClientError::Remote {
+            exception,
+            traceback,
+            reply,
+            ..
+        })) => {
+            error.insert("exception".into(), serde_json::json!(exception));
+            error.insert("traceback".into(), serde_json::json!(traceback));
+            if let Some(o) = reply.get("output") {
+                error.insert("output".into(), o.clone());
+            }
+            ("remote", Value::Bool(true))
+        }
+        Err(ItemError::Failed(ClientError::Timeout { ran, .. })) => {
+            ("timeout", ran.map_or(Value::Null, Value::Bool))
+        }
+        Err(ItemError::Failed(_)) => ("connection", Value::Null),
+        Err(ItemError::OutcomeUnknown { .. }) => ("outcome_unknown", Value::Null),
+        Err(ItemError::NoInstance { .. }) => ("no_instance", Value::Bool(false)),
+        Err(ItemError::Interrupted) => ("interrupted", Value::Null),
+    };
+    error.insert("kind".into(), Value::String(kind.into()));
+    if let Err(e) = outcome {
+        error.insert("message".into(), Value::String(e.to_string()));
+    }
+    error.insert("ran".into(), ran);
+    serde_json::json!({"item": item, "ok": false, "error": Value::Object(error)})
 }
 
 /// A Python string literal (JSON string syntax is valid Python, and `serde_json` never writes `\/`).
@@ -464,15 +507,17 @@ pub fn map(
             Some(o) => o,
             None if was_interrupted => Err(ItemError::Interrupted),
             None => {
+                let o = Err(ItemError::NoInstance {
+                    detail: detail.clone(),
+                });
                 on_event(&Event::Finished {
                     item: i,
                     member: None,
                     ok: false,
                     seconds: 0.0,
+                    outcome: opts.emit_outcomes.then(|| outcome_json(i, &o)),
                 });
-                Err(ItemError::NoInstance {
-                    detail: detail.clone(),
-                })
+                o
             }
         });
     }
@@ -535,12 +580,14 @@ impl Worker<'_> {
             let seconds = started.elapsed().as_secs_f64();
             let done = |w: &Self, outcome: Result<Option<Value>, ItemError>| {
                 let ok = outcome.is_ok();
+                let json = w.opts.emit_outcomes.then(|| outcome_json(item, &outcome));
                 w.shared.finish(item, outcome);
                 w.send(Event::Finished {
                     item,
                     member: Some(w.index),
                     ok,
                     seconds,
+                    outcome: json,
                 });
             };
             let retry_or = |w: &Self, e: ItemError| {

@@ -40,6 +40,8 @@ pub(super) enum Cmd {
     Shutdown(ShutdownArgs),
     /// List running instances (and delete descriptors of dead ones).
     Ls(LsArgs),
+    /// Run a Python file once per item of a JSON list, over every running instance (a local pool).
+    Map(MapArgs),
     /// Serve MCP (stdio by default, or Streamable HTTP with --http) for LLM clients, talking to Blender.
     Mcp(crate::mcp::McpArgs),
 }
@@ -145,4 +147,37 @@ pub(super) struct LsArgs {
     /// Print the live instances' descriptors as a JSON list.
     #[arg(long)]
     pub(super) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct MapArgs {
+    /// The Python to run once per item: `item` is bound to it; its `result` variable is the item's value.
+    /// `-`: read standard input.
+    #[arg(value_name = "FILE.py")]
+    pub(super) file: PathBuf,
+    /// The items: a JSON array, or one JSON value per line. `-`: read standard input.
+    #[arg(long, value_name = "ITEMS.json")]
+    pub(super) items: PathBuf,
+    /// An instance to use (repeat for several). Default: every running instance (`bld-remote ls`).
+    #[arg(long = "port", value_name = "PORT")]
+    pub(super) ports: Vec<u16>,
+    /// The instances' address (with --port), or only the instances on it.
+    #[arg(long)]
+    pub(super) host: Option<String>,
+    /// Auth token for every instance. Default: `$BLD_REMOTE_TOKEN`, else each instance's descriptor.
+    #[arg(long)]
+    pub(super) token: Option<String>,
+    /// Seconds each item may take (default: as long as it takes).
+    #[arg(long, value_name = "SECONDS")]
+    pub(super) timeout: Option<f64>,
+    /// Extra attempts for an item whose Blender died while it ran, or that timed out. Only for code that
+    /// is safe to run twice: without it such an item is reported "outcome unknown" and never sent again.
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub(super) retries: u32,
+    /// Print one JSON array at the end instead of one JSON line per item as they complete (in item order).
+    #[arg(long)]
+    pub(super) array: bool,
+    /// No progress on stderr (neither the bar on a terminal nor the plain lines otherwise).
+    #[arg(short, long)]
+    pub(super) quiet: bool,
 }
