@@ -240,6 +240,7 @@ class PoolClient:
         host: str | None = None,
         token: str | None = None,
         owned: bool = False,
+        pids: list[int] | None = None,
     ) -> PoolClient: ...
     @property
     def instances(self) -> list[dict[str, Any]]:

@@ -195,7 +195,9 @@ class Pool:
         try:
             ready = sup.wait_ready(ready_timeout + 5)
             explicit = None if token is None or token.strip().lower() == "auto" else token
-            client = PoolClient([(h, p) for h, p, _ in ready], token=explicit, owned=True)
+            client = PoolClient(
+                [(h, p) for h, p, _ in ready], token=explicit, owned=True, pids=[pid for _, _, pid in ready]
+            )
         except BaseException:
             sup.stop()
             raise

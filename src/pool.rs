@@ -62,15 +62,17 @@ impl PoolClient {
     /// ``instances``: ``[(host, port), ...]`` to use, or None for every live instance on this machine (its
     /// descriptors; none → ``BlenderConnectionError``). ``token``: for all of them (default:
     /// ``$BLD_REMOTE_TOKEN``, else each one's descriptor). ``owned``: their supervisor restarts them on the
-    /// same port, so a map waits for a dead one instead of dropping it.
+    /// same port, so a map waits for a dead one instead of dropping it. ``pids``: their process ids, when
+    /// known (shown by ``instances`` until a map asks them).
     #[new]
-    #[pyo3(signature = (instances=None, *, host=None, token=None, owned=false))]
+    #[pyo3(signature = (instances=None, *, host=None, token=None, owned=false, pids=None))]
     fn new(
         py: Python<'_>,
         instances: Option<Vec<(String, u16)>>,
         host: Option<String>,
         token: Option<String>,
         owned: bool,
+        pids: Option<Vec<u32>>,
     ) -> PyResult<Self> {
         let members = if let Some(list) = instances {
             {
@@ -79,8 +81,14 @@ impl PoolClient {
                         "instances is empty: give (host, port) pairs, or None for every running instance",
                     ));
                 }
+                let pids = pids.unwrap_or_default();
                 list.into_iter()
-                    .map(|(h, p)| Member::new(h, p, token.clone(), owned))
+                    .enumerate()
+                    .map(|(i, (h, p))| {
+                        let mut m = Member::new(h, p, token.clone(), owned);
+                        m.pid = pids.get(i).copied().unwrap_or(0);
+                        m
+                    })
                     .collect()
             }
         } else {

@@ -147,6 +147,10 @@ pub struct Client {
     stream: Option<TcpStream>,
     buf: Vec<u8>,
     next_id: u64,
+    /// Send a request again on a new connection when a reused one closed with nothing read back (the
+    /// service dropped it as idle). Off for callers that must never send a request twice (the pool): a
+    /// Blender that died mid-request looks the same.
+    resend_after_close: bool,
 }
 
 /// A hook polled during waits; returning true abandons the call with [`ClientError::Interrupted`].
@@ -171,6 +175,7 @@ impl Client {
             stream: None,
             buf: Vec::new(),
             next_id: 1,
+            resend_after_close: true,
         }
     }
 
@@ -188,6 +193,11 @@ impl Client {
 
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
+    }
+
+    /// See the field: false means a request is sent at most once, whatever happens to the connection.
+    pub fn set_resend_after_close(&mut self, on: bool) {
+        self.resend_after_close = on;
     }
 
     pub fn addr_text(&self) -> String {
@@ -316,7 +326,7 @@ impl Client {
             self.connect(deadline)?;
             self.write_request(request)?;
         }
-        let mut may_retry = reused;
+        let mut may_retry = reused && self.resend_after_close;
         loop {
             let line = match self.read_line(deadline, interrupted) {
                 Ok(line) => line,

@@ -72,7 +72,10 @@ impl Member {
 
     fn client(&self, timeout: Option<Duration>) -> Client {
         let token = instances::resolve_token(self.token.clone(), &self.host, self.port);
-        Client::new(self.host.clone(), self.port, timeout, token)
+        let mut c = Client::new(self.host.clone(), self.port, timeout, token);
+        // An item is sent once: a connection that closes under it makes its outcome unknown, never a resend.
+        c.set_resend_after_close(false);
+        c
     }
 }
 
@@ -317,18 +320,25 @@ impl Shared {
     }
 }
 
-/// The first contact with a member: `get_status` (answered on network threads; it also tells the pid).
+/// The first contact with a member: `get_status` (answered on network threads; it also tells the pid), on a
+/// fresh connection (a kept one may have been closed as idle, and this client never resends).
 fn verify(client: &mut Client) -> Result<u32, ClientError> {
-    let saved = client.timeout();
-    client.set_timeout(Some(VERIFY_TIMEOUT));
-    let r = client.status();
-    client.set_timeout(saved);
-    r.map(|s| {
+    verify_status(client).map(|s| {
         s.get("pid")
             .and_then(Value::as_u64)
             .and_then(|p| u32::try_from(p).ok())
             .unwrap_or(0)
     })
+}
+
+/// `get_status` on a fresh connection.
+fn verify_status(client: &mut Client) -> Result<Value, ClientError> {
+    client.close();
+    let saved = client.timeout();
+    client.set_timeout(Some(VERIFY_TIMEOUT));
+    let r = client.status();
+    client.set_timeout(saved);
+    r
 }
 
 /// Errors that mean "nothing is listening / it went away", as opposed to "it answered and refused us".
@@ -726,10 +736,7 @@ impl Worker<'_> {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return false;
             }
-            let saved = self.client.timeout();
-            self.client.set_timeout(Some(VERIFY_TIMEOUT));
-            let status = self.client.status();
-            self.client.set_timeout(saved);
+            let status = verify_status(&mut self.client);
             match status {
                 Ok(s) => {
                     let idle = s.get("running_job").is_none_or(Value::is_null)

@@ -135,6 +135,8 @@ fn port_busy(host: &str, port: u16) -> Option<String> {
 }
 
 pub(super) fn start(a: StartArgs, host: &Host<'_>) -> i32 {
+    // Note who started us now, before anything can go wrong with them.
+    let _ = parent_gone(&a);
     // `--port`, else BLD_REMOTE_MCP_PORT (read as every bld_remote reads it), else the default. A bad value
     // in the environment is a usage error, as a bad `--port` is.
     if a.instances.is_some() {
@@ -321,7 +323,7 @@ fn supervise(
                 let _ = child.kill();
             } else {
                 stopping = Some(Instant::now() + Duration::from_secs(30));
-                request_stop(child.id(), ready.as_ref(), a, host);
+                let _ = request_stop(child.id(), ready.as_ref(), a, host);
             }
         }
         if ready.is_none() && stopping.is_none() && started.elapsed() > ready_timeout {
@@ -343,7 +345,13 @@ fn supervise(
 
 /// Ask Blender to shut down gracefully: through the service when it is up (in-flight requests are answered
 /// first), else with SIGTERM.
-fn request_stop(pid: u32, ready: Option<&(String, u16, u32)>, a: &StartArgs, host: &Host<'_>) {
+/// Returns false when it fell back to SIGTERM (a Blender that is not serving yet then dies of it: rc 143).
+fn request_stop(
+    pid: u32,
+    ready: Option<&(String, u16, u32)>,
+    a: &StartArgs,
+    host: &Host<'_>,
+) -> bool {
     let background = a.background;
     if let Some((h, p, _)) = ready {
         let token = instances::resolve_token(explicit_token(a), h, *p);
@@ -360,10 +368,11 @@ fn request_stop(pid: u32, ready: Option<&(String, u16, u32)>, a: &StartArgs, hos
             c.call("execute_code", params).is_ok()
         };
         if asked {
-            return;
+            return true;
         }
     }
     let _ = (host.terminate)(pid);
+    false
 }
 
 #[cfg(test)]

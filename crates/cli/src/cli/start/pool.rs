@@ -29,6 +29,7 @@ use crate::instances;
 /// How long a stop may take before the remaining Blenders are killed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
+#[allow(clippy::struct_excessive_bools)] // independent facts about one Blender's life
 struct Slot {
     /// 1-based, stable across restarts.
     k: usize,
@@ -48,6 +49,8 @@ struct Slot {
     down: bool,
     /// Exit status during a stop.
     stop_rc: Option<i32>,
+    /// The stop reached it as SIGTERM (it was not serving yet): dying of that signal is a clean stop.
+    terminated: bool,
 }
 
 /// Remove every descriptor that names `pid` (a Blender that was killed could not remove its own).
@@ -127,10 +130,10 @@ impl Pool<'_> {
 }
 
 /// Ask every running Blender to stop (through its service when it is up, else SIGTERM).
-fn stop_all(slots: &[Slot], a: &StartArgs, host: &Host<'_>) {
+fn stop_all(slots: &mut [Slot], a: &StartArgs, host: &Host<'_>) {
     for s in slots {
         if s.child.is_some() {
-            request_stop(s.pid, s.ready.as_ref(), a, host);
+            s.terminated = !request_stop(s.pid, s.ready.as_ref(), a, host);
         }
     }
 }
@@ -176,6 +179,7 @@ pub(in crate::cli) fn start_pool(
             timed_out: false,
             down: false,
             stop_rc: None,
+            terminated: false,
         })
         .collect();
     // A fatal start failure: its exit status.
@@ -189,7 +193,7 @@ pub(in crate::cli) fn start_pool(
         }
     }
     if failed.is_some() {
-        stop_all(&slots, a, host);
+        stop_all(&mut slots, a, host);
         stopping = Some(Instant::now() + STOP_GRACE);
     }
     let mut announced = false;
@@ -235,7 +239,8 @@ pub(in crate::cli) fn start_pool(
             }
             remove_descriptors_of(s.pid);
             if stopping.is_some() {
-                s.stop_rc = Some(status);
+                let by_our_sigterm = s.terminated && status == 128 + libc::SIGTERM;
+                s.stop_rc = Some(if by_our_sigterm { 0 } else { status });
             } else if !s.ever_ready {
                 let how = if s.timed_out {
                     format!(
@@ -262,7 +267,7 @@ pub(in crate::cli) fn start_pool(
         }
         if stop_now {
             stop_now = false;
-            stop_all(&slots, a, host);
+            stop_all(&mut slots, a, host);
         }
         // Not ready in time: kill it (reaped above next time round, then restarted or fatal).
         for s in &mut slots {
@@ -279,7 +284,7 @@ pub(in crate::cli) fn start_pool(
                 kill_all(&mut slots);
             } else {
                 stopping = Some(Instant::now() + STOP_GRACE);
-                stop_all(&slots, a, host);
+                stop_all(&mut slots, a, host);
             }
         }
         if stopping.is_some_and(|t| Instant::now() > t) {
