@@ -42,7 +42,9 @@ _STOP_WAIT = 45.0
 
 def _find_command() -> str:
     """The ``bld-remote`` executable: beside this Python (a venv's bin/), else on PATH."""
-    found = shutil.which("bld-remote", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    found = shutil.which(
+        "bld-remote", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if not found:
         raise FileNotFoundError(
             "the bld-remote command was not found beside this Python or on PATH: install the bld_remote_cli "
@@ -172,7 +174,9 @@ class Pool:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
             raise ValueError(f"n must be an integer from 1 to 64, got {n!r}")
         if not (isinstance(ready_timeout, (int, float)) and 0 < ready_timeout <= 86_400):
-            raise ValueError(f"ready_timeout must be a positive number of seconds (at most a day), got {ready_timeout!r}")
+            raise ValueError(
+                f"ready_timeout must be a positive number of seconds (at most a day), got {ready_timeout!r}"
+            )
         argv = [
             str(command) if command is not None else _find_command(),
             "start",
@@ -247,10 +251,14 @@ class Pool:
             try:
                 texts.append(json.dumps(item, allow_nan=False))
             except (TypeError, ValueError) as e:
-                raise type(e)(f"items[{i}] is not JSON ({e}): map sends each item to Blender as JSON") from None
+                raise type(e)(
+                    f"items[{i}] is not JSON ({e}): map sends each item to Blender as JSON"
+                ) from None
         if not texts:
             return []
-        entries = self._client.map(code, texts, timeout=timeout, retries=retries, restart_wait=self._restart_wait)
+        entries = self._client.map(
+            code, texts, timeout=timeout, retries=retries, restart_wait=self._restart_wait
+        )
         results = [value for _, value in entries]
         if not return_exceptions:
             for ok, value in entries:

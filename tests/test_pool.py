@@ -14,13 +14,22 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import SERVE, BlenderProcess, blender_env, children_of, cli_env, free_port, pid_alive, port_is_free, runtime_argv
+from helpers import (
+    SERVE,
+    BlenderProcess,
+    blender_env,
+    children_of,
+    cli_env,
+    free_port,
+    pid_alive,
+    port_is_free,
+    runtime_argv,
+)
 
 MARK = "POOL_TEST_MARK"
 POOL_READY = re.compile(
@@ -144,7 +153,11 @@ def kill_when_started(d: Path, proc: subprocess.Popen[str], timeout: float = 180
 )
 def test_start_instances_bounds_are_usage_errors(installed, marked, args):
     r = subprocess.run(
-        [str(installed / "bld-remote"), "start", *args], env=marked, capture_output=True, text=True, timeout=60
+        [str(installed / "bld-remote"), "start", *args],
+        env=marked,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() and "panicked" not in r.stderr
@@ -174,9 +187,14 @@ def test_start_instances_ready_lines_own_tokens_and_sigterm_cleanup(installed, r
     pids = {int(m["pid"]) for m in ready}
     assert len(ports) == 2 and len(pids) == 2
     assert pids == set(children_of(sup.pid))
-    assert lines[-1] == f"bld_remote pool ready: 2 instances (ports {','.join(m['port'] for m in sorted(ready, key=lambda m: m['k']))})"
+    assert (
+        lines[-1]
+        == f"bld_remote pool ready: 2 instances (ports {','.join(m['port'] for m in sorted(ready, key=lambda m: m['k']))})"
+    )
     # Blender's own lines are tagged with their instance.
-    assert any(line.startswith("[1] Blender") for line in lines) and any(line.startswith("[2] ") for line in lines)
+    assert any(line.startswith("[1] Blender") for line in lines) and any(
+        line.startswith("[2] ") for line in lines
+    )
 
     descs = descriptors(runtime_dir)
     assert {(d["pid"], d["port"]) for d in descs} == {(int(m["pid"]), int(m["port"])) for m in ready}
@@ -185,7 +203,14 @@ def test_start_instances_ready_lines_own_tokens_and_sigterm_cleanup(installed, r
     assert len(tokens) == 2 and all(len(t) >= 32 for t in tokens)
     for port in ports:
         r = subprocess.run(
-            [str(installed / "bld-remote"), "exec", "--port", str(port), "-c", "import os; print(os.getpid())"],
+            [
+                str(installed / "bld-remote"),
+                "exec",
+                "--port",
+                str(port),
+                "-c",
+                "import os; print(os.getpid())",
+            ],
             env=marked,
             capture_output=True,
             text=True,
@@ -208,7 +233,9 @@ def test_start_instances_ready_lines_own_tokens_and_sigterm_cleanup(installed, r
 
 
 def test_owned_pool_map_orders_results_spreads_items_and_reports_failures(installed, runtime_dir, marked):
-    code = PRELUDE + r"""
+    code = (
+        PRELUDE
+        + r"""
 with Pool.start(2, token="auto") as pool:
     out["n"] = len(pool)
     out["owned"] = pool.owned
@@ -241,6 +268,7 @@ with Pool.start(2, token="auto") as pool:
 out["rc"] = sup.returncode
 print(json.dumps(out))
 """
+    )
     out = result_of(py(installed, code, marked))
     assert out["n"] == 2 and out["owned"] is True
     assert out["squares"] == [i * i for i in range(10)]
@@ -254,7 +282,9 @@ print(json.dumps(out))
     assert out["raised"]["results"][2]["error"] == "RemoteError"
     assert 'File "<map item>", line 1' in out["raised"]["tb"], out["raised"]["tb"]
     assert out["no_result"] == [None, None]
-    assert out["bad"][0].startswith("TypeError: items[1] is not JSON") and out["bad"][1].startswith("ValueError: items[0]")
+    assert out["bad"][0].startswith("TypeError: items[1] is not JSON") and out["bad"][1].startswith(
+        "ValueError: items[0]"
+    )
     assert out["empty"] == []
     assert len(out["bad_kw"]) == 3 and "retries" in out["bad_kw"][0]
     # The with block stopped everything: rc 0, no process, no descriptor.
@@ -347,7 +377,17 @@ def test_map_cli_piped_prints_json_lines_in_order(installed, trio, tmp_path):
     script.write_text("import os, time\ntime.sleep(0.05)\nresult = {'sq': item * item, 'pid': os.getpid()}\n")
     items = tmp_path / "items.json"
     items.write_text(json.dumps(list(range(8))))
-    base = [str(installed / "bld-remote"), "map", str(script), "--items", str(items), "--port", str(a.port), "--port", str(b.port)]
+    base = [
+        str(installed / "bld-remote"),
+        "map",
+        str(script),
+        "--items",
+        str(items),
+        "--port",
+        str(a.port),
+        "--port",
+        str(b.port),
+    ]
     r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
@@ -386,7 +426,11 @@ def test_map_cli_piped_prints_json_lines_in_order(installed, trio, tmp_path):
     r = subprocess.run(base[:5], env=cli_env(empty), capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "no running bld_remote instance" in r.stderr, r.stderr
     r = subprocess.run(
-        [*base[:5], "--port", str(trio[1][2].port), "--token", "wrong"], env=env, capture_output=True, text=True, timeout=60
+        [*base[:5], "--port", str(trio[1][2].port), "--token", "wrong"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 3 and "refused" in r.stderr, r.stderr
 
@@ -432,7 +476,11 @@ print(json.dumps(out))
     killed = kill_when_started(d, proc)
     out = result_of(proc)
     assert out["n"] == 3 and out["all"] == sorted([a.pid, b.pid, c.pid])
-    assert "refused" in out["refused"][0] and "no item was run" in out["refused"][0] and out["refused"][1] is False
+    assert (
+        "refused" in out["refused"][0]
+        and "no item was run" in out["refused"][0]
+        and out["refused"][1] is False
+    )
     assert f"127.0.0.1:{c.port}" in out["refused"][0]
     assert "none of the pool's 1 instances answers" in out["nothing"][0]
     assert "no running bld_remote instance found" in out["empty"]
