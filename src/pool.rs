@@ -167,7 +167,7 @@ impl PoolClient {
             timeout,
             retries,
             restart_wait,
-            emit_outcomes: false,
+            events: false,
         };
         let members = self.members.lock().clone();
         let raised: Mutex<Option<PyErr>> = Mutex::new(None);

@@ -89,8 +89,9 @@ pub struct MapOptions {
     pub retries: u32,
     /// How long to wait for an owned member to come back after it died.
     pub restart_wait: Duration,
-    /// Put each item's [`outcome_json`] into its [`Event::Finished`] (for a caller that streams results).
-    pub emit_outcomes: bool,
+    /// Send [`Event`]s to `on_event`, each [`Event::Finished`] with the item's [`outcome_json`] (for a
+    /// caller that shows progress or streams results). Off: the coordinator is not woken per item.
+    pub events: bool,
 }
 
 impl Default for MapOptions {
@@ -99,7 +100,7 @@ impl Default for MapOptions {
             timeout: None,
             retries: 0,
             restart_wait: Duration::from_secs(120),
-            emit_outcomes: false,
+            events: false,
         }
     }
 }
@@ -142,7 +143,7 @@ pub enum Event {
         member: usize,
         attempt: u32,
     },
-    /// An item has its final outcome; `outcome` is its [`outcome_json`] when [`MapOptions::emit_outcomes`].
+    /// An item has its final outcome; `outcome` is its [`outcome_json`] when [`MapOptions::events`].
     Finished {
         item: usize,
         member: Option<usize>,
@@ -244,13 +245,63 @@ fn py_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "''".into())
 }
 
-/// The code sent for one item: `item` bound from its JSON, then the caller's code compiled under its own
-/// name, so its tracebacks keep its own line numbers.
+/// The code sent for one item: `item` bound (a Python literal of its JSON value; `json.loads` for deep or
+/// unparsable ones), then the caller's code compiled under its own name, so that its tracebacks keep its own
+/// line numbers.
 pub fn item_code(code_literal: &str, item_json: &str) -> String {
-    format!(
-        "item = __import__('json').loads({})\nexec(compile({code_literal}, '<map item>', 'exec'))\n",
-        py_str(item_json)
-    )
+    let binding = serde_json::from_str::<Value>(item_json)
+        .ok()
+        .and_then(|v| {
+            let mut out = String::with_capacity(item_json.len() + 8);
+            py_literal(&v, 0, &mut out).then_some(out)
+        })
+        .unwrap_or_else(|| format!("__import__('json').loads({})", py_str(item_json)));
+    format!("item = {binding}\nexec(compile({code_literal}, '<map item>', 'exec'))\n")
+}
+
+/// Deepest item written as a literal (Python's parser refuses deeply nested ones; `json.loads` does not).
+const LITERAL_DEPTH: usize = 50;
+
+/// `v` as a Python literal; false when it is nested deeper than [`LITERAL_DEPTH`].
+fn py_literal(v: &Value, depth: usize, out: &mut String) -> bool {
+    if depth > LITERAL_DEPTH {
+        return false;
+    }
+    match v {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        // JSON number text is Python number syntax (serde_json writes finite numbers only).
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => out.push_str(&py_str(s)),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                if !py_literal(x, depth + 1, out) {
+                    return false;
+                }
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&py_str(k));
+                out.push_str(": ");
+                if !py_literal(x, depth + 1, out) {
+                    return false;
+                }
+            }
+            out.push('}');
+        }
+    }
+    true
 }
 
 struct Queue {
@@ -525,7 +576,7 @@ pub fn map(
                     member: None,
                     ok: false,
                     seconds: 0.0,
-                    outcome: opts.emit_outcomes.then(|| outcome_json(i, &o)),
+                    outcome: opts.events.then(|| outcome_json(i, &o)),
                 });
                 o
             }
@@ -565,7 +616,9 @@ enum Next {
 
 impl Worker<'_> {
     fn send(&self, e: Event) {
-        let _ = self.tx.send(Msg::Event(e));
+        if self.opts.events {
+            let _ = self.tx.send(Msg::Event(e));
+        }
     }
 
     #[allow(clippy::too_many_lines)] // one match over every way an attempt can end
@@ -590,7 +643,7 @@ impl Worker<'_> {
             let seconds = started.elapsed().as_secs_f64();
             let done = |w: &Self, outcome: Result<Option<Value>, ItemError>| {
                 let ok = outcome.is_ok();
-                let json = w.opts.emit_outcomes.then(|| outcome_json(item, &outcome));
+                let json = w.opts.events.then(|| outcome_json(item, &outcome));
                 w.shared.finish(item, outcome);
                 w.send(Event::Finished {
                     item,
@@ -772,10 +825,21 @@ mod tests {
 
     #[test]
     fn item_code_binds_item_and_keeps_the_code_apart() {
-        let c = item_code(&py_str("result = item['x'] * 2\n"), r#"{"x": "a\"b\n"}"#);
-        assert!(c.starts_with("item = __import__('json').loads("), "{c}");
-        assert!(c.contains("'<map item>'"));
-        assert!(c.contains(r#"\"x\": \"a\\\"b\\n\""#), "{c}");
+        let c = item_code(
+            &py_str("result = item['x'] * 2\n"),
+            r#"{"x": "a\"b\n", "t": [true, false, null, 1.5, -2, 1e300]}"#,
+        );
+        assert!(
+            c.starts_with(r#"item = {"t": [True, False, None, 1.5, -2, 1e+300], "x": "a\"b\n"}"#),
+            "{c}"
+        );
+        assert!(c.contains("exec(compile(\"result = item['x'] * 2\\n\", '<map item>', 'exec'))"));
+        let deep = format!("{}1{}", "[".repeat(60), "]".repeat(60));
+        let c = item_code("''", &deep);
+        assert!(
+            c.starts_with("item = __import__('json').loads(\"[[[["),
+            "{c}"
+        );
     }
 
     #[test]

@@ -221,7 +221,7 @@ pub(super) fn map(a: &MapArgs, host: &Host<'_>) -> i32 {
     let opts = MapOptions {
         timeout,
         retries: a.retries,
-        emit_outcomes: true,
+        events: true,
         ..MapOptions::default()
     };
     let mut progress = Progress::new(a.quiet, items.len());
