@@ -346,6 +346,45 @@ print(json.dumps(out))
     assert descriptors(runtime_dir) == []
 
 
+def test_owned_pool_stops_on_garbage_collection_and_interpreter_exit_and_reports_a_failed_start(
+    installed, runtime_dir, marked
+):
+    code = (
+        PRELUDE
+        + r"""
+import gc
+pool = Pool.start(1)
+out["gc_pids"] = [pool._supervisor.proc.pid] + [i["pid"] for i in pool.instances]
+del pool
+gc.collect()
+try:
+    Pool.start(1, blender="/nonexistent/blender", ready_timeout=30)
+    out["bad"] = None
+except BlenderConnectionError as e:
+    out["bad"] = str(e)
+try:
+    Pool.start(0)
+except ValueError as e:
+    out["zero"] = str(e)
+# Left open on purpose: interpreter exit must stop it too.
+kept = Pool.start(1)
+out["exit_pids"] = [kept._supervisor.proc.pid] + [i["pid"] for i in kept.instances]
+print(json.dumps(out), flush=True)
+"""
+    )
+    out = result_of(py(installed, code, marked))
+    assert not any(pid_alive(p) for p in out["gc_pids"]), out
+    assert (
+        "exited (status 1) before 1 instances were ready" in out["bad"]
+        and "/nonexistent/blender" in out["bad"]
+    )
+    assert "n must be an integer from 1 to 64" in out["zero"]
+    wait_for(
+        lambda: not any(pid_alive(p) for p in out["exit_pids"]), 30, "the unclosed pool's processes to exit"
+    )
+    assert descriptors(runtime_dir) == []
+
+
 # --- attached pools and `bld-remote map` over instances the test started ---------------------------------------
 
 
