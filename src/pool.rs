@@ -22,6 +22,9 @@ use crate::error::{client_error, BlenderConnectionError, OutcomeUnknown};
 #[pyclass(module = "bld_remote", name = "PoolClient")]
 pub struct PoolClient {
     members: Mutex<Vec<Member>>,
+    /// Held for a whole map: a second map from another thread waits, so each instance keeps one item in
+    /// flight. Taken with the GIL released (its holder takes the GIL to poll signals).
+    mapping: Mutex<()>,
 }
 
 fn seconds(what: &str, s: Option<f64>) -> PyResult<Option<Duration>> {
@@ -115,6 +118,7 @@ impl PoolClient {
         };
         Ok(Self {
             members: Mutex::new(members),
+            mapping: Mutex::new(()),
         })
     }
 
@@ -134,7 +138,8 @@ impl PoolClient {
 
     /// Run ``code`` once per item (each a JSON text; ``item`` is bound to it, parsed). Returns one entry per
     /// item, in order: ``(True, result)`` or ``(False, exception)``. Members that died and were dropped
-    /// (attached, or owned and not back within ``restart_wait``) leave the pool.
+    /// (attached, or owned and not back within ``restart_wait``) leave the pool. One map at a time: a map
+    /// from another thread waits for this one.
     #[pyo3(signature = (code, items, *, timeout=None, retries=0, restart_wait=120.0))]
     fn map<'py>(
         &self,
@@ -169,7 +174,6 @@ impl PoolClient {
             restart_wait,
             events: false,
         };
-        let members = self.members.lock().clone();
         let raised: Mutex<Option<PyErr>> = Mutex::new(None);
         let interrupted = || {
             Python::attach(|py| match py.check_signals() {
@@ -180,8 +184,11 @@ impl PoolClient {
                 }
             })
         };
-        let report =
-            py.detach(|| pool::map(&members, code, &items, &opts, &interrupted, &mut |_| {}));
+        let report = py.detach(|| {
+            let _one_map_at_a_time = self.mapping.lock();
+            let members = self.members.lock().clone();
+            pool::map(&members, code, &items, &opts, &interrupted, &mut |_| {})
+        });
         let report = match report {
             Ok(r) => r,
             Err(MapError::Interrupted) => {
