@@ -147,10 +147,6 @@ pub struct Client {
     stream: Option<TcpStream>,
     buf: Vec<u8>,
     next_id: u64,
-    /// Send a request again on a new connection when a reused one closed with nothing read back (the
-    /// service dropped it as idle). Off for callers that must never send a request twice (the pool): a
-    /// Blender that died mid-request looks the same.
-    resend_after_close: bool,
 }
 
 /// A hook polled during waits; returning true abandons the call with [`ClientError::Interrupted`].
@@ -175,7 +171,6 @@ impl Client {
             stream: None,
             buf: Vec::new(),
             next_id: 1,
-            resend_after_close: true,
         }
     }
 
@@ -193,11 +188,6 @@ impl Client {
 
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
-    }
-
-    /// See the field: false means a request is sent at most once, whatever happens to the connection.
-    pub fn set_resend_after_close(&mut self, on: bool) {
-        self.resend_after_close = on;
     }
 
     pub fn addr_text(&self) -> String {
@@ -218,6 +208,27 @@ impl Client {
 
     pub fn is_connected(&self) -> bool {
         self.stream.is_some()
+    }
+
+    /// A kept connection that the service has closed, or written to while we sent nothing (its idle-timeout
+    /// notice), is dropped before a request goes out on it: nothing was sent on it, so the fresh connection
+    /// that replaces it is not a retry.
+    fn drop_if_closed_by_peer(&mut self) {
+        let Some(s) = &self.stream else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        if s.set_nonblocking(true).is_err() {
+            self.close();
+            return;
+        }
+        let closed = match s.peek(&mut byte) {
+            Ok(_) => true,
+            Err(e) => e.kind() != ErrorKind::WouldBlock,
+        };
+        if closed || s.set_nonblocking(false).is_err() {
+            self.close();
+        }
     }
 
     fn connect(&mut self, deadline: Option<Instant>) -> Result<(), ClientError> {
@@ -314,6 +325,7 @@ impl Client {
         deadline: Option<Instant>,
         interrupted: Interrupt<'_>,
     ) -> Result<Value, ClientError> {
+        self.drop_if_closed_by_peer();
         let reused = self.stream.is_some();
         self.connect(deadline)?;
         if let Err(e) = self.write_request(request) {
@@ -326,22 +338,13 @@ impl Client {
             self.connect(deadline)?;
             self.write_request(request)?;
         }
-        let mut may_retry = reused && self.resend_after_close;
+        // Whether this request may still be sent again on a fresh connection: only when the service says,
+        // on a reused connection, that it closed it without reading the request (`ran: false`). A
+        // connection that breaks with nothing read back is never a reason to resend: the service may have
+        // read the request and died running it (outcome unknown, never replayed blindly).
+        let mut may_retry = reused;
         loop {
-            let line = match self.read_line(deadline, interrupted) {
-                Ok(line) => line,
-                // A reused connection closed with nothing read back: the service dropped it as idle before
-                // reading this request (a service that stops refuses the reconnect). Retry once, afresh.
-                Err(ClientError::Lost { .. }) if may_retry && self.buf.is_empty() => {
-                    may_retry = false;
-                    self.close();
-                    self.connect(deadline)?;
-                    self.write_request(request)?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            may_retry = false;
+            let line = self.read_line(deadline, interrupted)?;
             let value: Value =
                 serde_json::from_slice(&line).map_err(|e| ClientError::Protocol {
                     addr: self.addr_text(),
@@ -363,6 +366,18 @@ impl Client {
                 continue;
             }
             if reply.contains_key("progress") && !reply.contains_key("status") {
+                continue;
+            }
+            // An id-less notice that the connection was closed before this request was read (the idle
+            // timeout raced our send): it never ran, so one fresh attempt is safe.
+            if may_retry
+                && !reply.contains_key("id")
+                && reply.get("ran") == Some(&Value::Bool(false))
+            {
+                may_retry = false;
+                self.close();
+                self.connect(deadline)?;
+                self.write_request(request)?;
                 continue;
             }
             return self.interpret(&mut reply);
@@ -525,6 +540,8 @@ mod tests {
     use super::*;
     use std::io::BufRead;
     use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     /// A one-connection fake service: replies to each request line with what `answer` returns.
     fn fake(answer: impl Fn(Value) -> Vec<u8> + Send + 'static) -> u16 {
@@ -667,6 +684,76 @@ mod tests {
             Err(ClientError::Interrupted)
         ));
         assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    /// A service that accepts connections forever; on each, answers the first request with success, then
+    /// does what `then` says with the second. Counts every request line it reads.
+    fn two_step(then: &'static str) -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { return };
+                let mut w = s.try_clone().unwrap();
+                let mut r = std::io::BufReader::new(s);
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                let ok = json!({"id": req["id"], "status": "success", "result": {"pong": true}});
+                let _ = w.write_all(format!("{ok}\n").as_bytes());
+                if then == "idle" {
+                    // The idle timeout: a notice (id-less, `ran: false`), then a close.
+                    let notice =
+                        json!({"status": "error", "message": "idle timeout", "ran": false});
+                    let _ = w.write_all(format!("{notice}\n").as_bytes());
+                } else {
+                    // Reads the next request, then dies without a word (killed while running it).
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) > 0 {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        (port, seen)
+    }
+
+    #[test]
+    fn a_request_read_by_a_service_that_then_dies_is_never_sent_again() {
+        let (port, seen) = two_step("die");
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(10)), None);
+        assert!(c.ping().is_ok());
+        let e = c.ping().err();
+        assert!(matches!(e, Some(ClientError::Lost { .. })), "{e:?}");
+        // One read of each request: the lost one was not replayed on a new connection.
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_connection_closed_idle_by_the_service_is_replaced_before_sending() {
+        let (port, seen) = two_step("idle");
+        let mut c = Client::new("127.0.0.1", port, Some(Duration::from_secs(10)), None);
+        assert!(c.ping().is_ok());
+        // Wait on state: the notice has arrived on the kept connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.stream.as_ref().is_some_and(|s| {
+            let mut b = [0u8; 1];
+            s.set_nonblocking(true).ok();
+            let pending = s.peek(&mut b).is_ok();
+            s.set_nonblocking(false).ok();
+            !pending
+        }) {
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        // The next request goes out on a fresh connection, and is served.
+        assert!(c.ping().is_ok());
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
     #[test]

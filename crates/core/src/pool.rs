@@ -72,10 +72,9 @@ impl Member {
 
     fn client(&self, timeout: Option<Duration>) -> Client {
         let token = instances::resolve_token(self.token.clone(), &self.host, self.port);
-        let mut c = Client::new(self.host.clone(), self.port, timeout, token);
-        // An item is sent once: a connection that closes under it makes its outcome unknown, never a resend.
-        c.set_resend_after_close(false);
-        c
+        // An item is sent once: the client never resends a request on a connection that closed under it
+        // (its outcome is then unknown), only after the service said it did not read it (`ran: false`).
+        Client::new(self.host.clone(), self.port, timeout, token)
     }
 }
 
