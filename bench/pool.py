@@ -1,6 +1,6 @@
 """Pool benchmarks (issue 15): scaling over 1 and 2 instances, and the map's overhead per item.
 
-    .venv/bin/python -P bench/pool.py [--items 8] [--work 0.4] [--small 300] [--rounds 3] [--json out.json]
+    .venv/bin/python -P bench/pool.py [--items 8] [--work 0.4] [--rounds 3] [--batch 300] [--batches 10] [--json F]
 
 Launches two headless Blenders with ``Pool.start(2)`` (the installed wheels: run ``bash scripts/setup.sh``
 first), then, in the same run, so that the ratios share the machine's noise:
@@ -8,9 +8,10 @@ first), then, in the same run, so that the ratios share the machine's noise:
 - **scaling**: ``--items`` CPU-bound, single-threaded items (a pure-Python loop of about ``--work`` seconds
   each) mapped over a pool of one of the two instances, then over both; rounds alternate 1, 2, 1, 2...
   Ratio = median time with 1 / median time with 2 (target >= 1.7 on 2 cores).
-- **overhead**: ``--small`` tiny items (``result = item * 2``) through ``Pool.map`` over one instance, against
-  a plain ``Client`` loop sending the same code with ``item`` bound the same way (one ``execute`` each).
-  Ratio = map's time per item / the loop's (target <= 1.1).
+- **overhead**: tiny items (``result = item * 2``) through ``Pool.map`` over one instance, against a plain
+  ``Client`` loop sending the same code with ``item`` bound the same way (one ``execute`` each), in
+  ``--batches`` alternating batches of ``--batch`` items. Ratio = median per-item time of the map batches /
+  of the loop batches (target <= 1.1); the quartiles of the per-pair ratios show the noise.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--work", type=float, default=0.4)
-    ap.add_argument("--small", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=300)
+    ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -72,26 +74,32 @@ def main() -> None:
             "ratio": round(statistics.median(t1) / statistics.median(t2), 3),
         }
 
-        small = list(range(a.small))
+        # Interleaved in short batches (map, loop, map, loop...) so that both see the same load.
+        small = list(range(a.batch))
         client = Client(host=h1, port=p1, timeout=60)
 
         def loop() -> None:
             for item in small:
                 client.execute(f"item = {json.dumps(item)}\n{SMALL}").result
 
-        one.map(SMALL, small[:20])
+        one.map(SMALL, small)
         loop()
         tm, tl = [], []
-        for _ in range(a.rounds):
-            tm.append(timed(lambda: one.map(SMALL, small)))
-            tl.append(timed(loop))
-        per_map = statistics.median(tm) / len(small) * 1e3
-        per_loop = statistics.median(tl) / len(small) * 1e3
+        for _ in range(a.batches):
+            tm.append(timed(lambda: one.map(SMALL, small)) / len(small))
+            tl.append(timed(loop) / len(small))
+        per_map = statistics.median(tm) * 1e3
+        per_loop = statistics.median(tl) * 1e3
         out["overhead"] = {
             "map_ms_per_item": round(per_map, 4),
             "loop_ms_per_item": round(per_loop, 4),
             "ratio": round(per_map / per_loop, 3),
-            "map_two_ms_per_item": round(timed(lambda: two.map(SMALL, small)) / len(small) * 1e3, 4),
+            "batch_ratios_p25_p75": [
+                round(q, 3) for q in statistics.quantiles([m / lp for m, lp in zip(tm, tl)], n=4)[::2]
+            ],
+            "map_two_ms_per_item": round(
+                timed(lambda: two.map(SMALL, small * 4)) / (4 * len(small)) * 1e3, 4
+            ),
         }
         client.close()
     print(json.dumps(out, indent=2))
