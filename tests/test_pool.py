@@ -508,6 +508,12 @@ items = [{"i": i, "kill": 1, "dir": D} for i in range(6)]
 out["killed"] = [describe(x) for x in p2.map(KILLABLE, items, return_exceptions=True)]
 out["left"] = [i["port"] for i in p2.instances]
 out["again"] = p2.map("result = item", [1, 2, 3])
+# A timed-out item: its error says it ran; the next item waits until the instance is idle, then runs.
+t0 = time.monotonic()
+out["timeout"] = [
+    describe(x) for x in p2.map("import time\ntime.sleep(item)\nresult = item", [0, 3, 0], timeout=1, return_exceptions=True)
+]
+out["timeout_s"] = time.monotonic() - t0
 print(json.dumps(out))
 """
     )
@@ -531,3 +537,7 @@ print(json.dumps(out))
     survivor = a if killed == b.pid else b
     assert killed in (a.pid, b.pid) and out["left"] == [survivor.port]
     assert out["again"] == [1, 2, 3]
+    t = out["timeout"]
+    assert t[0] == 0 and t[2] == 0, t
+    assert t[1]["error"] == "BlenderTimeoutError" and t[1]["ran"] is True and t[1]["item"] == 1, t
+    assert 2.5 < out["timeout_s"] < 30, out["timeout_s"]

@@ -86,7 +86,8 @@ pub struct MapOptions {
     pub timeout: Option<Duration>,
     /// Extra attempts for an item whose outcome is unknown or that timed out (never for code that raised).
     pub retries: u32,
-    /// How long to wait for an owned member to come back after it died.
+    /// How long to wait for an owned member to come back after it died, and for any member to be idle
+    /// again after an item timed out on it.
     pub restart_wait: Duration,
     /// Send [`Event`]s to `on_event`, each [`Event::Finished`] with the item's [`outcome_json`] (for a
     /// caller that shows progress or streams results). Off: the coordinator is not woken per item.
@@ -779,10 +780,14 @@ impl Worker<'_> {
         }
     }
 
-    /// After a timed-out item the member may still be running it: one in flight per member means waiting
-    /// until it is idle (no running job, nothing queued), for at most one more timeout. False: dropped.
+    /// After a timed-out item the member may still be running it (Blender cannot interrupt it): one in
+    /// flight per member means waiting until it is idle (no running job, nothing queued), for at most
+    /// `restart_wait` (or the timeout, when longer). False: dropped.
     fn wait_idle(&mut self) -> bool {
-        let limit = self.opts.timeout.unwrap_or(Duration::from_secs(60));
+        let limit = self
+            .opts
+            .timeout
+            .map_or(self.opts.restart_wait, |t| t.max(self.opts.restart_wait));
         let deadline = Instant::now() + limit;
         loop {
             if self.shared.stop.load(Ordering::SeqCst) {
