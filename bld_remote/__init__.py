@@ -34,9 +34,11 @@ from ._core import (  # noqa: E402
     Job,
     JobCancelled,
     JobTimedOut,
+    OutcomeUnknown,
     RemoteError,
     check_cancelled,
 )
+from .pool import Pool  # noqa: E402
 from .service import (  # noqa: E402
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -64,6 +66,8 @@ __all__ = [
     "JobCancelled",
     "JobTimedOut",
     "check_cancelled",
+    "OutcomeUnknown",
+    "Pool",
     "RemoteError",
     "DEFAULT_PORT",
     "get_status",

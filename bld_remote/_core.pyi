@@ -23,6 +23,8 @@ __all__ = [
     "BlenderConnectionError",
     "BlenderTimeoutError",
     "RemoteError",
+    "OutcomeUnknown",
+    "PoolClient",
 ]
 
 __version__: str
@@ -159,6 +161,15 @@ class BlenderConnectionError(ConnectionError):
     address: str | None
     reason: str | None
 
+class OutcomeUnknown(BlenderConnectionError):
+    """A pool item whose Blender died (or whose connection broke) while it ran: it may have run, and it is not
+    sent again unless ``retries > 0``. ``ran`` is None: nobody can tell."""
+
+    item: int
+    """The item's index in the map."""
+    detail: str
+    ran: None
+
 class BlenderTimeoutError(TimeoutError):
     """No reply in time. ``ran``: True if the request had started in Blender, False if it never ran, None: unknown."""
 
@@ -251,3 +262,36 @@ class Job:
         """Wait for the end; RemoteError if the code raised, JobCancelled, BlenderTimeoutError (ran=True: past
         its job timeout; ran=None: still going after ``timeout``)."""
     def cancel(self, reason: str | None = None) -> dict[str, Any]: ...
+
+@final
+class PoolClient:
+    """The native half of ``bld_remote.Pool``: the members and the map (bld_remote_core::pool).
+
+    ``instances``: ``[(host, port), ...]``, or None for every live instance on this machine (none →
+    BlenderConnectionError). ``owned``: their supervisor restarts them on the same port, so a map waits for a
+    dead one (up to ``restart_wait``) instead of dropping it."""
+
+    def __new__(
+        cls,
+        instances: list[tuple[str, int]] | None = None,
+        *,
+        host: str | None = None,
+        token: str | None = None,
+        owned: bool = False,
+        pids: list[int] | None = None,
+    ) -> PoolClient: ...
+    @property
+    def instances(self) -> list[dict[str, Any]]:
+        """``[{"host", "port", "pid"}, ...]`` (pid 0: not seen yet)."""
+    def map(
+        self,
+        code: str,
+        items: list[str],
+        *,
+        timeout: float | None = None,
+        retries: int = 0,
+        restart_wait: float = 120.0,
+    ) -> list[tuple[bool, Any]]:
+        """Run ``code`` once per item (JSON texts; ``item`` bound, parsed): ``(True, result)`` or
+        ``(False, exception)`` per item, in order. The GIL is released for the whole map."""
+    def __len__(self) -> int: ...

@@ -20,6 +20,14 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     bld_remote,
+    OutcomeUnknown,
+    BlenderConnectionError,
+    "A pool item whose Blender died (or whose connection broke) while it ran: it may have run, in part or \
+     whole, and it is not sent again unless ``retries > 0``. Attributes: ``item`` (its index), ``address``, \
+     ``detail``, ``ran`` (None: nobody can tell)."
+);
+pyo3::create_exception!(
+    bld_remote,
     BlenderTimeoutError,
     PyTimeoutError,
     "No reply in time. ``ran``: True if the request had started in Blender, False if it never ran, None: unknown."
@@ -112,6 +120,7 @@ pub fn add_to_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<BlenderConnectionError>(),
     )?;
     m.add("BlenderTimeoutError", py.get_type::<BlenderTimeoutError>())?;
+    m.add("OutcomeUnknown", py.get_type::<OutcomeUnknown>())?;
     m.add("RemoteError", py.get_type::<RemoteError>())?;
     m.add("JobCancelled", py.get_type::<JobCancelled>())?;
     m.add("JobTimedOut", py.get_type::<JobTimedOut>())?;

@@ -15,6 +15,7 @@
 //! | `job`      | `Job`, what `Client.submit` returns                            | the calling Python one  |
 //! | `cancel`   | `check_cancelled()` for the running job's code                 | Blender's main thread   |
 //! | `persist`  | `bld_remote.persist` inside Blender, over the service's store  | the calling Python one  |
+//! | `pool`     | `PoolClient`: a pool's members and its map (`bld_remote.Pool`)  | the calling Python one  |
 //! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
 mod cancel;
@@ -24,6 +25,7 @@ mod convert;
 mod error;
 mod job;
 mod persist;
+mod pool;
 mod pump;
 mod service;
 mod signals;
@@ -58,6 +60,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::PyClient>()?;
     m.add_class::<client::ExecResult>()?;
     m.add_class::<job::Job>()?;
+    m.add_class::<pool::PoolClient>()?;
     error::add_to_module(m)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Finding a Blender executable, the environment to give it, the startup expression that loads `bld_remote`
 //! from the installed package, and running short Blender jobs (asking it for its user folders, enabling the
-//! add-on). Used by `start` and `install` on the main thread.
+//! add-on), and tying a launched Blender's life to its supervisor's. Used by `start` and `install` on the
+//! main thread.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -259,6 +260,29 @@ pub fn command(blender: &Path) -> Command {
     }
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// Linux: Blender gets SIGTERM (a graceful stop: the service's signal handler) when the thread that
+/// spawned it ends, so a supervisor killed outright (SIGKILL) leaves no Blender behind. Spawn from a thread
+/// that lives as long as the supervisor (its main thread). Elsewhere: nothing.
+#[allow(unsafe_code)]
+pub fn stop_with_spawner(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook runs in the forked child before exec, and calls only prctl(2), which is
+        // async-signal-safe and touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// `PATH` without virtual-environment `bin` folders. Blender's embedded Python looks `sys.executable` up on

@@ -9,6 +9,7 @@ pub mod config;
 pub mod instances;
 pub mod jobs;
 pub mod persist;
+pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod store;

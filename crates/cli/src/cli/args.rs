@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use bld_remote_core::config::DEFAULT_HOST;
 use clap::{Args, Parser, Subcommand};
 
+/// Most instances one `start --instances` runs (each Blender takes about 250 MB and a core's worth of work).
+pub(super) const MAX_INSTANCES: u16 = 64;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "bld-remote",
@@ -39,6 +42,8 @@ pub(super) enum Cmd {
     Ls(LsArgs),
     /// Jobs that outlive the connection: submit code, then ask for its status or result, cancel it, list.
     Job(JobArgs),
+    /// Run a Python file once per item of a JSON list, over every running instance (a local pool).
+    Map(MapArgs),
     /// Serve MCP (stdio by default, or Streamable HTTP with --http) for LLM clients, talking to Blender.
     Mcp(crate::mcp::McpArgs),
 }
@@ -63,6 +68,20 @@ pub(super) struct StartArgs {
     /// Seconds to wait for the service to accept connections.
     #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
     pub(super) ready_timeout: f64,
+    /// Start N headless Blenders (needs --background), each on its own free port with its own descriptor;
+    /// one ready line each. One that dies is restarted on the same port (see --max-restarts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_INSTANCES)))]
+    pub(super) instances: Option<u16>,
+    /// With --instances: how many times each instance is restarted after dying, before it is left down.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub(super) max_restarts: u32,
+    /// The service token for Blender (`auto`: each instance generates its own, kept in its owner-only
+    /// descriptor). Default: `$BLD_REMOTE_TOKEN`.
+    #[arg(long, value_name = "TOKEN|auto")]
+    pub(super) token: Option<String>,
+    /// Stop Blender (every instance) when the process that started this command exits (Pool.start uses it).
+    #[arg(long)]
+    pub(super) stop_with_parent: bool,
     /// Extra arguments for Blender, after `--`. A further `--` passes the rest to Python's sys.argv.
     #[arg(last = true, value_name = "BLENDER ARGS")]
     pub(super) blender_args: Vec<String>,
@@ -193,4 +212,37 @@ pub(super) enum JobCmd {
         #[command(flatten)]
         target: Target,
     },
+}
+
+#[derive(Args, Debug)]
+pub(super) struct MapArgs {
+    /// The Python to run once per item: `item` is bound to it; its `result` variable is the item's value.
+    /// `-`: read standard input.
+    #[arg(value_name = "FILE.py")]
+    pub(super) file: PathBuf,
+    /// The items: a JSON array, or one JSON value per line. `-`: read standard input.
+    #[arg(long, value_name = "ITEMS.json")]
+    pub(super) items: PathBuf,
+    /// An instance to use (repeat for several). Default: every running instance (`bld-remote ls`).
+    #[arg(long = "port", value_name = "PORT")]
+    pub(super) ports: Vec<u16>,
+    /// The instances' address (with --port), or only the instances on it.
+    #[arg(long)]
+    pub(super) host: Option<String>,
+    /// Auth token for every instance. Default: `$BLD_REMOTE_TOKEN`, else each instance's descriptor.
+    #[arg(long)]
+    pub(super) token: Option<String>,
+    /// Seconds each item may take (default: as long as it takes).
+    #[arg(long, value_name = "SECONDS")]
+    pub(super) timeout: Option<f64>,
+    /// Extra attempts for an item whose Blender died while it ran, or that timed out. Only for code that
+    /// is safe to run twice: without it such an item is reported "outcome unknown" and never sent again.
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub(super) retries: u32,
+    /// Print one JSON array at the end instead of one JSON line per item as they complete (in item order).
+    #[arg(long)]
+    pub(super) array: bool,
+    /// No progress on stderr (neither the bar on a terminal nor the plain lines otherwise).
+    #[arg(short, long)]
+    pub(super) quiet: bool,
 }

@@ -1,10 +1,12 @@
 //! `bld-remote`: the command line. [`run`] parses the arguments (clap, [`args`]) and hands each subcommand to
 //! its file: [`start`] (the supervisor that launches Blender), [`install`] (install/uninstall the add-on),
-//! [`queries`] (exec, status, shutdown, ls over bld-remote-core's client and instance descriptors), and
+//! [`queries`] (exec, status, shutdown, ls over bld-remote-core's client and instance descriptors), [`map`]
+//! (a local pool's map over bld-remote-core's pool), and
 //! `crate::mcp` (the MCP server). [`Host`] is all they need from the process (src/main.rs): where the
 //! installed Python package is, whether a signal arrived, and how to send SIGTERM.
 //!
-//! Runs on the binary's main thread; only `start` adds a thread (its stdout relay), joined before it returns.
+//! Runs on the binary's main thread; `start` adds its stdout relays and `map` one worker per instance, all
+//! joined before they return.
 //!
 //! Exit status: 0 success; 1 failure (the remote code raised, Blender not found, port busy, start failed);
 //! 2 usage error; 3 no service reachable (refused, lost, no instance, several instances); 4 timeout;
@@ -13,6 +15,7 @@
 mod args;
 mod install;
 mod job;
+mod map;
 mod queries;
 mod start;
 
@@ -101,6 +104,7 @@ pub fn run(argv: Vec<String>, host: &Host<'_>) -> i32 {
         Cmd::Shutdown(a) => queries::shutdown(&a, host),
         Cmd::Ls(a) => queries::ls(&a),
         Cmd::Job(a) => job::job(a, host),
+        Cmd::Map(a) => map::map(&a, host),
         Cmd::Mcp(a) => match crate::mcp::run(a, host.interrupted) {
             Ok(()) => 0,
             Err(crate::mcp::Failed::Usage) => EXIT_USAGE,
