@@ -14,6 +14,7 @@ __all__ = [
     "status",
     "token",
     "startup_options",
+    "in_job",
     "step",
     "serve_forever",
     "report_progress",
@@ -77,7 +78,8 @@ def start(
     RuntimeError. OSError when the port cannot be bound."""
 
 def stop() -> bool:
-    """Stop and join every thread (deferred until the current job replies when called from inside one)."""
+    """Stop and join every thread. From inside a job: stop accepting at once (the port is free, a ``start``
+    may follow), and close the connections right after the job replies."""
 
 def request_stop() -> bool:
     """Ask the pump to stop the service; safe from signal handlers and other threads."""
@@ -99,6 +101,9 @@ def startup_options() -> _StartupOptions:
 
     ``port_from_env`` says whether ``port`` came from the variable. A bad value raises ValueError."""
 
+def in_job() -> bool:
+    """True while the calling code runs inside a job of the pump (a request's code)."""
+
 # --- the pump (src/pump.rs) -----------------------------------------------------------------------------
 
 def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) -> int:
@@ -106,10 +111,13 @@ def step(max_jobs: int = 64, timeout: float = 0.0, budget: float | None = None) 
 
     ``max_jobs`` is 0 to 2**32-1; ``timeout`` (0 or more) and ``budget`` (more than 0) are seconds, at most
     30 days. Anything else raises ValueError naming the argument and its range (NaN and infinities
-    included), or TypeError for a non-number (a bool included)."""
+    included), or TypeError for a non-number (a bool included). From inside a job: RuntimeError (no nested pump)."""
 
-def serve_forever(install_wakeup: Callable[[int], Any] | None = None) -> None:
-    """Headless pump: block (GIL released) and run jobs until the service stops."""
+def serve_forever(handle_signals: bool = True) -> None:
+    """Headless pump: block (GIL released) and run jobs until the service stops.
+
+    ``handle_signals``: SIGTERM and SIGINT stop it (native handlers, re-installed after every job that
+    replaced them). From inside a job: RuntimeError (no nested pump)."""
 
 def check_cancelled() -> None:
     """In a job's code: raise JobCancelled once a cancel was asked for, JobTimedOut once it ran past its

@@ -9,7 +9,6 @@ whenever it waits.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 from typing import Any, Callable
@@ -77,7 +76,9 @@ def start_mcp_service(
 
     Binds 127.0.0.1 unless told otherwise; any other host requires ``token``. ``token="auto"`` generates a
     random one for this instance (read it in-process with ``current_token()``). Returns ``get_status()``.
-    Calling it while the service runs is harmless when the port matches (or is not given).
+    Calling it while the service runs is harmless when the port matches (or is not given): it returns the
+    status. After ``stop_mcp_service()`` it starts afresh, also within one request (the stop frees the port at
+    once), so ``stop_mcp_service(); start_mcp_service()`` in ``execute_code`` ends with a running service.
 
     Limits (argument, else the environment variable, else the default; timeouts in seconds, 0 = none):
     ``max_request_bytes`` (``BLD_REMOTE_MAX_REQUEST_BYTES``, 64 MiB), ``max_connections``
@@ -133,8 +134,10 @@ def current_token() -> str | None:
 def stop_mcp_service() -> bool:
     """Stop the service and join its threads; the port is free when this returns.
 
-    Called from code running inside a request, the stop happens right after that request has replied.
-    Returns whether a service was running.
+    Called from code running inside a request, the service stops accepting at once (the port is free,
+    ``is_mcp_service_up()`` is False, a ``start_mcp_service()`` may follow) and closes its connections right
+    after that request has replied; the reply carries ``service_stopping: true``. Returns whether a service
+    was running.
     """
     was_running = _core.stop()
     if not _core.is_running():
@@ -167,41 +170,24 @@ def keep_alive() -> None:
 
     For ``blender --background`` and ``bpy`` as a module, where timers never fire. Wakes the moment a job
     arrives (no polling). Returns after ``stop_mcp_service()``, the ``server_shutdown`` command, SIGTERM or
-    SIGINT, so a startup script that ends with it lets Blender exit with rc 0.
+    SIGINT (within a second, whatever code in a request did to Python's signal machinery; a request that is
+    running is answered first), so a startup script that ends with it lets Blender exit with rc 0. A second
+    SIGTERM/SIGINT while it still runs (a request that never ends) gets the signal's default action. A
+    restart from inside a request (``stop_mcp_service(); start_mcp_service()``) keeps it serving the new
+    service. Refused (RuntimeError) from inside a request. See docs/RELIABILITY.md, "Signals".
     """
     if not _core.is_running():
         raise RuntimeError("bld_remote is not running: call start_mcp_service() before keep_alive()")
+    # SIGTERM and SIGINT are handled natively (src/signals.rs) while it serves: a Python handler and
+    # signal.set_wakeup_fd are exactly what client code (asyncio) resets.
     on_main = threading.current_thread() is threading.main_thread()
-    previous: dict[signal.Signals, Any] = {}
-    if on_main:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, _on_signal)
-            except (ValueError, OSError):
-                pass
-    old_fd = [-1]
-
-    def install_wakeup(fd: int) -> None:
-        if fd >= 0:
-            old_fd[0] = signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
-        else:
-            signal.set_wakeup_fd(old_fd[0])
-
+    if _core.in_job():
+        _core.serve_forever(on_main)  # raises the clear RuntimeError, and must stop nothing
     try:
-        _core.serve_forever(install_wakeup if on_main else None)
+        _core.serve_forever(on_main)
     finally:
-        for sig, handler in previous.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError, TypeError):
-                pass
         stop_mcp_service()
         _log("INFO", "service stopped; keep_alive() returns")
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    _log("INFO", f"received {signal.Signals(signum).name}: stopping")
-    _core.request_stop()
 
 
 def _remove_gui_pump() -> None:

@@ -8,7 +8,7 @@
 //! |------------|----------------------------------------------------------------|-------------------------|
 //! | `service`  | start/stop/status of the one service, its descriptor, options  | the calling Python one  |
 //! | `pump`     | `step`, `serve_forever`, running a job, handler results         | Blender's main thread   |
-//! | `signals`  | `SignalForwarder`: signal wake-ups for the blocked pump         | its own, never the GIL  |
+//! | `signals`  | `SignalGuard`: SIGTERM/SIGINT stop the headless pump (native)  | the pump's; its own thread |
 //! | `convert`  | JSON <-> Python                                                 | whoever holds the GIL   |
 //! | `capture`  | `OutputCapture`, execute_code's stdout/stderr                  | Blender's main thread   |
 //! | `client`   | the `Client` binding and `ExecResult`                          | the calling Python one  |
@@ -28,6 +28,7 @@ mod persist;
 mod pool;
 mod pump;
 mod service;
+#[cfg(unix)]
 mod signals;
 
 use bld_remote_core::{config, instances};
@@ -47,6 +48,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(service::status, m)?)?;
     m.add_function(wrap_pyfunction!(service::token, m)?)?;
     m.add_function(wrap_pyfunction!(service::startup_options, m)?)?;
+    m.add_function(wrap_pyfunction!(service::py_in_job, m)?)?;
     m.add_function(wrap_pyfunction!(pump::step, m)?)?;
     m.add_function(wrap_pyfunction!(pump::serve_forever, m)?)?;
     m.add_function(wrap_pyfunction!(pump::report_progress, m)?)?;

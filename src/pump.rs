@@ -20,15 +20,25 @@ use bld_remote_core::protocol::Outcome;
 use bld_remote_core::server::Shared;
 
 use crate::convert::{json_to_py, py_to_json_reported, seconds_arg, whole_arg, Arg, Report};
-use crate::service::{current, in_job, set_in_job, stop, SERVICE};
-use crate::signals::SignalForwarder;
+use crate::service::{
+    current, current_addr, finish_retired, in_job, is_current, set_in_job, stop, wake_current,
+};
+#[cfg(unix)]
+use crate::signals::SignalGuard;
 
 /// The running job's progress listener, for `report_progress`. A global, not a thread-local: Blender calls
 /// some render handlers from its render threads, while the job still runs on the main thread.
 static PROGRESS: Mutex<Option<ProgressSink>> = Mutex::new(None);
 
+/// What a nested pump says: a job cannot run another job on the same thread (its own reply, and the
+/// service's `running_job`, would be wrong), and `keep_alive()` inside one would never return to it.
+const NESTED: &str = "cannot run inside a request: this code is itself a job of the bld_remote pump \
+     (on this thread), and a pump inside it would run other jobs before this one replies. Return from the \
+     request instead; queued requests run right after it";
+
 /// Run up to `max_jobs` pending jobs on this (the main) thread. Waits up to `timeout` seconds for the
 /// first one, with the GIL released. Performs a requested stop before returning. Returns jobs run.
+/// Refused (`RuntimeError`) from inside a job.
 #[pyfunction]
 #[pyo3(
     signature = (max_jobs=Arg::Default, timeout=Arg::Default, budget=None),
@@ -66,13 +76,17 @@ pub fn step(
         .map(|b| bld_remote_core::config::positive_seconds("budget", b))
         .transpose()
         .map_err(value_error)?;
-    let Some((shared, handler)) = current() else {
-        return Ok(0);
-    };
+    if in_job() {
+        return Err(PyRuntimeError::new_err(format!("step() {NESTED}")));
+    }
     let began = Instant::now();
     let mut ran = 0;
-    while ran < max_jobs && !shared.stop_requested() {
-        if budget.is_some_and(|b| began.elapsed() >= b) {
+    // The service is looked up for every job: a job may have stopped it, or restarted it on a new one.
+    while let Some((shared, handler)) = current() {
+        if ran >= max_jobs
+            || shared.stop_requested()
+            || budget.is_some_and(|b| began.elapsed() >= b)
+        {
             break;
         }
         let wait = if ran == 0 { first_wait } else { Duration::ZERO };
@@ -81,67 +95,91 @@ pub fn step(
         } else {
             py.detach(|| shared.next_message(Some(wait)))
         };
-        match msg {
-            Some(Msg::Job(job)) => {
-                run_job(py, &shared, &handler, job);
-                ran += 1;
-            }
-            Some(Msg::Wake) | None => break,
-        }
+        let Some(Msg::Job(job)) = msg else { break };
+        run_job(py, &shared, &handler, job);
+        finish_retired(py);
+        ran += 1;
     }
-    finish_requested_stop(py, &shared);
+    if let Some((shared, _)) = current() {
+        finish_requested_stop(py, &shared);
+    }
+    finish_retired(py);
     Ok(ran)
 }
 
 /// The headless pump: block on the job channel with the GIL released, run each job the moment it arrives,
-/// and return when the service stops.
+/// and return when the service stops (a restart from inside a job keeps it serving the new service).
 ///
-/// Signals: Python runs signal handlers only between bytecodes, so a thread blocked in Rust would never see
-/// SIGTERM. The pump creates a socket pair and calls `install_wakeup(fd)` with its write end (the Python side
-/// passes it to `signal.set_wakeup_fd`); the C-level signal handler writes a byte there, a forwarder thread
-/// turns it into a wake-up, and the pump returns to Python long enough to run the handlers. Idle, it sleeps
-/// with zero wake-ups. `install_wakeup(-1)` is called before returning. Without `install_wakeup` (or off
-/// Unix, or if it raises) the pump wakes every 100 ms instead.
+/// Signals (`handle_signals`, what `keep_alive()` passes on the main thread): a `SignalGuard` owns SIGTERM
+/// and SIGINT while the pump runs (see `signals`): their native handler wakes the pump through a socket
+/// pair of its own, so nothing Python code does to `signal.set_wakeup_fd` matters, and after every job and
+/// wake-up the handler is put back if a job replaced it. Idle, the pump sleeps with zero wake-ups. Python
+/// handlers that a job installed still run (`check_signals`) while they are in force. Without the guard
+/// (off Unix, or `handle_signals` false) the pump wakes every 100 ms to let Python's handlers run.
 #[pyfunction]
-#[pyo3(signature = (install_wakeup=None))]
-pub fn serve_forever(py: Python<'_>, install_wakeup: Option<Bound<'_, PyAny>>) -> PyResult<()> {
-    let Some((shared, handler)) = current() else {
+#[pyo3(signature = (handle_signals=true))]
+pub fn serve_forever(py: Python<'_>, handle_signals: bool) -> PyResult<()> {
+    if in_job() {
+        return Err(PyRuntimeError::new_err(format!("keep_alive() {NESTED}")));
+    }
+    if current().is_none() {
         return Err(PyRuntimeError::new_err(
             "the bld_remote service is not running; call start_mcp_service() first",
         ));
+    }
+    #[cfg(unix)]
+    let guard = if handle_signals {
+        SignalGuard::install(wake_current)
+    } else {
+        None
     };
-    let forwarder = SignalForwarder::start(py, install_wakeup.as_ref(), &shared);
+    #[cfg(not(unix))]
+    let _ = handle_signals;
     let result = (|| -> PyResult<()> {
         loop {
             py.check_signals()?;
+            let Some((shared, handler)) = current() else {
+                return Ok(());
+            };
+            #[cfg(unix)]
+            if let Some(g) = guard.as_ref() {
+                crate::signals::reassert();
+                if g.take_received().is_some() {
+                    shared.request_stop();
+                }
+            }
             if shared.stop_requested() || shared.is_stopping() {
+                finish_requested_stop(py, &shared);
                 return Ok(());
             }
-            let timeout = if forwarder.is_active() {
+            #[cfg(unix)]
+            let timeout = if guard.is_some() {
                 None
             } else {
                 Some(Duration::from_millis(100))
             };
+            #[cfg(not(unix))]
+            let timeout = Some(Duration::from_millis(100));
             match py.detach(|| shared.next_message(timeout)) {
-                Some(Msg::Job(job)) => run_job(py, &shared, &handler, job),
+                Some(Msg::Job(job)) => {
+                    run_job(py, &shared, &handler, job);
+                    finish_retired(py);
+                }
                 Some(Msg::Wake) | None => {}
             }
         }
     })();
-    forwarder.close(py, install_wakeup.as_ref());
-    finish_requested_stop(py, &shared);
+    #[cfg(unix)]
+    if let Some(g) = guard {
+        g.close(py);
+    }
+    finish_retired(py);
     result
 }
 
 fn finish_requested_stop(py: Python<'_>, shared: &Arc<Shared>) {
-    if shared.stop_requested() && !in_job() {
-        let ours = SERVICE
-            .lock()
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s.server.shared(), shared));
-        if ours {
-            stop(py);
-        }
+    if shared.stop_requested() && !in_job() && is_current(shared) {
+        stop(py);
     }
 }
 
@@ -177,7 +215,7 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
     let params = std::mem::take(&mut job.params);
     let outcome = match json_to_py(py, &Value::Object(params)) {
         Ok(params) => {
-            // Save and restore: client code may call step() itself, running a nested job.
+            // Nested pumps are refused (`NESTED`), so there is no outer job; restored all the same.
             let outer = set_in_job(true);
             let outer_progress = std::mem::replace(&mut *PROGRESS.lock(), job.progress_sink());
             let outer_state = crate::cancel::swap(Some(Arc::clone(&job.state)));
@@ -192,7 +230,55 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, handler: &Py<PyAny>, mut job: J
         }
         Err(e) => exception_outcome(py, &e),
     };
+    // Before the reply leaves: its client may signal us the moment it has it (see `signals::reassert`).
+    #[cfg(unix)]
+    crate::signals::reassert();
+    let outcome = if shared.is_stopping() || shared.stop_requested() {
+        mark_service_stopping(outcome, current_addr())
+    } else {
+        outcome
+    };
     shared.finish(job, outcome);
+}
+
+/// The job stopped the service it ran in (`stop_mcp_service()`, its add-on disabled, factory settings):
+/// say so in its reply, which is the last on this connection. A success keeps its result, with
+/// `service_stopping: true` and a `service_message` added to it (a result that is not an object is put
+/// under `value`); an error gets the same two fields. `restarted_on`: where the service that replaced it in
+/// the same request listens.
+fn mark_service_stopping(outcome: Outcome, restarted_on: Option<std::net::SocketAddr>) -> Outcome {
+    let message = match restarted_on {
+        Some(addr) => format!(
+            "the service this request ran in stopped during it; this connection closes after this reply. \
+             A new service listens on {addr}"
+        ),
+        None => "the service is stopping: this request stopped it (or unloaded its add-on); this \
+                 connection closes after this reply and nothing listens any more"
+            .to_string(),
+    };
+    let mark = |m: &mut Map<String, Value>| {
+        m.insert("service_stopping".into(), Value::Bool(true));
+        m.insert("service_message".into(), Value::String(message.clone()));
+        if let Some(addr) = restarted_on {
+            m.insert("restarted_on".into(), Value::String(addr.to_string()));
+        }
+    };
+    match outcome {
+        Outcome::Success(Value::Object(mut m)) => {
+            mark(&mut m);
+            Outcome::Success(Value::Object(m))
+        }
+        Outcome::Success(other) => {
+            let mut m = Map::new();
+            m.insert("value".into(), other);
+            mark(&mut m);
+            Outcome::Success(Value::Object(m))
+        }
+        Outcome::Error { message, mut extra } => {
+            mark(&mut extra);
+            Outcome::Error { message, extra }
+        }
+    }
 }
 
 /// The handler returns `(True, result)` or `(False, {"message": ..., extra fields...})`. The conversion's

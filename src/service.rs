@@ -3,6 +3,12 @@
 //! `request_stop`, `is_running`, `stop_requested`, `status`, `token`, `startup_options`, and the instance
 //! descriptor announced while it runs. The one `SERVICE` slot and the "inside a job" flag live here.
 //!
+//! A stop called from inside a job (client code, or the add-on's `unregister()` run by a request) happens in
+//! two halves: at once the service leaves the `SERVICE` slot, stops accepting (its port is free, its
+//! descriptor removed) and refuses its queued jobs, so a `start()` in the same request binds afresh; the
+//! rest (closing its connections, joining their threads) waits in `RETIRING` until the job has replied,
+//! since those threads are writing that reply (`finish_retired`, called by the pump).
+//!
 //! Runs on the Python thread that calls it (Blender's main thread in practice). Starting and stopping wait
 //! for the service's threads with the GIL released (`py.detach`); the service's own threads never take it.
 
@@ -31,6 +37,10 @@ pub struct Service {
 pub static SERVICE: std::sync::LazyLock<Mutex<Option<Service>>> =
     std::sync::LazyLock::new(|| Mutex::new(None));
 
+/// Services stopped from inside a job: no longer accepting, waiting for that job's reply to be written
+/// before their connections are closed and joined (`finish_retired`).
+static RETIRING: Mutex<Vec<Service>> = Mutex::new(Vec::new());
+
 thread_local! {
     /// True while this thread is inside a job: a `stop()` from the job's own code is deferred until it
     /// has replied, since stopping joins threads that wait for that reply.
@@ -40,6 +50,12 @@ thread_local! {
 /// Whether this thread is running a job now.
 pub fn in_job() -> bool {
     IN_JOB.with(Cell::get)
+}
+
+/// Whether the calling code runs inside a job of the pump (a request's code, or a handler it triggered).
+#[pyfunction(name = "in_job")]
+pub fn py_in_job() -> bool {
+    in_job()
 }
 
 /// Mark this thread as inside (or outside) a job; returns the previous state, to restore after a nested
@@ -56,6 +72,13 @@ pub fn current() -> Option<(Arc<Shared>, Py<PyAny>)> {
             .as_ref()
             .map(|s| (Arc::clone(s.server.shared()), s.handler.clone_ref(py)))
     })
+}
+
+/// Wake the running service's pump (from any thread; never takes the GIL).
+pub fn wake_current() {
+    if let Some(s) = shared() {
+        s.wake_pump();
+    }
 }
 
 fn shared() -> Option<Arc<Shared>> {
@@ -79,7 +102,8 @@ fn config_error(e: ConfigError) -> PyErr {
 /// Start the service on native threads and return the bound `(host, port)`. Every setting left as None
 /// comes from its `BLD_REMOTE_*` variable, else the default. `token="auto"` (given or from the
 /// environment) is a fresh random token. Already running: None when the address asked for is the one
-/// served (port 0 or the same port, same host), else `RuntimeError`.
+/// served (port and host not given, 0 or the same), else `RuntimeError`. A service stopped from inside
+/// the running job is no longer running here (see `stop`), so a start in the same job binds afresh.
 #[pyfunction]
 #[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
@@ -142,7 +166,11 @@ pub fn start(
     if let Some(s) = SERVICE.lock().as_ref() {
         let addr = s.server.local_addr();
         let host = addr.ip().to_string();
-        if (resolved.port == 0 || resolved.port == addr.port()) && resolved.host == host {
+        // Not given (None) matches whatever is served: "start it if it is not running".
+        let same_port =
+            settings.port.is_none() || resolved.port == 0 || resolved.port == addr.port();
+        let same_host = settings.host.is_none() || resolved.host == host;
+        if same_port && same_host {
             return Ok(None);
         }
         return Err(PyRuntimeError::new_err(format!(
@@ -239,33 +267,51 @@ fn write_descriptor(server: &Server) -> Option<std::path::PathBuf> {
     }
 }
 
-/// Stop the service and join its threads. Called from inside a job, the stop happens right after that job
-/// replies. Returns whether a service was running.
+/// Stop the service and join its threads. Called from inside a job, the service stops accepting at once
+/// (the port is free, `is_running()` is false, a `start()` may follow) and its connections are closed right
+/// after that job replies. Returns whether a service was running.
 #[pyfunction]
 pub fn stop(py: Python<'_>) -> bool {
-    if in_job() {
-        return shared().is_some_and(|s| {
-            s.request_stop();
-            true
-        });
-    }
     let taken = SERVICE.lock().take();
-    match taken {
-        Some(Service {
-            mut server,
-            handler,
-            descriptor,
-        }) => {
-            py.detach(|| server.stop());
-            drop(server);
-            drop(handler);
-            if let Some(path) = descriptor {
-                instances::remove(&path);
-            }
-            true
-        }
-        None => false,
+    let Some(mut service) = taken else {
+        return false;
+    };
+    if let Some(path) = service.descriptor.take() {
+        instances::remove(&path);
     }
+    if in_job() {
+        py.detach(|| service.server.stop_accepting());
+        RETIRING.lock().push(service);
+    } else {
+        py.detach(|| service.server.stop());
+        drop(service);
+    }
+    true
+}
+
+/// Finish the stops begun inside a job (see the module docs): called by the pump once the job has replied.
+pub fn finish_retired(py: Python<'_>) {
+    if in_job() {
+        return;
+    }
+    let retiring = std::mem::take(&mut *RETIRING.lock());
+    for mut service in retiring {
+        py.detach(|| service.server.stop());
+        drop(service);
+    }
+}
+
+/// Whether `shared` is the running service's (not one stopped, or replaced, since).
+pub fn is_current(shared: &Arc<Shared>) -> bool {
+    SERVICE
+        .lock()
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(s.server.shared(), shared))
+}
+
+/// Where the running service listens, if one runs.
+pub fn current_addr() -> Option<std::net::SocketAddr> {
+    SERVICE.lock().as_ref().map(|s| s.server.local_addr())
 }
 
 /// Ask for a stop from anywhere (a signal handler, another thread): the pump performs it.

@@ -34,6 +34,7 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
+        let stream = super::fds::off_std_fds(stream); // never fd 0-2: see fds.rs
         let max = shared.config.max_connections;
         // A client that has just closed still holds its slot until its threads end, which takes moments:
         // at the limit, wait that long (no more) for one to end before reclaiming or refusing. Only

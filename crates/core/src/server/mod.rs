@@ -15,6 +15,7 @@
 
 mod accept;
 mod control;
+mod fds;
 mod job_commands;
 mod reader;
 mod reply;
@@ -122,6 +123,8 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Option<JoinHandle<()>>,
+    /// Set once `stop` has joined every connection: a later `stop` (or the drop) does nothing.
+    stopped: bool,
 }
 
 fn is_loopback_host(host: &str, addr: &SocketAddr) -> bool {
@@ -199,6 +202,7 @@ impl Server {
         Ok(Server {
             shared,
             listener: Some(handle),
+            stopped: false,
         })
     }
 
@@ -210,22 +214,31 @@ impl Server {
         self.shared.addr
     }
 
-    /// Stop accepting, refuse queued jobs, let every connection flush the replies it owes, close, and join
-    /// every thread. Must not be called from inside a running job (the pump defers it; see `Shared`).
-    /// Bounded by the write timeout for clients that do not read.
-    pub fn stop(&mut self) {
-        {
-            let mut stopping = self.shared.gate.write();
-            if *stopping && self.listener.is_none() {
-                return;
-            }
-            *stopping = true;
-        }
-        // Wake the blocking accept() with a connection to ourselves, then join the listener.
-        let _ = TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1));
+    /// The first half of `stop`, safe from inside a running job: close the gate, wake and join the listener
+    /// (the port is free when this returns), and refuse the queued jobs. Connections stay open, so the
+    /// running job's reply still reaches its client; `stop` finishes the rest. Idempotent.
+    pub fn stop_accepting(&mut self) {
+        *self.shared.gate.write() = true;
         if let Some(h) = self.listener.take() {
+            // Wake the blocking accept() with a connection to ourselves, then join the listener.
+            let _ =
+                TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1));
             let _ = h.join();
         }
+        for job in self.shared.queue.drain() {
+            job.refuse(not_run("the service is stopping; the request was not run"));
+        }
+    }
+
+    /// Stop accepting, refuse queued jobs, let every connection flush the replies it owes, close, and join
+    /// every thread. Must not be called from inside a running job (`stop_accepting` is the half that may;
+    /// the pump finishes with this once the job has replied). Bounded by the write timeout for clients that
+    /// do not read.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stop_accepting();
         let conns = std::mem::take(&mut *self.shared.conns.lock());
         // Readers stop reading; writers still flush what they owe.
         for c in &conns {
@@ -255,6 +268,7 @@ impl Server {
         // Every connection is joined: nobody can hand a buffer back any more.
         *self.shared.spare_read_buffer.lock() = Vec::new();
         self.shared.queue.wake();
+        self.stopped = true;
     }
 }
 
