@@ -39,10 +39,16 @@ from ._core import (  # noqa: E402
     check_cancelled,
 )
 from .pool import Pool  # noqa: E402
+from . import persist  # noqa: E402
 from .service import (  # noqa: E402
     DEFAULT_HOST,
     DEFAULT_PORT,
+    get_command_queue_size,
+    get_mcp_service_port,
+    get_startup_options,
     get_status,
+    is_background_mode,
+    set_mcp_service_port,
     is_mcp_service_up,
     keep_alive,
     start_mcp_service,
@@ -70,7 +76,13 @@ __all__ = [
     "Pool",
     "RemoteError",
     "DEFAULT_PORT",
+    "get_command_queue_size",
+    "get_mcp_service_port",
+    "get_startup_options",
     "get_status",
+    "is_background_mode",
+    "persist",
+    "set_mcp_service_port",
     "is_mcp_service_up",
     "keep_alive",
     "register",

@@ -126,6 +126,12 @@ def check_cancelled() -> None:
 def cancel_requested() -> bool:
     """Whether a cancel was asked for the job running now."""
 
+def persist_put(key: str, data: Any) -> None:
+    """Store ``data`` (as JSON) in the running service's persist store; ValueError past a limit."""
+
+def persist_get(key: str, default: Any = None) -> Any: ...
+def persist_remove(key: str) -> bool: ...
+def persist_keys() -> list[str]: ...
 def report_progress(progress: float, total: float | None = None, message: str | None = None) -> bool:
     """Report the running job's progress to its client (framed requests only); False when nobody listens."""
 

@@ -40,7 +40,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the extra
     raise ImportError("bld_remote.ray needs Ray: pip install 'bld-remote[ray]'") from e
 
-from ._core import BlenderConnectionError, BlenderTimeoutError, Client, RemoteError
+from ._core import BlenderConnectionError, BlenderTimeoutError, Client, OutcomeUnknown, RemoteError
 
 __all__ = ["BlenderActor", "OutcomeUnknown", "map"]
 
@@ -48,11 +48,6 @@ __all__ = ["BlenderActor", "OutcomeUnknown", "map"]
 DEFAULT_MAX_RESTARTS = 4
 _READY = re.compile(r"bld_remote listening on (?P<host>\S+):(?P<port>\d+) \(pid (?P<pid>\d+)\)")
 _PR_SET_PDEATHSIG = 1
-
-
-class OutcomeUnknown(RuntimeError):
-    """The Blender (or the Ray actor) running this item died before it replied: the code may or may not
-    have run, in part or in full. Not replayed unless ``retries`` says the code is idempotent."""
 
 
 def _item_code(code: str, item: Any) -> str:

@@ -90,6 +90,8 @@ def start_mcp_service(
     (``BLD_REMOTE_PERSIST_MAX_TOTAL_BYTES``, 256 MiB), ``persist_max_keys`` (``BLD_REMOTE_PERSIST_MAX_KEYS``,
     100 000). See docs/PROTOCOL.md.
     """
+    if port is None:
+        port = _configured_port
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
         raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
     mode, info = _blender_info()
@@ -148,6 +150,51 @@ def stop_mcp_service() -> bool:
 def is_mcp_service_up() -> bool:
     """True while the service accepts connections."""
     return _core.is_running()
+
+
+# --- blender-remote's in-Blender API (its scripts run unchanged; docs/COMPAT.md) ------------------------
+
+# Set by set_mcp_service_port() while stopped: the port the next start_mcp_service() without one uses.
+_configured_port: int | None = None
+
+
+def get_mcp_service_port() -> int:
+    """The port the service listens on; stopped: the port it will use (``set_mcp_service_port``, else
+    ``BLD_REMOTE_MCP_PORT``, else 6688)."""
+    status = _core.status()
+    if status is not None:
+        return int(status["port"])
+    if _configured_port is not None:
+        return _configured_port
+    return int(_core.startup_options()["port"])
+
+
+def set_mcp_service_port(port_number: int) -> None:
+    """The port for the next ``start_mcp_service()``. Only while stopped (RuntimeError otherwise)."""
+    global _configured_port
+    if isinstance(port_number, bool) or not isinstance(port_number, int) or not 0 <= port_number <= 65535:
+        raise ValueError(f"port must be an int from 0 to 65535, got {port_number!r}")
+    if _core.is_running():
+        raise RuntimeError("the service is running: stop_mcp_service() before changing its port")
+    _configured_port = port_number
+
+
+def is_background_mode() -> bool:
+    """True in ``blender --background`` (and in PyPI ``bpy``), False with a window."""
+    bpy = sys.modules.get("bpy")
+    return bool(getattr(getattr(bpy, "app", None), "background", True))
+
+
+def get_startup_options() -> dict[str, Any]:
+    """The startup configuration from the environment: ``host``, ``port``, ``start_now`` (auto-start),
+    ``log_level``, ``port_from_env``."""
+    return dict(_core.startup_options())
+
+
+def get_command_queue_size() -> int:
+    """Requests waiting for Blender's main thread, or -1 when the service is not running."""
+    status = _core.status()
+    return -1 if status is None else int(status.get("queue_length", 0))
 
 
 def get_status() -> dict[str, Any]:

@@ -211,3 +211,36 @@ def test_the_job_command(installed, served, tmp_path):
     assert unknown.returncode == 1 and "unknown job id" in unknown.stderr
     bad = run("submit", "-c", "pass", "--job-timeout=-1")
     assert bad.returncode == 2 and "job-timeout" in bad.stderr
+
+
+def test_blender_remote_in_blender_api(served):
+    # blender-remote's module API, called from a script inside Blender, runs unchanged.
+    code = (
+        "import bld_remote\n"
+        "bld_remote.persist.put_data('k', {'v': [1, 2]})\n"
+        "errors = {}\n"
+        "try:\n    bld_remote.set_mcp_service_port(7000)\nexcept RuntimeError as e:\n    errors['set'] = str(e)\n"
+        "try:\n    bld_remote.persist.put_data('big', 'x' * (80 << 20))\nexcept ValueError as e:\n"
+        "    errors['big'] = str(e)\n"
+        "result = {'port': bld_remote.get_mcp_service_port(), 'background': bld_remote.is_background_mode(),\n"
+        "          'queue': bld_remote.get_command_queue_size(), 'options': bld_remote.get_startup_options(),\n"
+        "          'got': bld_remote.persist.get_data('k'), 'missing': bld_remote.persist.get_data('nope', 5),\n"
+        "          'keys': bld_remote.persist.get_keys(), 'errors': errors,\n"
+        "          'running': bld_remote.get_status()['running'], 'up': bld_remote.is_mcp_service_up()}\n"
+    )
+    r = ok(call(served.port, "execute_code", code=code))["value"]
+    assert r["port"] == served.port and r["background"] is True and r["queue"] >= 0, r
+    assert "port" in r["options"] and r["running"] is True and r["up"] is True
+    assert r["got"] == {"v": [1, 2]} and r["missing"] == 5 and "k" in r["keys"]
+    assert "stop_mcp_service" in r["errors"]["set"] and "too large" in r["errors"]["big"], r
+    # The same store over the wire.
+    assert ok(call(served.port, "get_persist_data", key="k"))["data"] == {"v": [1, 2]}
+    r = ok(
+        call(
+            served.port,
+            "execute_code",
+            code="import bld_remote\nresult = bld_remote.persist.remove_data('k')",
+        )
+    )
+    assert r["value"] is True
+    assert ok(call(served.port, "get_persist_data", key="k"))["found"] is False
