@@ -26,6 +26,15 @@ __all__ = [
     "RemoteError",
     "OutcomeUnknown",
     "PoolClient",
+    "Job",
+    "JobCancelled",
+    "JobTimedOut",
+    "check_cancelled",
+    "cancel_requested",
+    "persist_put",
+    "persist_get",
+    "persist_remove",
+    "persist_keys",
 ]
 
 __version__: str

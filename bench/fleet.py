@@ -1,0 +1,125 @@
+"""Fleet benchmarks (issue 15): a job's round trip against execute_code, and bld_remote.ray.map against
+Pool.map for the same items.
+
+    .venv/bin/python -P bench/fleet.py [--n 300] [--batches 10] [--items 40] [--rounds 3] [--json F]
+
+Uses the installed wheels (run ``bash scripts/setup.sh`` first). In the same run, so ratios share the noise:
+
+- **job round trip**: ``Pool.start(1)``'s instance; ``--batches`` alternating batches of ``--n`` requests on
+  one kept connection: ``execute_code("result = 1")`` against ``submit_code_job`` of the same code followed by
+  ``get_job_result`` with a wait (what ``Client.submit(code).result()`` does). Ratio = median per-request
+  time of the job batches / of the execute batches (target <= 1.5).
+- **Ray overhead**: a local two-CPU Ray (``ray.init(num_cpus=2)``, loopback) with two warm ``BlenderActor``s,
+  against ``Pool.start(2)``; ``--items`` items of ~20 ms CPU each, ``--rounds`` alternating rounds of
+  ``bld_remote.ray.map(actors=...)`` and ``Pool.map``. Ratio = median map time with Ray / with the pool
+  (reported; no target in the issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from bld_remote import Client, Pool
+
+WORK = """
+import time
+t = time.perf_counter()
+n = 0
+while time.perf_counter() - t < 0.02:
+    n += 1
+result = item
+"""
+
+
+def job_round_trip(a: argparse.Namespace) -> dict:
+    with Pool.start(1) as pool:
+        port = pool.instances[0]["port"]
+        c = Client(port=port, timeout=60)
+        c.call("ping")
+        ex: list[float] = []
+        jb: list[float] = []
+        for b in range(a.batches):
+            for kind in ("exec", "job") if b % 2 == 0 else ("job", "exec"):
+                t0 = time.perf_counter()
+                for _ in range(a.n):
+                    if kind == "exec":
+                        c.execute("result = 1")
+                    else:
+                        c.submit("result = 1").result(timeout=60)
+                per = (time.perf_counter() - t0) / a.n
+                (ex if kind == "exec" else jb).append(per)
+        c.close()
+    e, j = statistics.median(ex), statistics.median(jb)
+    return {"execute_ms": e * 1000, "job_ms": j * 1000, "ratio": j / e, "target": 1.5, "met": j / e <= 1.5}
+
+
+def ray_overhead(a: argparse.Namespace) -> dict:
+    import ray
+
+    from bld_remote import ray as br
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actors = [br.BlenderActor.options(num_cpus=1).remote() for _ in range(2)]
+        ray.get([x.info.remote() for x in actors], timeout=300)
+        with Pool.start(2) as pool:
+            items = list(range(a.items))
+            br.map(WORK, items[:2], actors=actors)
+            pool.map(WORK, items[:2])
+            rt: list[float] = []
+            pt: list[float] = []
+            for r in range(a.rounds * 2):
+                t0 = time.perf_counter()
+                if r % 2 == 0:
+                    got = br.map(WORK, items, actors=actors)
+                    rt.append(time.perf_counter() - t0)
+                else:
+                    got = pool.map(WORK, items)
+                    pt.append(time.perf_counter() - t0)
+                assert got == items
+        br._stop_actors(actors)
+    finally:
+        ray.shutdown()
+    rm, pm = statistics.median(rt), statistics.median(pt)
+    return {
+        "items": a.items,
+        "ray_map_s": rm,
+        "pool_map_s": pm,
+        "ratio": rm / pm,
+        "per_item_extra_ms": (rm - pm) / a.items * 1000,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    out: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Linux {platform.release()}",
+        "python": sys.version.split()[0],
+        "args": vars(a),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    out["job_round_trip"] = job_round_trip(a)
+    print(json.dumps(out["job_round_trip"]), flush=True)
+    out["ray_overhead"] = ray_overhead(a)
+    print(json.dumps(out["ray_overhead"]), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
