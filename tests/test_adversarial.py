@@ -577,6 +577,11 @@ def test_large_requests_do_not_grow_memory(adv):
         with Conn(adv.port, timeout=60) as c:
             for _ in range(3):
                 assert ok(c.request("execute_code", code=code))["executed"] is True
+        # Measure once the connection has ended on the service's side too (its threads joined, its buffer
+        # freed or handed on), not while it is still winding down: wait for that state.
+        deadline = time.monotonic() + 30
+        while ok(call(adv.port, "get_status"))["connections"] > 1:  # 1: this status request's own
+            assert time.monotonic() < deadline, "the connection never ended on the service's side"
         return rss_mb(adv.pid)
 
     first = round_of_requests()

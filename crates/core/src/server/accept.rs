@@ -38,7 +38,8 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         let max = shared.config.max_connections;
         // A client that has just closed still holds its slot until its threads end, which takes moments:
         // at the limit, wait that long (no more) for one to end before reclaiming or refusing. Only
-        // worth it when some connection is known to be ending.
+        // worth it when some connection is known to be ending: its reader saw the end, or its client's FIN
+        // is already waiting on the socket (seen at once, however long the reader takes to get to it).
         let grace_end = Instant::now() + ENDING_GRACE;
         let at_limit = || shared.active_conns.load(Ordering::Acquire) >= max;
         let any_ending = || {
@@ -46,7 +47,10 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 .conns
                 .lock()
                 .iter()
-                .any(|c| !c.thread.is_finished() && c.activity.is_ending())
+                .any(|c| {
+                    !c.thread.is_finished()
+                        && (c.activity.is_ending() || super::fds::peer_closed(&c.stream))
+                })
         };
         let mut wait_for_ending = at_limit() && any_ending();
         if at_limit() && !wait_for_ending {

@@ -87,3 +87,29 @@ mod tests {
         assert_eq!(off_std_fds(s).as_raw_fd(), fd);
     }
 }
+
+/// Whether the client has closed its side of `stream` (a FIN is waiting to be read), without reading and
+/// without changing the socket's flags (which its reader shares): `recv` with `MSG_PEEK | MSG_DONTWAIT`.
+/// The listener uses it at the connection limit: such a connection is ending, and its slot is about to
+/// be free, however long its reader takes to notice.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub(super) fn peer_closed(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    // SAFETY: a valid socket fd for the lifetime of `stream`, and a 1-byte buffer we own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
+#[cfg(not(unix))]
+pub(super) fn peer_closed(_stream: &TcpStream) -> bool {
+    false
+}
