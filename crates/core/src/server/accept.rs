@@ -43,14 +43,10 @@ pub(super) fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         let grace_end = Instant::now() + ENDING_GRACE;
         let at_limit = || shared.active_conns.load(Ordering::Acquire) >= max;
         let any_ending = || {
-            shared
-                .conns
-                .lock()
-                .iter()
-                .any(|c| {
-                    !c.thread.is_finished()
-                        && (c.activity.is_ending() || super::fds::peer_closed(&c.stream))
-                })
+            shared.conns.lock().iter().any(|c| {
+                !c.thread.is_finished()
+                    && (c.activity.is_ending() || super::fds::peer_closed(&c.stream))
+            })
         };
         let mut wait_for_ending = at_limit() && any_ending();
         if at_limit() && !wait_for_ending {
