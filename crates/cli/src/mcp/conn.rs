@@ -123,9 +123,12 @@ pub struct Backend {
     /// Default deadline for a request (sent to the service as `timeout`).
     pub timeout: Duration,
     /// By address. Each slot has its own lock, so connecting to one instance never waits on another.
-    links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Link>>>>>>,
+    links: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
 }
+
+/// One instance's connection, if made: locked while it is being made, so concurrent first calls make one.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 
 /// The instance one tool call goes to (from [`Backend::choose`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,7 +171,8 @@ pub fn find<'a>(named: &str, among: &'a [Descriptor]) -> Option<&'a Descriptor> 
     among.iter().find(|d| {
         d.addr_text() == named
             || named.rsplit_once(':').is_some_and(|(h, p)| {
-                p.parse::<u16>() == Ok(d.port) && (h == d.host || (h == "localhost" && d.host == "127.0.0.1"))
+                p.parse::<u16>() == Ok(d.port)
+                    && (h == d.host || (h == "localhost" && d.host == "127.0.0.1"))
             })
     })
 }
@@ -288,8 +292,7 @@ impl Backend {
         if let Some(port) = self.pinned()? {
             let at = Chosen::new(self.host(), port);
             if let Some(n) = named {
-                let same = find(n, &on_host(running(false).await))
-                    .is_some_and(|d| d.port == port)
+                let same = find(n, &on_host(running(false).await)).is_some_and(|d| d.port == port)
                     || n.trim().parse::<u64>() == Ok(u64::from(port))
                     || n.trim() == at.addr;
                 if !same {
@@ -391,9 +394,9 @@ impl Backend {
             // Blender usually gets a new port), so the map holds at most one entry per live instance.
             links.retain(|k, slot| {
                 *k == at.addr
-                    || slot
-                        .try_lock()
-                        .map_or(true, |l| l.as_ref().is_some_and(|l| l.alive.load(Ordering::SeqCst)))
+                    || slot.try_lock().map_or(true, |l| {
+                        l.as_ref().is_some_and(|l| l.alive.load(Ordering::SeqCst))
+                    })
             });
             Arc::clone(links.entry(at.addr.clone()).or_default())
         };

@@ -382,9 +382,14 @@ impl BlenderMcp {
     ) -> Result<Value, CallError> {
         let token = ctx.meta.get_progress_token();
         let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
-        let call = self
-            .backend
-            .call(at, command, params, None, token.as_ref().map(|_| tx), &ctx.ct);
+        let call = self.backend.call(
+            at,
+            command,
+            params,
+            None,
+            token.as_ref().map(|_| tx),
+            &ctx.ct,
+        );
         tokio::pin!(call);
         let mut last = f64::NEG_INFINITY;
         loop {
@@ -484,7 +489,12 @@ impl BlenderMcp {
         let instances = self.backend.survey().await;
         let mut v = json!({ "instances": instances });
         if let (Ok(Some(port)), Value::Object(m)) = (self.backend.pinned(), &mut v) {
-            let at = self.backend.choose(None).await.map(|c| c.addr).unwrap_or_default();
+            let at = self
+                .backend
+                .choose(None)
+                .await
+                .map(|c| c.addr)
+                .unwrap_or_default();
             m.insert(
                 "pinned".into(),
                 json!(format!(
@@ -772,11 +782,16 @@ impl BlenderMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let mut p = one("key", Value::String(a.key));
         p.insert("data".into(), a.data);
-        Ok(match self.simple(a.instance.as_ref(), "put_persist_data", p, &ctx).await {
-            Ok(Value::String(s)) => text_result(s),
-            Ok(v) => text_result(pretty(&v)),
-            Err(e) => e,
-        })
+        Ok(
+            match self
+                .simple(a.instance.as_ref(), "put_persist_data", p, &ctx)
+                .await
+            {
+                Ok(Value::String(s)) => text_result(s),
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
     }
 
     #[tool(
@@ -795,10 +810,15 @@ impl BlenderMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let mut p = one("key", Value::String(a.key));
         p.insert("default".into(), a.default.unwrap_or(Value::Null));
-        Ok(match self.simple(a.instance.as_ref(), "get_persist_data", p, &ctx).await {
-            Ok(v) => text_result(pretty(&v)),
-            Err(e) => e,
-        })
+        Ok(
+            match self
+                .simple(a.instance.as_ref(), "get_persist_data", p, &ctx)
+                .await
+            {
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
     }
 
     #[tool(
@@ -852,11 +872,16 @@ mod tests {
     #[test]
     fn tools_list_is_small_and_every_blender_tool_takes_instance() {
         let tools = BlenderMcp::tool_router().list_all();
-        let size = serde_json::to_string(&json!({ "tools": tools })).unwrap().len();
+        let size = serde_json::to_string(&json!({ "tools": tools }))
+            .unwrap()
+            .len();
         eprintln!("tools/list: {size} bytes");
         assert!(size < 16 * 1024, "{size}");
         for t in tools.iter().filter(|t| t.name != "list_instances") {
-            let p = t.input_schema.get("properties").and_then(|p| p.get("instance"));
+            let p = t
+                .input_schema
+                .get("properties")
+                .and_then(|p| p.get("instance"));
             assert!(p.is_some(), "{} has no instance argument", t.name);
             eprintln!("{}: {}", t.name, p.unwrap_or(&Value::Null));
             let required = t.input_schema.get("required").cloned().unwrap_or(json!([]));
