@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -236,5 +237,60 @@ def test_port_pins_the_server(pair):
             listed = json.loads(text(r))
             assert {i["port"] for i in listed["instances"]} == {a.port, b.port}
             assert f"pinned to 127.0.0.1:{a.port}" in listed["pinned"], listed
+
+    asyncio.run(main())
+
+
+def test_a_stopped_instance_is_listed_as_not_answering_and_still_counts(pair):
+    """SIGSTOP one Blender: list_instances reports it as not answering within its 2 s check (the other
+    answers), a call without `instance` is still refused (never a guess), the other is reached by name."""
+    rt, (a, b) = pair
+
+    async def main() -> None:
+        async with Client(server(rt), mode="legacy") as client:
+            assert await pid_of(client, b.port) == b.pid
+            os.kill(b.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                r = await client.call_tool("list_instances", {})
+                took = time.monotonic() - t0
+                listed = {i["port"]: i for i in json.loads(text(r))["instances"]}
+                assert listed[a.port]["answers"] is True, listed
+                assert listed[b.port]["answers"] is False and listed[b.port]["problem"], listed
+                assert 1.5 < took < 5, took
+                t0 = time.monotonic()
+                r = await client.call_tool("get_scene_info", {})
+                assert r.is_error and "2 Blender instances are running" in text(r), text(r)
+                assert time.monotonic() - t0 < 1
+                assert await pid_of(client, a.pid) == a.pid
+            finally:
+                os.kill(b.pid, signal.SIGCONT)
+            assert await pid_of(client, b.port) == b.pid  # the kept connection works again
+
+    asyncio.run(main())
+
+
+def test_an_instance_that_dies_drops_out(pair, start_blender, tmp_path):
+    """A third Blender beside one of the pair, in a runtime dir of their own; killed with SIGKILL after a
+    call: naming it is then an unknown instance (its descriptor pruned), and the survivor is the only one."""
+    rt, (a, _) = pair
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    src = next(p for p in rt.glob("bld_remote-*.json") if json.loads(p.read_text())["port"] == a.port)
+    shutil.copy2(src, own / src.name)
+    c = start_blender(env={"BLD_REMOTE_RUNTIME_DIR": str(own)})
+
+    async def main() -> None:
+        async with Client(server(own), mode="legacy") as client:
+            assert await pid_of(client, c.port) == c.pid
+            os.kill(c.pid, signal.SIGKILL)
+            await anyio.to_thread.run_sync(lambda: c.proc.wait(10))
+            r = await client.call_tool("execute_blender_code", {"code": PID, "instance": c.port})
+            assert r.is_error and f"no Blender instance {json.dumps(str(c.port))}" in text(r), text(r)
+            assert f"instance {a.port} (id {a.pid}," in text(r), text(r)
+            r = await client.call_tool("list_instances", {})
+            assert [i["port"] for i in json.loads(text(r))["instances"]] == [a.port]
+            r = await client.call_tool("execute_blender_code", {"code": PID})
+            assert not r.is_error and f"result = {a.pid}" in text(r), text(r)
 
     asyncio.run(main())

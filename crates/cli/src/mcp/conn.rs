@@ -199,18 +199,13 @@ pub fn listing(among: &[Descriptor]) -> String {
         .join("\n")
 }
 
-/// The descriptors of running instances, read off the async workers (file reads; with `check`, each
-/// instance's port too, as `bld-remote ls` does).
-async fn running(check: bool) -> Vec<Descriptor> {
-    tokio::task::spawn_blocking(move || {
-        if check {
-            crate::instances::live(true).0
-        } else {
-            crate::instances::running()
-        }
-    })
-    .await
-    .unwrap_or_default()
+/// The descriptors of running instances (their processes alive), read off the async workers. No port is
+/// asked: that costs a connection per instance, and a Blender that does not answer now (stopped, swapping)
+/// is still one the caller may mean.
+async fn running() -> Vec<Descriptor> {
+    tokio::task::spawn_blocking(crate::instances::running)
+        .await
+        .unwrap_or_default()
 }
 
 /// Sends `cancel` for a request that is dropped before its reply arrived (the MCP call was cancelled, or
@@ -292,7 +287,7 @@ impl Backend {
         if let Some(port) = self.pinned()? {
             let at = Chosen::new(self.host(), port);
             if let Some(n) = named {
-                let same = find(n, &on_host(running(false).await)).is_some_and(|d| d.port == port)
+                let same = find(n, &on_host(running().await)).is_some_and(|d| d.port == port)
                     || n.trim().parse::<u64>() == Ok(u64::from(port))
                     || n.trim() == at.addr;
                 if !same {
@@ -306,12 +301,9 @@ impl Backend {
             }
             return Ok(at);
         }
-        let mut found = on_host(running(false).await);
-        // Several by their descriptors: ask their ports before refusing, as a descriptor whose port is
-        // gone or taken by another process is no instance.
-        if named.is_none() && found.len() > 1 {
-            found = on_host(running(true).await);
-        }
+        // Several with their processes alive and none named: refused even when some do not answer now
+        // (the one that does may not be the one the caller means).
+        let found = on_host(running().await);
         let Some(n) = named else {
             return match found.as_slice() {
                 [] => Ok(Chosen::new(self.host(), DEFAULT_PORT)),
@@ -343,7 +335,7 @@ impl Backend {
     /// token left out) and whether its port answers now as that instance, asked of all at once (each
     /// within 2 s, as `bld-remote ls` asks).
     pub async fn survey(&self) -> Vec<Value> {
-        let found: Vec<Descriptor> = running(false)
+        let found: Vec<Descriptor> = running()
             .await
             .into_iter()
             .filter(|d| self.target.host.as_deref().is_none_or(|h| h == d.host))
@@ -705,6 +697,30 @@ fn route(pending: &Mutex<HashMap<u64, Pending>>, msg: Map<String, Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn desc(pid: u32, port: u16) -> Descriptor {
+        serde_json::from_value(
+            json!({"pid": pid, "host": "127.0.0.1", "port": port, "started_at": 0.0}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_instance_is_found_by_port_first_then_id_then_address() {
+        // The second's pid is the first's port: a number names a port before an id.
+        let among = [desc(111, 6688), desc(6688, 7000)];
+        let port_of = |n: &str| find(n, &among).map(|d| d.port);
+        assert_eq!(port_of("6688"), Some(6688));
+        assert_eq!(port_of(" 7000 "), Some(7000));
+        assert_eq!(port_of("111"), Some(6688));
+        assert_eq!(port_of("127.0.0.1:7000"), Some(7000));
+        assert_eq!(port_of("localhost:7000"), Some(7000));
+        assert_eq!(port_of("10.0.0.1:7000"), None);
+        assert_eq!(port_of("5"), None);
+        assert_eq!(port_of("nope"), None);
+        let l = listing(&among);
+        assert!(l.contains("instance 6688 (id 111, 127.0.0.1:6688)"), "{l}");
+    }
 
     #[test]
     fn progress_lines_go_to_their_call_only() {
