@@ -17,10 +17,11 @@
 //! Blenders may start and stop while the server runs.
 //!
 //! Tokens: each instance's token is resolved for its own address (`--token`, else `$BLD_REMOTE_TOKEN`, else
-//! its descriptor's: [`bld_remote_core::instances::resolve_token`]). With a token, each new connection first runs bld-remote-core's challenge-response handshake
-//! ([`bld_remote_core::auth`]): the service proves it holds the token for the address dialed before anything
-//! else is sent, then we prove it; requests carry no `token` field. A peer that cannot prove it (a port
-//! squatter, a wrong token, an older service) fails the call with [`ClientError::Unverified`].
+//! its descriptor's: [`bld_remote_core::instances::resolve_token`]). With a token, each new connection first
+//! runs bld-remote-core's challenge-response handshake ([`bld_remote_core::auth`]): the service proves it
+//! holds the token for the address dialed before anything else is sent, then we prove it; requests carry no
+//! `token` field. A peer that cannot prove it (a port squatter, a wrong token, an older service) fails the
+//! call with [`ClientError::Unverified`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
