@@ -41,6 +41,7 @@ TOOLS = {
     "get_persist_data",
     "get_scene_info",
     "get_viewport_screenshot",
+    "list_instances",
     "put_persist_data",
     "remove_persist_data",
     "render_image",
@@ -163,6 +164,9 @@ async def exercise_every_tool(client: Client) -> None:
 
     r = await client.call_tool("check_connection_status", {})
     assert not r.is_error and json.loads(text(r))["connected"] is True
+    # Pinned with --port: list_instances says so (the instances themselves: tests/test_mcp_instances.py).
+    r = await client.call_tool("list_instances", {})
+    assert not r.is_error and "pinned to 127.0.0.1:" in json.loads(text(r))["pinned"], text(r)
 
     r = await client.call_tool("get_scene_info", {})
     assert not r.is_error, text(r)

@@ -329,6 +329,25 @@ pub fn live(clean: bool) -> (Vec<Descriptor>, Vec<(PathBuf, Stale)>) {
     (alive, stale)
 }
 
+/// The descriptors whose process is alive (pid and start time; no network), oldest first; those whose process
+/// is gone are deleted. Cheap (a few file reads): for a lookup on every request, where [`live`]'s port check
+/// per instance would cost a connection each.
+pub fn running() -> Vec<Descriptor> {
+    let mut out: Vec<Descriptor> = all()
+        .into_iter()
+        .filter_map(|(path, d)| {
+            let d = d.ok()?;
+            if process_stale(&d).is_some() {
+                remove(&path);
+                return None;
+            }
+            Some(d)
+        })
+        .collect();
+    out.sort_by(|a, b| a.started_at.total_cmp(&b.started_at));
+    out
+}
+
 /// The token a client should send to `host:port`: the explicit one, else `$BLD_REMOTE_TOKEN` (unless it is
 /// `auto`, which asks a *service* to generate one), else the one in the service's owner-only descriptor.
 pub fn resolve_token(explicit: Option<String>, host: &str, port: u16) -> Option<String> {

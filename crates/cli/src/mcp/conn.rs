@@ -1,5 +1,7 @@
-//! The MCP server's connection to the bld_remote service: one TCP connection in framed mode (every request
-//! carries an `id`), shared by every tool call in flight. Replies are matched to calls by id, progress lines
+//! The MCP server's connections to bld_remote services: which instance a tool call goes to
+//! ([`Backend::choose`], from its `instance` argument and the instance descriptors), and one TCP connection
+//! per instance in framed mode (every request carries an `id`), made on its first call and kept, shared by
+//! every tool call in flight to that instance. Replies are matched to calls by id, progress lines
 //! (`{"id": N, "progress": {...}}`) are routed to the call that asked for them, and a call that is cancelled
 //! or abandoned sends `cancel` for its id on the same connection, so a request still queued in Blender never
 //! runs. Replies are read by bld-remote-core's [`interpret_reply`], as every other client reads them (same
@@ -10,13 +12,16 @@
 //! cannot carry several concurrent MCP tool calls on one connection, deliver progress lines, or send
 //! `cancel` for a request while waiting for that request's reply. All three are what MCP needs.
 //!
-//! Reconnects: a lost connection fails the calls in flight with [`CallError::Lost`]; the next call connects
-//! afresh (re-resolving the target through the instance descriptors when no port was given).
+//! Reconnects: a lost connection fails the calls in flight with [`CallError::Lost`]; the next call to that
+//! instance connects afresh. The instance is chosen again on every call (when no port was given), so
+//! Blenders may start and stop while the server runs.
 //!
-//! Tokens: with a token, each new connection first runs bld-remote-core's challenge-response handshake
-//! ([`bld_remote_core::auth`]): the service proves it holds the token for the address dialed before anything
-//! else is sent, then we prove it; requests carry no `token` field. A peer that cannot prove it (a port
-//! squatter, a wrong token, an older service) fails the call with [`ClientError::Unverified`].
+//! Tokens: each instance's token is resolved for its own address (`--token`, else `$BLD_REMOTE_TOKEN`, else
+//! its descriptor's: [`bld_remote_core::instances::resolve_token`]). With a token, each new connection first
+//! runs bld-remote-core's challenge-response handshake ([`bld_remote_core::auth`]): the service proves it
+//! holds the token for the address dialed before anything else is sent, then we prove it; requests carry no
+//! `token` field. A peer that cannot prove it (a port squatter, a wrong token, an older service) fails the
+//! call with [`ClientError::Unverified`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +31,7 @@ use std::time::Duration;
 use bld_remote_core::auth::{self, ClientHandshake};
 use bld_remote_core::client::{interpret_reply, ClientError};
 use bld_remote_core::config::{port_from, ProcessEnv, DEFAULT_HOST, DEFAULT_PORT};
+use bld_remote_core::instances::Descriptor;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -44,7 +50,7 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_REPLY_LIMIT: u64 = 64 * 1024;
 
-/// Where the service is: an explicit port, or "find it" (the single live instance).
+/// Where the services are: a pinned port (`--port`), or "find them" (the instance descriptors).
 #[derive(Debug, Clone)]
 pub struct Target {
     pub host: Option<String>,
@@ -112,13 +118,95 @@ impl Drop for Link {
     }
 }
 
-/// The service as seen by the MCP tools.
+/// The services as seen by the MCP tools: one kept [`Link`] per instance, made on its first call.
 pub struct Backend {
     target: Target,
     /// Default deadline for a request (sent to the service as `timeout`).
     pub timeout: Duration,
-    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// By address. Each slot has its own lock, so connecting to one instance never waits on another.
+    links: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
+}
+
+/// One instance's connection, if made: locked while it is being made, so concurrent first calls make one.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
+
+/// The instance one tool call goes to (from [`Backend::choose`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chosen {
+    pub host: String,
+    pub port: u16,
+    pub addr: String,
+}
+
+impl Chosen {
+    fn new(host: String, port: u16) -> Self {
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Self { host, port, addr }
+    }
+
+    /// Blender on this machine (its temp files are readable here).
+    pub fn is_local(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// The descriptor an `instance` argument names: a port first, then an id (the pid `bld-remote ls` prints),
+/// then an address `host:port`.
+pub fn find<'a>(named: &str, among: &'a [Descriptor]) -> Option<&'a Descriptor> {
+    let named = named.trim();
+    if let Ok(n) = named.parse::<u64>() {
+        return among
+            .iter()
+            .find(|d| u64::from(d.port) == n)
+            .or_else(|| among.iter().find(|d| u64::from(d.pid) == n));
+    }
+    among.iter().find(|d| {
+        d.addr_text() == named
+            || named.rsplit_once(':').is_some_and(|(h, p)| {
+                p.parse::<u16>() == Ok(d.port)
+                    && (h == d.host || (h == "localhost" && d.host == "127.0.0.1"))
+            })
+    })
+}
+
+/// One line per instance, as the errors that ask for an `instance` show them.
+pub fn listing(among: &[Descriptor]) -> String {
+    among
+        .iter()
+        .map(|d| {
+            format!(
+                "  instance {} (id {}, {}): {} Blender {}{}",
+                d.port,
+                d.pid,
+                d.addr_text(),
+                if d.mode.is_empty() { "?" } else { &d.mode },
+                d.blender_version.as_deref().unwrap_or("?"),
+                d.blend_file
+                    .as_deref()
+                    .map(|f| format!(", {f}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The descriptors of running instances (their processes alive), read off the async workers. No port is
+/// asked: that costs a connection per instance, and a Blender that does not answer now (stopped, swapping)
+/// is still one the caller may mean.
+async fn running() -> Vec<Descriptor> {
+    tokio::task::spawn_blocking(crate::instances::running)
+        .await
+        .unwrap_or_default()
 }
 
 /// Sends `cancel` for a request that is dropped before its reply arrived (the MCP call was cancelled, or
@@ -161,59 +249,158 @@ impl Backend {
         Self {
             target,
             timeout,
-            link: tokio::sync::Mutex::new(None),
+            links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
     }
 
-    /// Where the service is now: `--port`, else `BLD_REMOTE_MCP_PORT`, else the single live instance, else
-    /// the default port (services started by other tools write no descriptor).
-    pub fn resolve(&self) -> Result<(String, u16), String> {
-        let host = || {
-            self.target
-                .host
-                .clone()
-                .unwrap_or_else(|| DEFAULT_HOST.into())
-        };
+    fn host(&self) -> String {
+        self.target
+            .host
+            .clone()
+            .unwrap_or_else(|| DEFAULT_HOST.into())
+    }
+
+    /// The one port this server is pinned to: `--port`, else `BLD_REMOTE_MCP_PORT` (0 asks a service for a
+    /// free port, so it names none: not pinned).
+    pub fn pinned(&self) -> Result<Option<u16>, String> {
         if let Some(port) = self.target.port {
-            return Ok((host(), port));
+            return Ok(Some(port));
         }
-        // Read as every bld_remote reads it (a bad value is an error; `run` refuses it at start). 0 asks a
-        // service for a free port, so it names none to connect to: find the instance instead.
-        if let Some(port) = port_from(&ProcessEnv)
+        // Read as every bld_remote reads it (a bad value is an error; `run` refuses it at start).
+        Ok(port_from(&ProcessEnv)
             .map_err(|e| e.to_string())?
-            .filter(|p| *p != 0)
-        {
-            return Ok((host(), port));
+            .filter(|p| *p != 0))
+    }
+
+    /// The instance a tool call goes to, from its `instance` argument (`named`). Pinned (`--port`): that
+    /// port, and `named` must be it. Else among the running instances (on `--host`, when given): the one
+    /// `named` (port, id or address), or, with none named, the only one; several and none named is an
+    /// error that lists them (never a guess), as is a name that matches none. No instance at all and none
+    /// named: the default port (services started by other tools write no descriptor). Worked out on every
+    /// call, so instances may come and go while the server runs.
+    pub async fn choose(&self, named: Option<&str>) -> Result<Chosen, String> {
+        let on_host = |all: Vec<Descriptor>| -> Vec<Descriptor> {
+            all.into_iter()
+                .filter(|d| self.target.host.as_deref().is_none_or(|h| h == d.host))
+                .collect()
+        };
+        if let Some(port) = self.pinned()? {
+            let at = Chosen::new(self.host(), port);
+            if let Some(n) = named {
+                let same = find(n, &on_host(running().await)).is_some_and(|d| d.port == port)
+                    || n.trim().parse::<u64>() == Ok(u64::from(port))
+                    || n.trim() == at.addr;
+                if !same {
+                    return Err(format!(
+                        "this MCP server is pinned to {} (--port or BLD_REMOTE_MCP_PORT), and instance \
+                         {n:?} is not that one. Leave `instance` out, or run `bld-remote mcp` without --port \
+                         to reach every running Blender",
+                        at.addr
+                    ));
+                }
+            }
+            return Ok(at);
         }
-        let (alive, _) = crate::instances::live(true);
-        let mut on_host = alive
+        // Several with their processes alive and none named: refused even when some do not answer now
+        // (the one that does may not be the one the caller means).
+        let found = on_host(running().await);
+        let Some(n) = named else {
+            return match found.as_slice() {
+                [] => Ok(Chosen::new(self.host(), DEFAULT_PORT)),
+                [d] => Ok(Chosen::new(d.host.clone(), d.port)),
+                several => Err(format!(
+                    "{} Blender instances are running; say which with the `instance` argument (its port \
+                     or id; list_instances shows them):\n{}",
+                    several.len(),
+                    listing(several)
+                )),
+            };
+        };
+        match find(n, &found) {
+            Some(d) => Ok(Chosen::new(d.host.clone(), d.port)),
+            None if found.is_empty() => Err(format!(
+                "no Blender instance {n:?}: none is running (no instance descriptors in {}). Start one \
+                 with `bld-remote start`",
+                crate::instances::runtime_dir().display()
+            )),
+            None => Err(format!(
+                "no Blender instance {n:?} (`instance` takes a port or an id, as list_instances shows \
+                 them). Running:\n{}",
+                listing(&found)
+            )),
+        }
+    }
+
+    /// Every running instance (on `--host`, when given) as `list_instances` shows it: its descriptor (the
+    /// token left out) and whether its port answers now as that instance, asked of all at once (each
+    /// within 2 s, as `bld-remote ls` asks).
+    pub async fn survey(&self) -> Vec<Value> {
+        let found: Vec<Descriptor> = running()
+            .await
             .into_iter()
-            .filter(|d| self.target.host.as_deref().is_none_or(|h| h == d.host));
-        match (on_host.next(), on_host.next()) {
-            (None, _) => Ok((host(), DEFAULT_PORT)),
-            (Some(d), None) => Ok((d.host, d.port)),
-            // Several: `pick` refuses to guess, with a message that lists them.
-            _ => crate::instances::pick(self.target.host.as_deref(), None),
+            .filter(|d| self.target.host.as_deref().is_none_or(|h| h == d.host))
+            .collect();
+        let mut checks = tokio::task::JoinSet::new();
+        for (i, d) in found.into_iter().enumerate() {
+            checks.spawn_blocking(move || {
+                let verdict = crate::instances::check(&d, Duration::from_secs(2));
+                (i, d, verdict)
+            });
         }
+        let mut done = Vec::new();
+        while let Some(r) = checks.join_next().await {
+            if let Ok(r) = r {
+                done.push(r);
+            }
+        }
+        done.sort_by_key(|(i, ..)| *i);
+        done.into_iter()
+            .map(|(_, d, verdict)| {
+                let mut v = json!({
+                    "instance": d.port,
+                    "id": d.pid,
+                    "host": d.host,
+                    "port": d.port,
+                    "pid": d.pid,
+                    "mode": d.mode,
+                    "blender_version": d.blender_version,
+                    "blend_file": d.blend_file,
+                    "started": d.started,
+                    "token_required": d.auth,
+                    "answers": verdict.is_ok(),
+                });
+                if let (Err(why), Value::Object(m)) = (verdict, &mut v) {
+                    m.insert("problem".into(), Value::String(why.to_string()));
+                }
+                v
+            })
+            .collect()
     }
 
     /// The live connection, or a new one.
     #[allow(clippy::too_many_lines)] // one linear path: resolve, connect, verify, spawn the two tasks
-    async fn connection(&self) -> Result<Arc<Link>, CallError> {
-        let mut guard = self.link.lock().await;
+    async fn connection(&self, at: &Chosen) -> Result<Arc<Link>, CallError> {
+        let slot = {
+            let mut links = self.links.lock();
+            // Forget the instances whose connection is gone (they may never come back: a restarted
+            // Blender usually gets a new port), so the map holds at most one entry per live instance.
+            links.retain(|k, slot| {
+                *k == at.addr
+                    || slot.try_lock().map_or(true, |l| {
+                        l.as_ref().is_some_and(|l| l.alive.load(Ordering::SeqCst))
+                    })
+            });
+            Arc::clone(links.entry(at.addr.clone()).or_default())
+        };
+        let mut guard = slot.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.alive.load(Ordering::SeqCst) {
                 return Ok(Arc::clone(c));
             }
         }
         *guard = None;
-        let (host, port) = self.resolve().map_err(CallError::Unreachable)?;
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let (host, port, addr) = (at.host.clone(), at.port, at.addr.clone());
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -347,25 +534,18 @@ impl Backend {
         Ok(())
     }
 
-    /// The address of the current connection, if one is open.
-    pub async fn connected_addr(&self) -> Option<String> {
-        let g = self.link.lock().await;
-        g.as_ref()
-            .filter(|c| c.alive.load(Ordering::SeqCst))
-            .map(|c| c.addr.clone())
-    }
-
     /// Send one request and wait for its result. Progress lines go to `progress` (only framed requests get
     /// them; ours always are). `ct` cancelled → `cancel` is sent and [`CallError::Cancelled`] returned.
     pub async fn call(
         &self,
+        at: &Chosen,
         command: &str,
         params: Map<String, Value>,
         timeout: Option<Duration>,
         progress: Option<mpsc::UnboundedSender<Value>>,
         ct: &CancellationToken,
     ) -> Result<Value, CallError> {
-        let link = self.connection().await?;
+        let link = self.connection(at).await?;
         let timeout = timeout.unwrap_or(self.timeout);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -518,6 +698,30 @@ fn route(pending: &Mutex<HashMap<u64, Pending>>, msg: Map<String, Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn desc(pid: u32, port: u16) -> Descriptor {
+        serde_json::from_value(
+            json!({"pid": pid, "host": "127.0.0.1", "port": port, "started_at": 0.0}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_instance_is_found_by_port_first_then_id_then_address() {
+        // The second's pid is the first's port: a number names a port before an id.
+        let among = [desc(111, 6688), desc(6688, 7000)];
+        let port_of = |n: &str| find(n, &among).map(|d| d.port);
+        assert_eq!(port_of("6688"), Some(6688));
+        assert_eq!(port_of(" 7000 "), Some(7000));
+        assert_eq!(port_of("111"), Some(6688));
+        assert_eq!(port_of("127.0.0.1:7000"), Some(7000));
+        assert_eq!(port_of("localhost:7000"), Some(7000));
+        assert_eq!(port_of("10.0.0.1:7000"), None);
+        assert_eq!(port_of("5"), None);
+        assert_eq!(port_of("nope"), None);
+        let l = listing(&among);
+        assert!(l.contains("instance 6688 (id 111, 127.0.0.1:6688)"), "{l}");
+    }
 
     #[test]
     fn progress_lines_go_to_their_call_only() {

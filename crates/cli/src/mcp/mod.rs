@@ -8,7 +8,8 @@
 //! the tools and the connection run as tasks on two tokio workers named `bld-remote-mcp`, all stopped by
 //! the runtime's shutdown before [`run`] returns. Never runs inside Blender.
 //!
-//! Each tool is one request to the service over [`conn::Backend`] (framed mode, one shared connection):
+//! Each tool is one request to the service over [`conn::Backend`] (framed mode, one kept connection per
+//! instance; the instance is chosen per call from the `instance` argument, see [`conn::Backend::choose`]):
 //! progress lines from the service become MCP progress notifications, an MCP cancellation becomes the
 //! service's `cancel` (a request still queued never runs; a running one has its result discarded), and a
 //! service that is down or goes away becomes a tool error that says so; the next call reconnects.
@@ -38,8 +39,9 @@ pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 1024 * 1024;
 /// `bld-remote mcp` options.
 #[derive(Args, Debug, Clone)]
 pub struct McpArgs {
-    /// The bld_remote service's port. Default: $BLD_REMOTE_MCP_PORT, else the only running instance
-    /// (`bld-remote ls`), else 6688. Re-resolved on every reconnect.
+    /// Pin the server to the bld_remote service on this port (default: $BLD_REMOTE_MCP_PORT). Unpinned,
+    /// each tool call goes to the running instance (`bld-remote ls`) its `instance` argument names, or to
+    /// the only one (else 6688); several and none named is a tool error listing them.
     #[arg(long)]
     pub port: Option<u16>,
     /// The bld_remote service's address.

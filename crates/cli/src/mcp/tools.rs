@@ -26,15 +26,57 @@ use tokio::sync::mpsc;
 
 use bld_remote_core::client::ClientError;
 
-use super::conn::{Backend, CallError};
+use super::conn::{Backend, CallError, Chosen};
 use super::image;
 
 // --- tool arguments ---------------------------------------------------------------------------------------
+
+/// The `instance` argument every tool takes: a port or an id (the pid `bld-remote ls` prints), as a number
+/// or a string, or an address `host:port`. Its schema is one short line (`integer` or `string`): it is
+/// repeated in every tool, and tools/list has a size budget.
+#[derive(Debug, Clone)]
+pub struct Instance(pub String);
+
+impl<'de> Deserialize<'de> for Instance {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Number(n) if n.is_u64() => Ok(Self(n.to_string())),
+            Value::String(s) if !s.trim().is_empty() => Ok(Self(s.trim().to_string())),
+            v => Err(serde::de::Error::custom(format!(
+                "instance must be a port or an id from list_instances (a whole number or a string), got {v}"
+            ))),
+        }
+    }
+}
+
+impl JsonSchema for Instance {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Instance".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": ["integer", "string"]})
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct InstanceArgs {
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
+}
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ObjectArgs {
     /// The object's name, exactly as in get_scene_info (e.g. "Cube").
     pub name: String,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -42,6 +84,9 @@ pub struct CodeArgs {
     /// Python code to run in Blender, with `bpy` imported. print() output is returned; assign a variable
     /// named `result` to return a value (converted to JSON).
     pub code: String,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -50,6 +95,9 @@ pub struct ScreenshotArgs {
     #[serde(default, deserialize_with = "max_size")]
     #[schemars(range(min = 1, max = 16384))]
     pub max_size: Option<u32>,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 /// Render engine.
@@ -93,6 +141,9 @@ pub struct RenderArgs {
     #[serde(default, deserialize_with = "samples")]
     #[schemars(range(min = 1, max = 65536))]
     pub samples: Option<u32>,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 // Every number a tool takes is range-checked here, where it enters, with an error naming the argument and
@@ -161,6 +212,9 @@ pub struct PutArgs {
     pub key: String,
     /// Any JSON value.
     pub data: Value,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -170,12 +224,18 @@ pub struct GetArgs {
     /// Returned when the key is not stored (default null).
     #[serde(default)]
     pub default: Option<Value>,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct KeyArgs {
     /// The key to remove.
     pub key: String,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
 }
 
 // --- the server -------------------------------------------------------------------------------------------
@@ -193,7 +253,8 @@ const INSTRUCTIONS: &str = "Drive a running Blender. Start with get_scene_info t
 get_object_info for details of one object; change anything with execute_blender_code (Python with bpy); \
 look at the result with render_image (works headless) or get_viewport_screenshot (needs Blender's UI). \
 check_connection_status tells whether Blender is reachable. The persist data tools keep small JSON values \
-in the service between calls.";
+in the service between calls. With several Blenders running, list_instances shows them and every tool takes \
+`instance` (a port or id) to say which one.";
 
 fn text_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::success(vec![ContentBlock::text(text)])
@@ -287,14 +348,25 @@ impl BlenderMcp {
         }
     }
 
+    /// The instance a call goes to (see [`Backend::choose`]); an error result when it names none, or
+    /// names none and several run.
+    async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
+        self.backend
+            .choose(instance.map(|i| i.0.as_str()))
+            .await
+            .map_err(error_result)
+    }
+
     async fn simple(
         &self,
+        instance: Option<&Instance>,
         command: &str,
         params: Map<String, Value>,
         ctx: &RequestContext<RoleServer>,
     ) -> Result<Value, CallToolResult> {
+        let at = self.at(instance).await?;
         self.backend
-            .call(command, params, None, None, &ctx.ct)
+            .call(&at, command, params, None, None, &ctx.ct)
             .await
             .map_err(|e| call_error_result(&e))
     }
@@ -303,15 +375,21 @@ impl BlenderMcp {
     /// them with a progress token).
     async fn with_progress(
         &self,
+        at: &Chosen,
         command: &str,
         params: Map<String, Value>,
         ctx: &RequestContext<RoleServer>,
     ) -> Result<Value, CallError> {
         let token = ctx.meta.get_progress_token();
         let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
-        let call = self
-            .backend
-            .call(command, params, None, token.as_ref().map(|_| tx), &ctx.ct);
+        let call = self.backend.call(
+            at,
+            command,
+            params,
+            None,
+            token.as_ref().map(|_| tx),
+            &ctx.ct,
+        );
         tokio::pin!(call);
         let mut last = f64::NEG_INFINITY;
         loop {
@@ -398,6 +476,37 @@ fn one(key: &str, v: Value) -> Map<String, Value> {
 #[tool_router]
 impl BlenderMcp {
     #[tool(
+        description = "The running Blenders: for each, `instance` (its port) and `id` (its pid, as `bld-remote \
+                       ls` shows it), host, mode, Blender version, open file, and whether it answers now. \
+                       With several running, pass one's port or id as `instance` to the other tools.",
+        annotations(
+            title = "List Blender instances",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn list_instances(&self) -> Result<CallToolResult, ErrorData> {
+        let instances = self.backend.survey().await;
+        let mut v = json!({ "instances": instances });
+        if let (Ok(Some(port)), Value::Object(m)) = (self.backend.pinned(), &mut v) {
+            let at = self
+                .backend
+                .choose(None)
+                .await
+                .map(|c| c.addr)
+                .unwrap_or_default();
+            m.insert(
+                "pinned".into(),
+                json!(format!(
+                    "this server is pinned to {at} (--port {port}): every tool goes there, and `instance` may \
+                     only name that one"
+                )),
+            );
+        }
+        Ok(text_result(pretty(&v)))
+    }
+
+    #[tool(
         description = "Summary of the open Blender scene: its name, every object (name, type, location, \
                        visibility), material count, frame range, active object and render engine.",
         annotations(
@@ -408,10 +517,14 @@ impl BlenderMcp {
     )]
     async fn get_scene_info(
         &self,
+        Parameters(a): Parameters<InstanceArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         Ok(
-            match self.simple("get_scene_info", Map::new(), &ctx).await {
+            match self
+                .simple(a.instance.as_ref(), "get_scene_info", Map::new(), &ctx)
+                .await
+            {
                 Ok(v) => text_result(pretty(&v)),
                 Err(e) => e,
             },
@@ -435,7 +548,12 @@ impl BlenderMcp {
     ) -> Result<CallToolResult, ErrorData> {
         Ok(
             match self
-                .simple("get_object_info", one("name", Value::String(a.name)), &ctx)
+                .simple(
+                    a.instance.as_ref(),
+                    "get_object_info",
+                    one("name", Value::String(a.name)),
+                    &ctx,
+                )
                 .await
             {
                 Ok(v) => text_result(pretty(&v)),
@@ -463,9 +581,14 @@ impl BlenderMcp {
         Parameters(a): Parameters<CodeArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let at = match self.at(a.instance.as_ref()).await {
+            Ok(at) => at,
+            Err(e) => return Ok(e),
+        };
         let r = self
             .backend
             .call(
+                &at,
                 "execute_code",
                 one("code", Value::String(a.code)),
                 None,
@@ -502,9 +625,13 @@ impl BlenderMcp {
         let mut params = Map::new();
         params.insert("max_size".into(), json!(a.max_size.unwrap_or(800)));
         params.insert("format".into(), json!("png"));
+        let at = match self.at(a.instance.as_ref()).await {
+            Ok(at) => at,
+            Err(e) => return Ok(e),
+        };
         let r = self
             .backend
-            .call("get_viewport_screenshot", params, None, None, &ctx.ct)
+            .call(&at, "get_viewport_screenshot", params, None, None, &ctx.ct)
             .await;
         let reply = match r {
             Ok(v) => v,
@@ -561,14 +688,13 @@ impl BlenderMcp {
             "engine".into(),
             json!(a.engine.unwrap_or(Engine::Workbench).wire()),
         );
+        let at = match self.at(a.instance.as_ref()).await {
+            Ok(at) => at,
+            Err(e) => return Ok(e),
+        };
         // Blender on another machine: its temp file is not readable here, so ask for the bytes inline.
-        let local = self.backend.resolve().map_or(true, |(h, _)| {
-            h == "localhost"
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        });
-        params.insert("inline".into(), json!(!local));
-        let reply = match self.with_progress("render_image", params, &ctx).await {
+        params.insert("inline".into(), json!(!at.is_local()));
+        let reply = match self.with_progress(&at, "render_image", params, &ctx).await {
             Ok(v) => v,
             Err(e) => return Ok(call_error_result(&e)),
         };
@@ -597,11 +723,17 @@ impl BlenderMcp {
     )]
     async fn check_connection_status(
         &self,
+        Parameters(a): Parameters<InstanceArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let at = match self.at(a.instance.as_ref()).await {
+            Ok(at) => at,
+            Err(e) => return Ok(e),
+        };
         let r = self
             .backend
             .call(
+                &at,
                 "get_status",
                 Map::new(),
                 Some(Duration::from_secs(10)),
@@ -611,10 +743,9 @@ impl BlenderMcp {
             .await;
         Ok(match r {
             Ok(s) => {
-                let addr = self.backend.connected_addr().await.unwrap_or_default();
                 let v = json!({
                     "connected": true,
-                    "address": addr,
+                    "address": at.addr,
                     "blender_version": s.get("blender_version"),
                     "mode": s.get("mode"),
                     "blend_file": s.get("blend_file"),
@@ -628,7 +759,7 @@ impl BlenderMcp {
             }
             Err(CallError::Cancelled) => error_result("Cancelled."),
             Err(e) => text_result(pretty(
-                &json!({"connected": false, "reason": e.to_string()}),
+                &json!({"connected": false, "address": at.addr, "reason": e.to_string()}),
             )),
         })
     }
@@ -651,11 +782,16 @@ impl BlenderMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let mut p = one("key", Value::String(a.key));
         p.insert("data".into(), a.data);
-        Ok(match self.simple("put_persist_data", p, &ctx).await {
-            Ok(Value::String(s)) => text_result(s),
-            Ok(v) => text_result(pretty(&v)),
-            Err(e) => e,
-        })
+        Ok(
+            match self
+                .simple(a.instance.as_ref(), "put_persist_data", p, &ctx)
+                .await
+            {
+                Ok(Value::String(s)) => text_result(s),
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
     }
 
     #[tool(
@@ -674,10 +810,15 @@ impl BlenderMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let mut p = one("key", Value::String(a.key));
         p.insert("default".into(), a.default.unwrap_or(Value::Null));
-        Ok(match self.simple("get_persist_data", p, &ctx).await {
-            Ok(v) => text_result(pretty(&v)),
-            Err(e) => e,
-        })
+        Ok(
+            match self
+                .simple(a.instance.as_ref(), "get_persist_data", p, &ctx)
+                .await
+            {
+                Ok(v) => text_result(pretty(&v)),
+                Err(e) => e,
+            },
+        )
     }
 
     #[tool(
@@ -698,6 +839,7 @@ impl BlenderMcp {
         Ok(
             match self
                 .simple(
+                    a.instance.as_ref(),
                     "remove_persist_data",
                     one("key", Value::String(a.key)),
                     &ctx,
@@ -726,6 +868,27 @@ impl ServerHandler for BlenderMcp {
 mod tests {
     use super::*;
 
+    /// tools/list as a client gets it, in bytes (docs/MCP.md records it; issue 16 caps it at 16 KiB).
+    #[test]
+    fn tools_list_is_small_and_every_blender_tool_takes_instance() {
+        let tools = BlenderMcp::tool_router().list_all();
+        let size = serde_json::to_string(&json!({ "tools": tools }))
+            .unwrap()
+            .len();
+        eprintln!("tools/list: {size} bytes");
+        assert!(size < 16 * 1024, "{size}");
+        for t in tools.iter().filter(|t| t.name != "list_instances") {
+            let p = t
+                .input_schema
+                .get("properties")
+                .and_then(|p| p.get("instance"));
+            assert!(p.is_some(), "{} has no instance argument", t.name);
+            eprintln!("{}: {}", t.name, p.unwrap_or(&Value::Null));
+            let required = t.input_schema.get("required").cloned().unwrap_or(json!([]));
+            assert!(!required.to_string().contains("instance"), "{}", t.name);
+        }
+    }
+
     #[test]
     fn every_tool_is_listed_with_a_description_schema_and_annotations() {
         let tools = BlenderMcp::tool_router().list_all();
@@ -740,6 +903,7 @@ mod tests {
                 "get_persist_data",
                 "get_scene_info",
                 "get_viewport_screenshot",
+                "list_instances",
                 "put_persist_data",
                 "remove_persist_data",
                 "render_image",
