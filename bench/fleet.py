@@ -6,9 +6,10 @@ Pool.map for the same items.
 Uses the installed wheels (run ``bash scripts/setup.sh`` first). In the same run, so ratios share the noise:
 
 - **job round trip**: ``Pool.start(1)``'s instance; ``--batches`` alternating batches of ``--n`` requests on
-  one kept connection: ``execute_code("result = 1")`` against ``submit_code_job`` of the same code followed by
+  one kept connection: ``execute_code(code)`` against ``submit_code_job`` of the same code followed by
   ``get_job_result`` with a wait (what ``Client.submit(code).result()`` does). Ratio = median per-request
-  time of the job batches / of the execute batches (target <= 1.5).
+  time of the job batches / of the execute batches (target <= 1.5). Twice: ``result = 1`` (nothing but the
+  protocol: a job is two round trips where execute_code is one) and 5 ms of work (``--n`` / 10 requests).
 - **Ray overhead**: a local two-CPU Ray (``ray.init(num_cpus=2)``, loopback) with two warm ``BlenderActor``s,
   against ``Pool.start(2)``; ``--items`` items of ~20 ms CPU each, ``--rounds`` alternating rounds of
   ``bld_remote.ray.map(actors=...)`` and ``Pool.map``. Ratio = median map time with Ray / with the pool
@@ -39,7 +40,11 @@ result = item
 """
 
 
-def job_round_trip(a: argparse.Namespace) -> dict:
+SHORT = "result = 1"
+FIVE_MS = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 0.005:\n    pass\nresult = 1"
+
+
+def job_round_trip(a: argparse.Namespace, code: str, n: int) -> dict:
     with Pool.start(1) as pool:
         port = pool.instances[0]["port"]
         c = Client(port=port, timeout=60)
@@ -49,12 +54,12 @@ def job_round_trip(a: argparse.Namespace) -> dict:
         for b in range(a.batches):
             for kind in ("exec", "job") if b % 2 == 0 else ("job", "exec"):
                 t0 = time.perf_counter()
-                for _ in range(a.n):
+                for _ in range(n):
                     if kind == "exec":
-                        c.execute("result = 1")
+                        c.execute(code)
                     else:
-                        c.submit("result = 1").result(timeout=60)
-                per = (time.perf_counter() - t0) / a.n
+                        c.submit(code).result(timeout=60)
+                per = (time.perf_counter() - t0) / n
                 (ex if kind == "exec" else jb).append(per)
         c.close()
     e, j = statistics.median(ex), statistics.median(jb)
@@ -112,8 +117,10 @@ def main() -> None:
         "args": vars(a),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    out["job_round_trip"] = job_round_trip(a)
+    out["job_round_trip"] = job_round_trip(a, SHORT, a.n)
     print(json.dumps(out["job_round_trip"]), flush=True)
+    out["job_round_trip_5ms"] = job_round_trip(a, FIVE_MS, max(1, a.n // 10))
+    print(json.dumps(out["job_round_trip_5ms"]), flush=True)
     out["ray_overhead"] = ray_overhead(a)
     print(json.dumps(out["ray_overhead"]), flush=True)
     if a.json:
