@@ -115,16 +115,8 @@ impl PyClient {
         command: &str,
         params: Map<String, Value>,
     ) -> PyResult<Value> {
-        let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-        let interrupted = || {
-            Python::attach(|py| match py.check_signals() {
-                Ok(()) => false,
-                Err(e) => {
-                    *raised.lock() = Some(e);
-                    true
-                }
-            })
-        };
+        let signals = crate::error::PySignals::default();
+        let interrupted = || signals.check();
         let timeout = *self.timeout.lock();
         let result = py.detach(|| {
             let mut client = self.inner.lock();
@@ -133,8 +125,7 @@ impl PyClient {
         });
         match result {
             Ok(v) => Ok(v),
-            Err(ClientError::Interrupted) => Err(raised
-                .lock()
+            Err(ClientError::Interrupted) => Err(signals
                 .take()
                 .unwrap_or_else(|| client_error(py, ClientError::Interrupted))),
             Err(e) => Err(client_error(py, e)),

@@ -126,3 +126,29 @@ pub fn add_to_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("JobTimedOut", py.get_type::<JobTimedOut>())?;
     Ok(())
 }
+
+/// The interrupt hook of a wait done with the GIL released (`Client` calls, `Pool.map`): it takes the GIL
+/// for a moment to run Python's signal handlers, and keeps the exception one raised (Ctrl+C's
+/// `KeyboardInterrupt`) for the caller to re-raise once the wait has ended.
+#[derive(Default)]
+pub struct PySignals {
+    raised: parking_lot::Mutex<Option<PyErr>>,
+}
+
+impl PySignals {
+    /// True when a signal handler raised: the wait should end.
+    pub fn check(&self) -> bool {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                *self.raised.lock() = Some(e);
+                true
+            }
+        })
+    }
+
+    /// The exception a handler raised, if any.
+    pub fn take(&self) -> Option<PyErr> {
+        self.raised.lock().take()
+    }
+}

@@ -174,16 +174,8 @@ impl PoolClient {
             restart_wait,
             events: false,
         };
-        let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-        let interrupted = || {
-            Python::attach(|py| match py.check_signals() {
-                Ok(()) => false,
-                Err(e) => {
-                    *raised.lock() = Some(e);
-                    true
-                }
-            })
-        };
+        let signals = crate::error::PySignals::default();
+        let interrupted = || signals.check();
         let report = py.detach(|| {
             let _one_map_at_a_time = self.mapping.lock();
             let members = self.members.lock().clone();
@@ -192,7 +184,7 @@ impl PoolClient {
         let report = match report {
             Ok(r) => r,
             Err(MapError::Interrupted) => {
-                return Err(raised.lock().take().unwrap_or_else(|| {
+                return Err(signals.take().unwrap_or_else(|| {
                     pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")
                 }))
             }
@@ -221,7 +213,7 @@ impl PoolClient {
             });
         }
         if report.interrupted {
-            if let Some(e) = raised.lock().take() {
+            if let Some(e) = signals.take() {
                 return Err(e);
             }
         }

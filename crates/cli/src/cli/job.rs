@@ -16,7 +16,11 @@ use crate::client::{exec_output, Client};
 /// Longest single wait asked of the service; a longer `--wait` is several requests.
 const WAIT_SLICE: Duration = Duration::from_secs(20);
 
-fn read_code(code: Option<String>, file: Option<std::path::PathBuf>) -> Result<String, i32> {
+/// The code of `exec` and `job submit`: `-c CODE`, a FILE, or `-` for standard input.
+pub(super) fn read_code(
+    code: Option<String>,
+    file: Option<std::path::PathBuf>,
+) -> Result<String, i32> {
     match (code, file) {
         (Some(c), _) => Ok(c),
         (None, Some(f)) if f.as_os_str() == "-" => {

@@ -4,7 +4,6 @@
 //! service first (bld-remote-core's handshake) and never sends the token: an unverified service is status 5.
 
 use std::fmt::Write as _;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -56,27 +55,9 @@ pub(super) fn client_error_status(e: &ClientError) -> i32 {
 }
 
 pub(super) fn exec(a: ExecArgs, host: &Host<'_>) -> i32 {
-    let code = match (&a.code, &a.file) {
-        (Some(c), _) => c.clone(),
-        (None, Some(f)) if f.as_os_str() == "-" => {
-            let mut s = String::new();
-            if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-                errln(&format!("cannot read code from standard input: {e}"));
-                return EXIT_FAILURE;
-            }
-            s
-        }
-        (None, Some(f)) => match std::fs::read_to_string(f) {
-            Ok(s) => s,
-            Err(e) => {
-                errln(&format!("cannot read {}: {e}", f.display()));
-                return EXIT_FAILURE;
-            }
-        },
-        (None, None) => {
-            errln("give code with -c CODE, a FILE, or - for standard input");
-            return EXIT_USAGE;
-        }
+    let code = match super::job::read_code(a.code.clone(), a.file.clone()) {
+        Ok(c) => c,
+        Err(rc) => return rc,
     };
     let mut client = match client_or_report(&a.target) {
         Ok(c) => c,
