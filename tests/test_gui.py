@@ -517,6 +517,15 @@ def ping(port):
         c.sendall(b'{"type": "ping"}')
         return json.loads(c.makefile().readline())["status"] == "success"
 
+def gone():
+    # Every bld_remote thread is joined when disable returns, but a joined thread can stay listed in /proc
+    # for a moment: the kernel wakes pthread_join (clearing the thread id) before it unhashes the task. Wait
+    # (up to 2 s) for the listing to catch up; a thread that was never joined stays and fails the check.
+    deadline = time.monotonic() + 2
+    while (seen := threads())[1] != 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return seen
+
 def settle(like=None):
     # Blender starts and ends short-lived threads of its own: wait (up to 5 s) for the count to match.
     deadline = time.monotonic() + 5
@@ -539,7 +548,7 @@ def cycles():
             addon_utils.disable("bld_remote", default_set=True)
         else:
             bpy.ops.preferences.addon_disable(module="bld_remote")
-        off = {"running": bld_remote.is_mcp_service_up(), "port_free": port_free(PORT), "threads": threads()}
+        off = {"running": bld_remote.is_mcp_service_up(), "port_free": port_free(PORT), "threads": gone()}
         if keeper is not None:
             off["keeper"] = keeper + [bld_remote.gui.KEEPER.active, bld_remote.gui.KEEPER.event_timer is None]
         if i % 2:
