@@ -15,7 +15,9 @@ interactive Blender two drivers can run the service's jobs, both through ``_core
 
 ``register()``/``unregister()`` here are the add-on's, strictly symmetric: ``unregister()`` ends the keeper,
 stops the service (joining its threads, freeing the port), removes the timer and the handler, and
-unregisters the classes in reverse order.
+unregisters the classes in reverse order. One exception in time, not in effect: called from a job that the
+keeper itself runs, it leaves the keeper's class registered until the keeper has returned from that job
+(a few milliseconds), since freeing an operator under its own running modal() crashes Blender.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ _last_activity = 0.0
 # --- the timer pump -------------------------------------------------------------------------------------
 
 
-def _run_tick() -> int:
-    """Run ready jobs for at most TICK_BUDGET; shortly after activity, linger for the next request."""
+def _run_tick(keeper: bool = False) -> int:
+    """Run ready jobs for at most TICK_BUDGET; shortly after activity, linger for the next request. The timer
+    pump's tick ends as soon as a job has started the keeper, which runs every job after that one; the
+    keeper's ends as soon as it is asked to end (by a job, say), and the timer pump runs the next job."""
     global _last_activity
     start = time.monotonic()
     deadline = start + TICK_BUDGET
@@ -70,7 +74,7 @@ def _run_tick() -> int:
     ran = 0
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or (KEEPER.shutdown if keeper else KEEPER.active):
             break
         n = _core.step(MAX_JOBS_PER_TICK, min(wait, left), left)
         if not n:
@@ -170,9 +174,11 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
     bl_idname = "wm.bld_remote_keeper"
     bl_label = "bld_remote: Keep Serving"
 
-    # Class-level state: at most one keeper runs. Setting ``shutdown`` ends it at its next event.
+    # Class-level state: at most one keeper runs. Setting ``shutdown`` ends it at its next event. ``serving``
+    # is true while its modal() runs jobs: a job then runs with this operator's handler on the C stack.
     active = False
     shutdown = False
+    serving = False
     event_timer = None
 
     def execute(self, context: Any) -> set[str]:
@@ -217,8 +223,14 @@ class BLD_REMOTE_OT_keeper(bpy.types.Operator):
                 _end_keeper(context.window_manager)
                 return {"FINISHED"}
             if event.type == "TIMER":
-                _run_tick()
-                if not _core.is_running():
+                KEEPER.serving = True
+                try:
+                    _run_tick(keeper=True)
+                finally:
+                    KEEPER.serving = False
+                # A job may have stopped the service, or disabled the add-on (``unregister`` then leaves
+                # this class registered until the keeper has ended: see there).
+                if KEEPER.shutdown or not _core.is_running():
                     _end_keeper(context.window_manager)
                     return {"FINISHED"}
         except BaseException as exc:  # never take the UI down with us
@@ -349,8 +361,37 @@ def _should_auto_start() -> bool:
     return bool(prefs is not None and prefs.auto_start)
 
 
+# True while the keeper's class stays registered after ``unregister()`` (see there), until it is dropped.
+_keeper_class_kept = False
+
+
+def _drop_kept_keeper_class() -> float | None:
+    """Timer: unregister the keeper's class that ``unregister()`` had to leave, once the keeper has ended
+    (unless the add-on was enabled again meanwhile and owns it anew). Never raises."""
+    global _keeper_class_kept
+    try:
+        if not _keeper_class_kept:
+            return None
+        if KEEPER.active or KEEPER.serving:
+            return 0.05
+        _keeper_class_kept = False
+        if getattr(KEEPER, "is_registered", False):
+            bpy.utils.unregister_class(KEEPER)
+    except BaseException as exc:
+        try:
+            service._log("ERROR", f"could not unregister the keeper's class: {exc!r}")
+        except BaseException:
+            pass
+    return None
+
+
 def register() -> None:
+    global _keeper_class_kept
     for cls in classes:
+        if cls is KEEPER and _keeper_class_kept and getattr(cls, "is_registered", False):
+            # Left registered by the last unregister() (it ran inside the keeper): ours again.
+            _keeper_class_kept = False
+            continue
         bpy.utils.register_class(cls)
     try:
         if _should_auto_start():
@@ -360,13 +401,25 @@ def register() -> None:
 
 
 def unregister() -> None:
-    # The keeper's handler is freed by Blender when its class goes; its window timer is ours to remove.
+    global _keeper_class_kept
     KEEPER.shutdown = True
-    if KEEPER.active:
+    # Called from a job that the keeper runs (a request disabling the add-on), the keeper's modal() is on the
+    # C stack: unregistering its class now would free the operator under it, and Blender would use the
+    # freed memory when modal() returns (a crash, seen later, at Load Factory Settings). So the class stays
+    # registered until the keeper has ended: modal() sees ``shutdown`` right after the job, ends the
+    # keeper (its timer removed, the timer pump armed if a service runs) and returns FINISHED; a timer then
+    # unregisters the class, unless register() has taken it back.
+    inside_keeper = KEEPER.serving
+    if KEEPER.active and not inside_keeper:
+        # Outside its modal(), Blender frees the keeper's handler with its class; its timer is ours to remove.
         _end_keeper(bpy.context.window_manager)
     service.stop_mcp_service()
     remove_pump()
     for cls in reversed(classes):
+        if cls is KEEPER and inside_keeper:
+            _keeper_class_kept = True
+            bpy.app.timers.register(_drop_kept_keeper_class, first_interval=0.0, persistent=True)
+            continue
         bpy.utils.unregister_class(cls)
 
 

@@ -131,6 +131,64 @@ impl PyClient {
             Err(e) => Err(client_error(py, e)),
         }
     }
+
+    /// Send one request without waiting for its reply (GIL released): its id, for `receive_pair`.
+    pub(crate) fn send(
+        &self,
+        py: Python<'_>,
+        command: &str,
+        params: Map<String, Value>,
+    ) -> PyResult<u64> {
+        let signals = crate::error::PySignals::default();
+        let interrupted = || signals.check();
+        let timeout = *self.timeout.lock();
+        let result = py.detach(|| {
+            let mut client = self.inner.lock();
+            client.set_timeout(timeout);
+            client.send_with(command, params, &interrupted)
+        });
+        result.map_err(|e| match e {
+            ClientError::Interrupted => signals
+                .take()
+                .unwrap_or_else(|| client_error(py, ClientError::Interrupted)),
+            e => client_error(py, e),
+        })
+    }
+
+    /// Send a request after the pending one `first` (sent with `send`), then read both replies: one write
+    /// and one wait instead of two round trips. Both outcomes are returned, the first's raw error kept.
+    pub(crate) fn after_pending(
+        &self,
+        py: Python<'_>,
+        first: u64,
+        command: &str,
+        params: Map<String, Value>,
+    ) -> (Result<Value, Result<ClientError, PyErr>>, PyResult<Value>) {
+        let signals = crate::error::PySignals::default();
+        let interrupted = || signals.check();
+        let timeout = *self.timeout.lock();
+        let (a, b) = py.detach(|| {
+            let mut client = self.inner.lock();
+            client.set_timeout(timeout);
+            let second = client.send_with(command, params, &interrupted);
+            let a = client.receive_with(first, &interrupted);
+            let b = second.and_then(|id| client.receive_with(id, &interrupted));
+            (a, b)
+        });
+        let a = a.map_err(|e| match e {
+            ClientError::Interrupted => Err(signals
+                .take()
+                .unwrap_or_else(|| client_error(py, ClientError::Interrupted))),
+            e => Ok(e),
+        });
+        let b = b.map_err(|e| match e {
+            ClientError::Interrupted => signals
+                .take()
+                .unwrap_or_else(|| client_error(py, ClientError::Interrupted)),
+            e => client_error(py, e),
+        });
+        (a, b)
+    }
 }
 
 #[pymethods]
@@ -223,8 +281,11 @@ impl PyClient {
     }
 
     /// Submit code as a job that runs whether or not this client stays connected
-    /// (``submit_code_job``); returns its ``Job`` at once. ``job_timeout``: seconds it may run before
-    /// ``check_cancelled()`` raises in it.
+    /// (``submit_code_job``); returns its ``Job`` at once, without waiting for the service: its id
+    /// (``job-`` and 16 hex digits) is chosen here, and its first call (``result``, ``status``,
+    /// ``cancel``) goes out right behind the submission, so ``submit(code).result()`` costs one round
+    /// trip. A refusal (the queue or the job store full, the service stopping) is raised by that first
+    /// call, with ``ran=False``. ``job_timeout``: seconds it may run before ``check_cancelled()`` raises.
     #[pyo3(signature = (code, job_timeout=None))]
     fn submit(
         slf: &Bound<'_, Self>,
@@ -239,13 +300,12 @@ impl PyClient {
                 .map_err(|e| PyValueError::new_err(e.0))?;
             params.insert("job_timeout_seconds".into(), Value::from(t.as_secs_f64()));
         }
-        let v = slf.borrow().request(py, "submit_code_job", params)?;
-        match v.get("job_id").and_then(Value::as_str) {
-            Some(id) => Ok(crate::job::Job::new(slf.clone().unbind(), id.to_string())),
-            None => Err(BlenderConnectionError::new_err(format!(
-                "the service answered submit_code_job without a job_id: {v}"
-            ))),
-        }
+        let id = bld_remote_core::client::new_job_id().map_err(|e| client_error(py, e))?;
+        params.insert("job_id".into(), Value::from(id.as_str()));
+        // Sent, not waited for: the job's first call (result, status, cancel) goes out right behind it and
+        // reads both replies, so submit + result is one round trip. A refusal is raised by that call.
+        let ack = slf.borrow().send(py, "submit_code_job", params)?;
+        Ok(crate::job::Job::new(slf.clone().unbind(), id, Some(ack)))
     }
 
     /// ``get_scene_info``: the scene's name, every object, frame range...

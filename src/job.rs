@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use pyo3::prelude::*;
 use serde_json::{Map, Value};
 
@@ -13,7 +14,7 @@ use bld_remote_core::client::ClientError;
 
 use crate::client::{exec_result, ExecResult, PyClient};
 use crate::convert::json_to_py;
-use crate::error::{client_error, JobCancelled};
+use crate::error::{client_error, JobCancelled, OutcomeUnknown};
 
 /// Longest single wait asked of the service (`wait_timeout_seconds`); longer waits are several requests, so
 /// the client's own per-request timeout never cuts a long wait short.
@@ -24,17 +25,45 @@ const WAIT_SLICE: Duration = Duration::from_secs(20);
 pub struct Job {
     client: Py<PyClient>,
     id: String,
+    /// The submission's request id while its reply is unread (`Client.submit` does not wait for it).
+    ack: Mutex<Option<u64>>,
 }
 
 impl Job {
-    pub fn new(client: Py<PyClient>, id: String) -> Self {
-        Self { client, id }
+    pub fn new(client: Py<PyClient>, id: String, ack: Option<u64>) -> Self {
+        Self {
+            client,
+            id,
+            ack: Mutex::new(ack),
+        }
     }
 
     fn ask(&self, py: Python<'_>, command: &str, extra: Map<String, Value>) -> PyResult<Value> {
         let mut params = extra;
         params.insert("job_id".into(), Value::from(self.id.as_str()));
-        let v = self.client.bind(py).borrow().request(py, command, params)?;
+        let ack = self.ack.lock().take();
+        let client = self.client.bind(py).borrow();
+        let v = match ack {
+            None => client.request(py, command, params)?,
+            Some(ack) => {
+                // This request rides right behind the submission; its reply is read after the
+                // submission's, which must be a success for it to mean anything.
+                let (submitted, answer) = client.after_pending(py, ack, command, params);
+                match submitted {
+                    Ok(_) => answer?,
+                    Err(Err(signal)) => return Err(signal),
+                    Err(Ok(ClientError::Lost { addr, detail })) => {
+                        return Err(OutcomeUnknown::new_err(format!(
+                            "job {}: the connection to {addr} broke before the service acknowledged its \
+                             submission ({detail}); it may or may not have been received: status() asks \
+                             the service again (LookupError: it was not)",
+                            self.id
+                        )))
+                    }
+                    Err(Ok(e)) => return Err(client_error(py, e)),
+                }
+            }
+        };
         if v.get("found") == Some(&Value::Bool(false)) {
             return Err(pyo3::exceptions::PyLookupError::new_err(
                 v.get("message")
@@ -69,7 +98,8 @@ fn remote(py: Python<'_>, v: &Value, message: String) -> PyErr {
 
 #[pymethods]
 impl Job {
-    /// The job's id (`bld-job-N`).
+    /// The job's id: chosen by ``Client.submit`` (``job-`` and 16 hex digits), or the service's
+    /// ``bld-job-N`` for a job submitted by other means.
     #[getter]
     fn id(&self) -> &str {
         &self.id

@@ -97,13 +97,17 @@ pub fn step(
         };
         let Some(Msg::Job(job)) = msg else { break };
         run_job(py, &shared, &handler, job);
-        finish_retired(py);
         ran += 1;
+        // A job that stopped or restarted the service (disabling the add-on, say) ends the step, so that
+        // whoever drives it (the GUI's timer pump or keeper, keep_alive) looks at the new state first.
+        if finish_retired(py) {
+            break;
+        }
     }
     if let Some((shared, _)) = current() {
         finish_requested_stop(py, &shared);
     }
-    finish_retired(py);
+    let _ = finish_retired(py);
     Ok(ran)
 }
 
@@ -163,7 +167,7 @@ pub fn serve_forever(py: Python<'_>, handle_signals: bool) -> PyResult<()> {
             match py.detach(|| shared.next_message(timeout)) {
                 Some(Msg::Job(job)) => {
                     run_job(py, &shared, &handler, job);
-                    finish_retired(py);
+                    let _ = finish_retired(py);
                 }
                 Some(Msg::Wake) | None => {}
             }
@@ -173,7 +177,7 @@ pub fn serve_forever(py: Python<'_>, handle_signals: bool) -> PyResult<()> {
     if let Some(g) = guard {
         g.close(py);
     }
-    finish_retired(py);
+    let _ = finish_retired(py);
     result
 }
 

@@ -290,15 +290,18 @@ pub fn stop(py: Python<'_>) -> bool {
 }
 
 /// Finish the stops begun inside a job (see the module docs): called by the pump once the job has replied.
-pub fn finish_retired(py: Python<'_>) {
+/// Returns whether there were any (the job stopped, or restarted, the service).
+pub fn finish_retired(py: Python<'_>) -> bool {
     if in_job() {
-        return;
+        return false;
     }
     let retiring = std::mem::take(&mut *RETIRING.lock());
+    let any = !retiring.is_empty();
     for mut service in retiring {
         py.detach(|| service.server.stop());
         drop(service);
     }
+    any
 }
 
 /// Whether `shared` is the running service's (not one stopped, or replaced, since).

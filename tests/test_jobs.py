@@ -174,12 +174,89 @@ def test_client_submit_returns_a_job(installed, served, tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["id"].startswith("bld-job-") and out["stdout"] == "42\n" and out["result"] == [1, 2], out
+    assert out["id"].startswith("job-") and len(out["id"]) == 20, out  # chosen by the client
+    assert out["stdout"] == "42\n" and out["result"] == [1, 2], out
     assert out["status"] == "completed"
     assert "still" in out["still"][0] and out["still"][1] is None, out
     assert out["cancel"] == "cancelled" and "cancelled" in out["cancelled"], out
     assert out["failed"] == "ZeroDivisionError"
     assert "job_timeout" in out["bad"]
+
+
+def test_client_chosen_job_ids_on_the_wire(served):
+    port = served.port
+    snap = ok(call(port, "submit_code_job", code="result = 7", job_id="mine-1.a:b_c"))
+    assert snap["job_id"] == "mine-1.a:b_c", snap
+    assert wait_result(port, "mine-1.a:b_c")["result"]["value"] == 7
+    # The same id again: not run, and the reply names the job that holds it (a resent submission can tell).
+    again = call(port, "submit_code_job", code="result = 8", job_id="mine-1.a:b_c")
+    assert again["status"] == "error" and again["ran"] is False and again["id_in_use"] is True, again
+    assert again["job_id"] == "mine-1.a:b_c" and "already in use" in again["message"], again
+    assert wait_result(port, "mine-1.a:b_c")["result"]["value"] == 7  # untouched
+    for bad in ("", "x" * 65, "has space", "bld-job-12", "ünï", 5, True, ["a"], {"a": 1}):
+        r = call(port, "submit_code_job", code="result = 1", job_id=bad)
+        assert r["status"] == "error" and "'job_id'" in r["message"], (bad, r)
+    # The service's own form is taken by nobody else, but other bld-job- names are fine.
+    assert ok(call(port, "submit_code_job", code="pass", job_id="bld-job-x"))["job_id"] == "bld-job-x"
+
+
+def test_a_submission_rides_with_its_first_request(installed, served, tmp_path):
+    # Client.submit does not wait: the job's first call goes out behind it and reads both replies. Replies
+    # to submissions not asked about yet are kept through other calls, in any order, and a refusal is
+    # raised by the job's first call.
+    gate = tmp_path / "go"
+    code = (
+        "import json\n"
+        "from bld_remote import Client, RemoteError, OutcomeUnknown\n"
+        f"c = Client(port={served.port}, timeout=60)\n"
+        "out = {}\n"
+        f"held = c.submit({WAIT_FOR.format(path=str(gate))!r} + 'result = \"held\"')\n"
+        "jobs = [c.submit(f'result = {i} * 2') for i in range(50)]\n"
+        # Answered on the network thread while the held job keeps Blender busy: reads past 51 acks.
+        "out['held'] = held.status()['status']\n"
+        "out['ping'] = c.ping()\n"
+        f"open({str(gate)!r}, 'w').close()\n"
+        "out['exec'] = c.execute('result = \"between\"').result\n"
+        "out['results'] = [j.result(timeout=60).result for j in reversed(jobs)]\n"
+        "out['ids'] = len({j.id for j in jobs})\n"
+        "out['held_result'] = held.result(timeout=60).result\n"
+        "out['again'] = jobs[0].result().result\n"
+        "print(json.dumps(out))\n"
+    )
+    p = subprocess.run(
+        [str(installed / "python"), "-P", "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["exec"] == "between" and out["ping"] is True and out["ids"] == 50, out
+    assert out["results"] == [i * 2 for i in reversed(range(50))], out
+    assert out["held"] in ("queued", "running") and out["held_result"] == "held" and out["again"] == 0, out
+
+
+def test_a_refused_submission_is_raised_by_the_jobs_first_call(installed, start_blender, tmp_path):
+    b = start_blender(env={"BLD_REMOTE_MAX_JOBS": "2"})
+    gate = str(tmp_path / "go")
+    code = (
+        "import json\n"
+        "from bld_remote import Client, RemoteError\n"
+        f"c = Client(port={b.port}, timeout=60)\n"
+        f"a, b = c.submit({WAIT_FOR.format(path=gate)!r}), c.submit('pass')\n"
+        "third = c.submit('result = 3')\n"
+        "out = {}\n"
+        "try:\n    third.result(timeout=5)\nexcept RemoteError as e:\n"
+        "    out['refused'] = [str(e), e.reply.get('ran')]\n"
+        "try:\n    third.status()\nexcept LookupError as e:\n    out['unknown'] = str(e)\n"
+        f"open({gate!r}, 'w').close()\n"
+        "out['b'] = b.result(timeout=60).result\n"
+        "print(json.dumps(out))\n"
+    )
+    p = subprocess.run(
+        [str(installed / "python"), "-P", "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["refused"][0].startswith("busy") and out["refused"][1] is False, out
+    assert "unknown job id" in out["unknown"] and out["b"] is None, out
 
 
 def test_the_job_command(installed, served, tmp_path):

@@ -12,6 +12,7 @@
 //! squatter, a wrong token, a service older than the handshake) is refused with [`ClientError::Unverified`]
 //! before anything else is sent.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -32,6 +33,11 @@ const READ_CHUNK: usize = 1 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest handshake reply read from a peer not yet trusted (a real one is about 300 bytes).
 const HANDSHAKE_REPLY_LIMIT: usize = 64 * 1024;
+/// Requests sent with [`Client::send`] whose replies are not read yet; one more first reads the oldest.
+const MAX_PENDING: usize = 1024;
+/// Replies read early for pending requests, and pending requests whose connection broke, kept for
+/// [`Client::receive`]; past this many the oldest are forgotten (their `receive` then says so).
+const MAX_KEPT: usize = 4096;
 
 /// Everything that can go wrong talking to a service.
 #[derive(Debug)]
@@ -169,6 +175,30 @@ pub struct Client {
     stream: Option<TcpStream>,
     buf: Vec<u8>,
     next_id: u64,
+    /// Ids of requests sent with [`Client::send`] on the current connection, reply not read yet, oldest
+    /// first. Their replies are kept when another call reads past them.
+    pending: VecDeque<u64>,
+    /// What [`Client::receive`] will return for a sent request: its reply, read early, or why it will
+    /// never come (the connection broke first). Oldest first, at most `MAX_KEPT`.
+    kept: HashMap<u64, Kept>,
+    kept_order: VecDeque<u64>,
+}
+
+#[derive(Debug)]
+enum Kept {
+    Reply(Map<String, Value>),
+    Lost(String),
+}
+
+/// A fresh id for a job this client submits (`submit_code_job`'s optional `job_id`): `job-` and 16
+/// random hex digits, so a submission can be followed by requests about it before its reply arrives.
+pub fn new_job_id() -> Result<String, ClientError> {
+    auth::random_hex(8)
+        .map(|h| format!("job-{h}"))
+        .map_err(|detail| ClientError::Protocol {
+            addr: String::new(),
+            detail,
+        })
 }
 
 /// A hook polled during waits; returning true abandons the call with [`ClientError::Interrupted`].
@@ -193,6 +223,9 @@ impl Client {
             stream: None,
             buf: Vec::new(),
             next_id: 1,
+            pending: VecDeque::new(),
+            kept: HashMap::new(),
+            kept_order: VecDeque::new(),
         }
     }
 
@@ -220,12 +253,207 @@ impl Client {
         }
     }
 
-    /// Close the connection (the next call opens a new one).
+    /// Close the connection (the next call opens a new one). Requests sent with [`Client::send`] whose
+    /// replies were not read yet will never get one: their [`Client::receive`] says the outcome is unknown.
     pub fn close(&mut self) {
         if let Some(s) = self.stream.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         self.buf.clear();
+        while let Some(id) = self.pending.pop_front() {
+            self.keep(
+                id,
+                Kept::Lost(
+                    "the connection closed before its reply was read: it may or may not have run"
+                        .into(),
+                ),
+            );
+        }
+    }
+
+    fn keep(&mut self, id: u64, k: Kept) {
+        if self.kept.insert(id, k).is_none() {
+            self.kept_order.push_back(id);
+        }
+        while self.kept_order.len() > MAX_KEPT {
+            if let Some(old) = self.kept_order.pop_front() {
+                self.kept.remove(&old);
+            }
+        }
+    }
+
+    fn take_kept(&mut self, id: u64) -> Option<Kept> {
+        let k = self.kept.remove(&id)?;
+        self.kept_order.retain(|&i| i != id);
+        Some(k)
+    }
+
+    /// Send one request without waiting for its reply (pipelining): returns its id, for
+    /// [`Client::receive`]. Other calls on this client keep its reply when they read past it. At most
+    /// `MAX_PENDING` are outstanding: one more first reads the oldest one's reply (and keeps it).
+    pub fn send(&mut self, command: &str, params: Map<String, Value>) -> Result<u64, ClientError> {
+        self.send_with(command, params, &never)
+    }
+
+    /// [`Client::send`], polling `interrupted` while connecting (the handshake) or making room.
+    pub fn send_with(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<u64, ClientError> {
+        let deadline = self
+            .timeout
+            .and_then(|t| Instant::now().checked_add(t + GRACE));
+        if self.pending.len() >= MAX_PENDING {
+            if let Some(oldest) = self.pending.front().copied() {
+                match self.read_reply_for(oldest, deadline, interrupted) {
+                    Ok(reply) => self.keep(oldest, Kept::Reply(reply)),
+                    Err(e) => {
+                        self.close();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let (id, bytes) = self.encode(command, params)?;
+        if self.pending.is_empty() {
+            self.drop_if_closed_by_peer();
+        }
+        let reused = self.stream.is_some();
+        self.connect(deadline, interrupted)?;
+        if let Err(e) = self.write_request(&bytes) {
+            // As in `call`: on a kept connection with nothing outstanding, the service may have closed it
+            // idle; the request never reached it, so one fresh attempt is safe.
+            if !reused || !self.pending.is_empty() {
+                self.close();
+                return Err(e);
+            }
+            self.close();
+            self.connect(deadline, interrupted)?;
+            if let Err(e) = self.write_request(&bytes) {
+                self.close();
+                return Err(e);
+            }
+        }
+        self.pending.push_back(id);
+        Ok(id)
+    }
+
+    /// The reply to a request sent with [`Client::send`] (read now, or kept from earlier), as
+    /// [`Client::call`] returns it. An id this client never sent, or whose reply was already received,
+    /// is a protocol error.
+    pub fn receive(&mut self, id: u64) -> Result<Value, ClientError> {
+        self.receive_with(id, &never)
+    }
+
+    /// [`Client::receive`], polling `interrupted` at least every 100 ms while waiting.
+    pub fn receive_with(
+        &mut self,
+        id: u64,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Value, ClientError> {
+        let addr = self.addr_text();
+        match self.take_kept(id) {
+            Some(Kept::Reply(mut reply)) => return self.interpret(&mut reply),
+            Some(Kept::Lost(detail)) => return Err(ClientError::Lost { addr, detail }),
+            None => {}
+        }
+        if !self.pending.contains(&id) {
+            return Err(ClientError::Protocol {
+                addr,
+                detail: format!(
+                    "no reply is owed to request {id} (never sent by this client, already received, or \
+                     forgotten among more than {MAX_KEPT} unread replies)"
+                ),
+            });
+        }
+        let deadline = self
+            .timeout
+            .and_then(|t| Instant::now().checked_add(t + GRACE));
+        match self.read_reply_for(id, deadline, interrupted) {
+            Ok(mut reply) => self.interpret(&mut reply),
+            Err(e) => {
+                // The stream is in an unknown state: every request still pending on it is lost with it.
+                self.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Read replies until `id`'s (a pending request), keeping those of other pending requests.
+    fn read_reply_for(
+        &mut self,
+        id: u64,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Map<String, Value>, ClientError> {
+        loop {
+            let reply = self.read_reply(deadline, interrupted)?;
+            match reply.get("id").and_then(Value::as_u64) {
+                Some(got) if got == id => {
+                    self.pending.retain(|&p| p != id);
+                    return Ok(reply);
+                }
+                Some(got) if self.pending.contains(&got) => {
+                    if reply.contains_key("progress") && !reply.contains_key("status") {
+                        continue;
+                    }
+                    self.pending.retain(|&p| p != got);
+                    self.keep(got, Kept::Reply(reply));
+                }
+                // An id-less error is about the stream itself (malformed, too large, closed idle): it
+                // ends the connection, and the oldest request in flight is the one it answers.
+                None if reply.contains_key("status") => {
+                    self.pending.retain(|&p| p != id);
+                    return Ok(reply);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One reply object off the stream.
+    fn read_reply(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<Map<String, Value>, ClientError> {
+        let line = self.read_line(deadline, usize::MAX, interrupted)?;
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(Value::Object(reply)) => Ok(reply),
+            Ok(_) => Err(ClientError::Protocol {
+                addr: self.addr_text(),
+                detail: "reply is not a JSON object".into(),
+            }),
+            Err(e) => Err(ClientError::Protocol {
+                addr: self.addr_text(),
+                detail: format!("reply is not JSON: {e}"),
+            }),
+        }
+    }
+
+    fn encode(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+    ) -> Result<(u64, Vec<u8>), ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({"type": command, "params": Value::Object(params), "id": id});
+        if let Value::Object(m) = &mut request {
+            if let Some(t) = self.timeout {
+                // The service drops the request if it is still queued when this runs out.
+                m.insert("timeout".into(), json!(t.as_secs_f64().max(0.001)));
+            }
+            // No `token` field: a connection with a token is authenticated by the handshake.
+        }
+        let mut bytes = serde_json::to_vec(&request).map_err(|e| ClientError::Protocol {
+            addr: self.addr_text(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        bytes.push(b'\n');
+        Ok((id, bytes))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -323,21 +551,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let started = Instant::now();
         let deadline = self.timeout.and_then(|t| started.checked_add(t + GRACE));
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut request = json!({"type": command, "params": Value::Object(params), "id": id});
-        if let Value::Object(m) = &mut request {
-            if let Some(t) = self.timeout {
-                // The service drops the request if it is still queued when this runs out.
-                m.insert("timeout".into(), json!(t.as_secs_f64().max(0.001)));
-            }
-            // No `token` field: a connection with a token is authenticated by the handshake.
-        }
-        let mut bytes = serde_json::to_vec(&request).map_err(|e| ClientError::Protocol {
-            addr: self.addr_text(),
-            detail: format!("cannot encode the request: {e}"),
-        })?;
-        bytes.push(b'\n');
+        let (id, bytes) = self.encode(command, params)?;
         let result = self.round_trip(&bytes, id, deadline, interrupted);
         if result
             .as_ref()
@@ -356,11 +570,15 @@ impl Client {
         deadline: Option<Instant>,
         interrupted: Interrupt<'_>,
     ) -> Result<Value, ClientError> {
-        self.drop_if_closed_by_peer();
+        // With replies owed to sent requests, bytes waiting on the stream are theirs, not a closing notice.
+        let outstanding = !self.pending.is_empty();
+        if !outstanding {
+            self.drop_if_closed_by_peer();
+        }
         let reused = self.stream.is_some();
         self.connect(deadline, interrupted)?;
         if let Err(e) = self.write_request(request) {
-            if !reused {
+            if !reused || outstanding {
                 return Err(e);
             }
             // The service may have closed an idle connection: retry once on a new one. Safe, because
@@ -373,24 +591,23 @@ impl Client {
         // on a reused connection, that it closed it without reading the request (`ran: false`). A
         // connection that breaks with nothing read back is never a reason to resend: the service may have
         // read the request and died running it (outcome unknown, never replayed blindly).
-        let mut may_retry = reused;
+        let mut may_retry = reused && !outstanding;
         loop {
-            let line = self.read_line(deadline, usize::MAX, interrupted)?;
-            let value: Value =
-                serde_json::from_slice(&line).map_err(|e| ClientError::Protocol {
-                    addr: self.addr_text(),
-                    detail: format!("reply is not JSON: {e}"),
-                })?;
-            let Value::Object(mut reply) = value else {
-                return Err(ClientError::Protocol {
-                    addr: self.addr_text(),
-                    detail: "reply is not a JSON object".into(),
-                });
-            };
-            // Ours: our id, or an id-less error about the stream itself (malformed, too large...). Anything
-            // else is a stray reply to an earlier, abandoned request.
+            let mut reply = self.read_reply(deadline, interrupted)?;
+            // Ours: our id, or an id-less error about the stream itself (malformed, too large...). A reply to
+            // a request sent with `send` is kept for its `receive`; anything else is a stray reply to an
+            // earlier, abandoned request.
             let ours = match reply.get("id") {
-                Some(v) => v.as_u64() == Some(id),
+                Some(v) if v.as_u64() == Some(id) => true,
+                Some(v) => {
+                    let other = v.as_u64().filter(|o| self.pending.contains(o));
+                    let progress = reply.contains_key("progress") && !reply.contains_key("status");
+                    if let (Some(other), false) = (other, progress) {
+                        self.pending.retain(|&p| p != other);
+                        self.keep(other, Kept::Reply(std::mem::take(&mut reply)));
+                    }
+                    continue;
+                }
                 None => reply.contains_key("status"),
             };
             if !ours {

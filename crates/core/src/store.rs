@@ -304,6 +304,8 @@ pub struct JobStore {
 pub enum StoreFull {
     Jobs(usize),
     Bytes(usize),
+    /// The id the client chose is taken: a job with it was submitted before (and is still kept).
+    IdInUse(String),
 }
 
 impl std::fmt::Display for StoreFull {
@@ -318,6 +320,11 @@ impl std::fmt::Display for StoreFull {
                 f,
                 "busy: the job store's unread results fill its {n} bytes; read them (get_job_result) or \
                  wait for them to expire, then submit again"
+            ),
+            Self::IdInUse(id) => write!(
+                f,
+                "job id {id:?} is already in use: a job was submitted with it before (get_job_status tells \
+                 how it is doing); this submission was not run"
             ),
         }
     }
@@ -349,11 +356,13 @@ impl JobStore {
         &self.limits
     }
 
-    /// Make a job whose outcome this store keeps, and its record (`queued`). The caller queues the job;
-    /// if that fails it refuses it, and the record ends as `failed` with the reason and `ran: false`.
+    /// Make a job whose outcome this store keeps, and its record (`queued`), under `id` (one the client
+    /// chose, checked by the caller) or the next `bld-job-N`. The caller queues the job; if that fails it
+    /// refuses it, and the record ends as `failed` with the reason and `ran: false`.
     pub fn create(
         self: &Arc<Self>,
         seq: u64,
+        id: Option<String>,
         command: String,
         params: Map<String, Value>,
         job_timeout: Option<Duration>,
@@ -361,6 +370,9 @@ impl JobStore {
     ) -> Result<(Job, Map<String, Value>), StoreFull> {
         let mut inner = self.inner.lock();
         inner.prune_expired(self.limits.ttl);
+        if let Some(id) = id.as_ref().filter(|id| inner.records.contains_key(*id)) {
+            return Err(StoreFull::IdInUse(id.clone()));
+        }
         let max_jobs = self.limits.max_jobs;
         if !inner.make_room(|i| i.records.len() < max_jobs) {
             return Err(StoreFull::Jobs(max_jobs));
@@ -369,8 +381,8 @@ impl JobStore {
         if !inner.make_room(|i| i.bytes < max_bytes) {
             return Err(StoreFull::Bytes(max_bytes));
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("bld-job-{n}");
+        let id =
+            id.unwrap_or_else(|| format!("bld-job-{}", self.next.fetch_add(1, Ordering::Relaxed)));
         let mut params = params;
         params.insert("_job_id".into(), Value::from(id.as_str()));
         let sink: Arc<dyn CompletionSink> = Arc::new(Sink(Arc::downgrade(self)));
@@ -550,7 +562,7 @@ mod tests {
 
     fn submit(s: &Arc<JobStore>, seq: u64) -> (Job, String) {
         let (job, snap) = s
-            .create(seq, "execute_code".into(), Map::new(), None, false)
+            .create(seq, None, "execute_code".into(), Map::new(), None, false)
             .unwrap();
         (job, snap["job_id"].as_str().unwrap().to_string())
     }
@@ -613,7 +625,7 @@ mod tests {
         b.finish(Outcome::Success(json!({})));
         // Nothing read yet: no room.
         let e = s
-            .create(3, "execute_code".into(), Map::new(), None, false)
+            .create(3, None, "execute_code".into(), Map::new(), None, false)
             .err();
         assert_eq!(e, Some(StoreFull::Jobs(2)));
         assert!(e.unwrap().to_string().starts_with("busy:"));

@@ -109,9 +109,42 @@ pub(super) fn job_command(shared: &Arc<Shared>, req: &mut Request) -> Option<Out
     Some(outcome)
 }
 
+/// Longest job id a client may choose.
+const MAX_CLIENT_JOB_ID: usize = 64;
+
+/// The id a client chose for its job (`job_id` in `submit_code_job`), if any: 1 to 64 of `A-Z a-z 0-9 . _ :
+/// -`, and not of the service's own form `bld-job-N`. Choosing it lets a client send the submission and
+/// its `get_job_result` in one go, and find the job again after losing the connection.
+fn client_job_id(p: &Map<String, Value>) -> Result<Option<String>, Outcome> {
+    let bad = |v: &Value| {
+        Outcome::error(format!(
+            "'job_id' (optional, chosen by the client) must be 1 to {MAX_CLIENT_JOB_ID} letters, digits or \
+             . _ : -, not of the service's own form bld-job-N; got {v}"
+        ))
+    };
+    match p.get("job_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s))
+            if (1..=MAX_CLIENT_JOB_ID).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+                && !s
+                    .strip_prefix("bld-job-")
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            Ok(Some(s.clone()))
+        }
+        Some(v) => Err(bad(v)),
+    }
+}
+
 fn submit(shared: &Arc<Shared>, p: &mut Map<String, Value>) -> Outcome {
     let job_timeout = match seconds_param(p, "job_timeout_seconds", false) {
         Ok(t) => t,
+        Err(e) => return e,
+    };
+    let chosen_id = match client_job_id(p) {
+        Ok(id) => id,
         Err(e) => return e,
     };
     let base64 = match prepare_execute_code(p) {
@@ -127,16 +160,30 @@ fn submit(shared: &Arc<Shared>, p: &mut Map<String, Value>) -> Outcome {
     {
         return Outcome::error("this service runs no code (execute_code is not registered)");
     }
-    let params = std::mem::take(p);
+    let mut params = std::mem::take(p);
+    params.remove("job_id");
     let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-    let (job, snapshot) =
-        match shared
-            .store
-            .create(seq, "execute_code".into(), params, job_timeout, base64)
-        {
-            Ok(made) => made,
-            Err(full) => return crate::jobs::not_run(&full.to_string()),
-        };
+    let (job, snapshot) = match shared.store.create(
+        seq,
+        chosen_id,
+        "execute_code".into(),
+        params,
+        job_timeout,
+        base64,
+    ) {
+        Ok(made) => made,
+        Err(crate::store::StoreFull::IdInUse(id)) => {
+            // Not run; and the id names a job that exists (perhaps this very submission, sent again).
+            let mut o =
+                crate::jobs::not_run(&crate::store::StoreFull::IdInUse(id.clone()).to_string());
+            if let Outcome::Error { extra, .. } = &mut o {
+                extra.insert("job_id".into(), Value::from(id));
+                extra.insert("id_in_use".into(), Value::Bool(true));
+            }
+            return o;
+        }
+        Err(full) => return crate::jobs::not_run(&full.to_string()),
+    };
     let submitted = {
         let stopping = shared.gate.read();
         if *stopping {
