@@ -132,12 +132,14 @@ impl PyClient {
         }
     }
 
-    /// Send one request without waiting for its reply (GIL released): its id, for `receive_pair`.
+    /// Send one request without waiting for its reply (GIL released): its id, for `after_pending`.
+    /// `quiet`: the service replies only to refuse it (`submit_code_job`).
     pub(crate) fn send(
         &self,
         py: Python<'_>,
         command: &str,
         params: Map<String, Value>,
+        quiet: bool,
     ) -> PyResult<u64> {
         let signals = crate::error::PySignals::default();
         let interrupted = || signals.check();
@@ -145,7 +147,11 @@ impl PyClient {
         let result = py.detach(|| {
             let mut client = self.inner.lock();
             client.set_timeout(timeout);
-            client.send_with(command, params, &interrupted)
+            if quiet {
+                client.send_quiet_with(command, params, &interrupted)
+            } else {
+                client.send_with(command, params, &interrupted)
+            }
         });
         result.map_err(|e| match e {
             ClientError::Interrupted => signals
@@ -304,7 +310,8 @@ impl PyClient {
         params.insert("job_id".into(), Value::from(id.as_str()));
         // Sent, not waited for: the job's first call (result, status, cancel) goes out right behind it and
         // reads both replies, so submit + result is one round trip. A refusal is raised by that call.
-        let ack = slf.borrow().send(py, "submit_code_job", params)?;
+        // Quiet: the service replies only if it refuses the job; the next request's reply says it took it.
+        let ack = slf.borrow().send(py, "submit_code_job", params, true)?;
         Ok(crate::job::Job::new(slf.clone().unbind(), id, Some(ack)))
     }
 

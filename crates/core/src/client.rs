@@ -12,7 +12,7 @@
 //! squatter, a wrong token, a service older than the handshake) is refused with [`ClientError::Unverified`]
 //! before anything else is sent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -182,6 +182,9 @@ pub struct Client {
     /// never come (the connection broke first). Oldest first, at most `MAX_KEPT`.
     kept: HashMap<u64, Kept>,
     kept_order: VecDeque<u64>,
+    /// Pending requests sent quiet (`"quiet": true`): the service replies only if it refuses them, so a
+    /// reply to any later request of ours means they were accepted.
+    quiet: BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -226,6 +229,7 @@ impl Client {
             pending: VecDeque::new(),
             kept: HashMap::new(),
             kept_order: VecDeque::new(),
+            quiet: BTreeSet::new(),
         }
     }
 
@@ -260,6 +264,7 @@ impl Client {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         self.buf.clear();
+        self.quiet.clear();
         while let Some(id) = self.pending.pop_front() {
             self.keep(
                 id,
@@ -282,6 +287,20 @@ impl Client {
         }
     }
 
+    /// A reply to our request `later` arrived: every quiet request sent before it was accepted.
+    fn settle_quiet_before(&mut self, later: u64) {
+        let accepted: Vec<u64> = self.quiet.range(..later).copied().collect();
+        for q in accepted {
+            self.quiet.remove(&q);
+            self.pending.retain(|&p| p != q);
+            let mut reply = Map::new();
+            reply.insert("status".into(), Value::from("success"));
+            reply.insert("result".into(), Value::Null);
+            reply.insert("id".into(), Value::from(q));
+            self.keep(q, Kept::Reply(reply));
+        }
+    }
+
     fn take_kept(&mut self, id: u64) -> Option<Kept> {
         let k = self.kept.remove(&id)?;
         self.kept_order.retain(|&i| i != id);
@@ -300,6 +319,29 @@ impl Client {
         &mut self,
         command: &str,
         params: Map<String, Value>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<u64, ClientError> {
+        self.send_inner(command, params, false, interrupted)
+    }
+
+    /// [`Client::send_with`] for a command the service can accept quietly (`submit_code_job`): it replies
+    /// only if it refuses it. Its [`Client::receive`] is answered by the reply to any request sent after it,
+    /// so send one before receiving it.
+    pub fn send_quiet_with(
+        &mut self,
+        command: &str,
+        mut params: Map<String, Value>,
+        interrupted: Interrupt<'_>,
+    ) -> Result<u64, ClientError> {
+        params.insert("quiet".into(), Value::Bool(true));
+        self.send_inner(command, params, true, interrupted)
+    }
+
+    fn send_inner(
+        &mut self,
+        command: &str,
+        params: Map<String, Value>,
+        quiet: bool,
         interrupted: Interrupt<'_>,
     ) -> Result<u64, ClientError> {
         let deadline = self
@@ -337,6 +379,9 @@ impl Client {
             }
         }
         self.pending.push_back(id);
+        if quiet {
+            self.quiet.insert(id);
+        }
         Ok(id)
     }
 
@@ -389,10 +434,19 @@ impl Client {
         interrupted: Interrupt<'_>,
     ) -> Result<Map<String, Value>, ClientError> {
         loop {
+            if let Some(Kept::Reply(reply)) = self.take_kept(id) {
+                return Ok(reply);
+            }
             let reply = self.read_reply(deadline, interrupted)?;
+            if let Some(got) = reply.get("id").and_then(Value::as_u64) {
+                if got == id || self.pending.contains(&got) {
+                    self.settle_quiet_before(got);
+                }
+            }
             match reply.get("id").and_then(Value::as_u64) {
                 Some(got) if got == id => {
                     self.pending.retain(|&p| p != id);
+                    self.quiet.remove(&id);
                     return Ok(reply);
                 }
                 Some(got) if self.pending.contains(&got) => {
@@ -400,6 +454,7 @@ impl Client {
                         continue;
                     }
                     self.pending.retain(|&p| p != got);
+                    self.quiet.remove(&got);
                     self.keep(got, Kept::Reply(reply));
                 }
                 // An id-less error is about the stream itself (malformed, too large, closed idle): it
@@ -597,6 +652,11 @@ impl Client {
             // Ours: our id, or an id-less error about the stream itself (malformed, too large...). A reply to
             // a request sent with `send` is kept for its `receive`; anything else is a stray reply to an
             // earlier, abandoned request.
+            if let Some(got) = reply.get("id").and_then(Value::as_u64) {
+                if got == id || self.pending.contains(&got) {
+                    self.settle_quiet_before(got);
+                }
+            }
             let ours = match reply.get("id") {
                 Some(v) if v.as_u64() == Some(id) => true,
                 Some(v) => {
@@ -604,6 +664,7 @@ impl Client {
                     let progress = reply.contains_key("progress") && !reply.contains_key("status");
                     if let (Some(other), false) = (other, progress) {
                         self.pending.retain(|&p| p != other);
+                        self.quiet.remove(&other);
                         self.keep(other, Kept::Reply(std::mem::take(&mut reply)));
                     }
                     continue;

@@ -234,6 +234,21 @@ fn outcome_bytes(o: &Outcome) -> usize {
     }
 }
 
+/// A record's reply, as every job command gives it: the snapshot plus `found: true`.
+pub fn found(mut snapshot: Map<String, Value>) -> Outcome {
+    snapshot.insert("found".into(), Value::Bool(true));
+    Outcome::Success(Value::Object(snapshot))
+}
+
+/// What `get_job_result` with a wait finds when it asks without blocking.
+#[derive(Debug)]
+pub enum ResultNow {
+    /// The job has ended (its result), or the id is unknown (`None`).
+    Ready(Option<Map<String, Value>>),
+    /// Not ended: the waiter is registered, and gets the result through its channel when it ends.
+    Waiting,
+}
+
 fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -247,6 +262,9 @@ struct Inner {
     order: VecDeque<String>,
     by_seq: HashMap<u64, String>,
     bytes: usize,
+    /// Connections waiting for a job's end (`get_job_result` with a wait), by job id: the request's seq
+    /// and the connection's completion channel, which gets the result when the job ends.
+    waiters: HashMap<String, Vec<(u64, crossbeam_channel::Sender<Completion>)>>,
 }
 
 impl Inner {
@@ -255,6 +273,25 @@ impl Inner {
             self.bytes = self.bytes.saturating_sub(r.bytes);
         }
         self.order.retain(|x| x != id);
+        self.waiters.remove(id);
+    }
+
+    /// A job just ended: hand its result to every connection waiting for it (marking it read).
+    fn wake_waiters(&mut self, id: &str) {
+        let Some(waiters) = self.waiters.remove(id) else {
+            return;
+        };
+        let Some(r) = self.records.get_mut(id) else {
+            return;
+        };
+        r.read = true;
+        let snap = found(r.with_result());
+        for (seq, tx) in waiters {
+            let _ = tx.send(Completion {
+                seq,
+                outcome: snap.clone(),
+            });
+        }
     }
 
     fn prune_expired(&mut self, ttl: Duration) {
@@ -457,8 +494,47 @@ impl JobStore {
         r.updated_at = now;
         r.ended = Some(Instant::now());
         inner.bytes += bytes;
+        inner.wake_waiters(&id);
         drop(inner);
         self.ended.notify_all();
+    }
+
+    /// `get_job_result` with a wait, without blocking the connection's reader: the result now if the job
+    /// has ended (or `None` for an unknown id), else `Waiting`, with `(seq, tx)` registered to get the
+    /// result (as a [`Completion`] of `seq`) when it ends. The connection's writer answers the wait's
+    /// expiry itself ([`JobStore::stop_waiting`], then [`JobStore::result`] without a wait).
+    pub fn result_or_wait(
+        &self,
+        id: &str,
+        seq: u64,
+        tx: &crossbeam_channel::Sender<Completion>,
+    ) -> ResultNow {
+        let mut inner = self.inner.lock();
+        inner.prune_expired(self.limits.ttl);
+        let Some(r) = inner.records.get_mut(id) else {
+            return ResultNow::Ready(None);
+        };
+        if r.end.is_some() {
+            r.read = true;
+            return ResultNow::Ready(Some(r.with_result()));
+        }
+        inner
+            .waiters
+            .entry(id.to_string())
+            .or_default()
+            .push((seq, tx.clone()));
+        ResultNow::Waiting
+    }
+
+    /// A wait registered by [`JobStore::result_or_wait`] is over (its deadline passed): forget it.
+    pub fn stop_waiting(&self, id: &str, seq: u64) {
+        let mut inner = self.inner.lock();
+        if let Some(w) = inner.waiters.get_mut(id) {
+            w.retain(|(s, _)| *s != seq);
+            if w.is_empty() {
+                inner.waiters.remove(id);
+            }
+        }
     }
 
     /// `get_job_status`: the snapshot without the result, or `None` for an unknown id.
@@ -508,6 +584,9 @@ impl JobStore {
             }
         }
         let snap = r.snapshot();
+        if r.end.is_some() {
+            inner.wake_waiters(id);
+        }
         drop(inner);
         self.ended.notify_all();
         Some(snap)
@@ -587,6 +666,52 @@ mod tests {
             assert_eq!(r["result"]["value"], json!(3));
         }
         assert!(s.status("bld-job-999").is_none());
+    }
+
+    #[test]
+    fn waiters_get_the_result_when_the_job_ends_or_is_cancelled_and_can_stop_waiting() {
+        let s = store(StoreLimits::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        assert!(matches!(
+            s.result_or_wait("nope", 1, &tx),
+            ResultNow::Ready(None)
+        ));
+        let (job, id) = submit(&s, 1);
+        assert!(matches!(s.result_or_wait(&id, 10, &tx), ResultNow::Waiting));
+        assert!(matches!(s.result_or_wait(&id, 11, &tx), ResultNow::Waiting));
+        s.stop_waiting(&id, 11);
+        assert!(rx.try_recv().is_err());
+        job.begin().unwrap();
+        job.finish(Outcome::Success(
+            json!({"stdout": "", "stderr": "", "value": 5}),
+        ));
+        let c = rx.try_recv().unwrap();
+        assert_eq!(c.seq, 10);
+        let Outcome::Success(v) = c.outcome else {
+            panic!("not a success")
+        };
+        assert_eq!(v["found"], json!(true));
+        assert_eq!(v["result"]["value"], json!(5));
+        assert_eq!(v["metadata"]["result_read"], json!(true));
+        assert!(
+            rx.try_recv().is_err(),
+            "the waiter that stopped waiting got nothing"
+        );
+        // Ended: answered at once.
+        assert!(matches!(
+            s.result_or_wait(&id, 12, &tx),
+            ResultNow::Ready(Some(_))
+        ));
+        // A queued job cancelled: its waiters learn at once.
+        let (_job, id) = submit(&s, 2);
+        assert!(matches!(s.result_or_wait(&id, 13, &tx), ResultNow::Waiting));
+        s.cancel(&id, None).unwrap();
+        let c = rx.try_recv().unwrap();
+        assert_eq!(c.seq, 13);
+        let Outcome::Success(v) = c.outcome else {
+            panic!("not a success")
+        };
+        assert_eq!(v["status"], json!("cancelled"));
     }
 
     #[test]

@@ -5,10 +5,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::reader::{InFlight, ToWriter};
 use super::reply::{prepare_execute_code, Shape};
 use super::Shared;
 use crate::config::{non_negative_seconds, positive_seconds};
@@ -51,7 +52,7 @@ fn job_id(params: &Map<String, Value>) -> Result<&str, Outcome> {
     }
 }
 
-fn unknown(id: &str) -> Outcome {
+pub(super) fn unknown(id: &str) -> Outcome {
     Outcome::Success(json!({
         "job_id": id,
         "found": false,
@@ -62,9 +63,47 @@ fn unknown(id: &str) -> Outcome {
     }))
 }
 
-fn found(mut snapshot: Map<String, Value>) -> Outcome {
-    snapshot.insert("found".into(), Value::Bool(true));
-    Outcome::Success(Value::Object(snapshot))
+use crate::store::{found, ResultNow};
+
+/// `get_job_result` with a wait, answered without blocking the connection's reader: the reply now when
+/// the job has ended (or is unknown); else the request is handed to the writer as in flight, and the store
+/// sends it the result when the job ends (or the writer answers with the snapshot at the wait's end).
+/// `None` for anything else, bad parameters included (the plain path answers those).
+pub(super) fn result_wait(
+    shared: &Arc<Shared>,
+    req: &Request,
+    done_tx: &crossbeam_channel::Sender<crate::jobs::Completion>,
+) -> Option<ToWriter> {
+    if req.command != "get_job_result" {
+        return None;
+    }
+    let p = &req.params;
+    let (Ok(id), Ok(Some(wait))) = (job_id(p), seconds_param(p, "wait_timeout_seconds", true))
+    else {
+        return None;
+    };
+    let deadline = Instant::now()
+        .checked_add(wait)
+        .filter(|_| !wait.is_zero())?;
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    let ready = |outcome: Outcome| ToWriter::Ready {
+        framed: req.id.is_some(),
+        bytes: crate::protocol::encode_reply(req.id.as_ref(), &outcome),
+        settle: None,
+        request: true,
+    };
+    Some(match shared.store.result_or_wait(id, seq, done_tx) {
+        ResultNow::Ready(Some(r)) => ready(found(r)),
+        ResultNow::Ready(None) => ready(unknown(id)),
+        ResultNow::Waiting => ToWriter::Job(InFlight {
+            seq,
+            id: req.id.clone(),
+            shape: Shape::Plain,
+            deadline: Some(deadline),
+            state: Arc::new(crate::jobs::JobState::default()),
+            job_wait: Some((Arc::clone(&shared.store), id.to_string())),
+        }),
+    })
 }
 
 /// A job command's reply, or `None` when `req` is not one.

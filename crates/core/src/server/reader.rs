@@ -59,6 +59,9 @@ pub(super) struct InFlight {
     pub(super) shape: Shape,
     pub(super) deadline: Option<Instant>,
     pub(super) state: Arc<JobState>,
+    /// Not a main-thread job but a `get_job_result` wait for the job of this id in this store: at its
+    /// deadline the reply is the job's snapshot as it is then, not a timeout.
+    pub(super) job_wait: Option<(Arc<crate::store::JobStore>, String)>,
 }
 
 /// The reader half. Runs on the connection's thread; spawns and joins the writer.
@@ -361,12 +364,37 @@ fn handle_frame(
             request: true,
         };
     }
+    // A wait for a job's result: the writer gets the result when the job ends, the reader reads on.
+    if let Some(msg) = super::job_commands::result_wait(shared, &request, done_tx) {
+        shared.served.fetch_add(1, Ordering::Relaxed);
+        return msg;
+    }
+    // `"quiet": true` on a framed submit_code_job: no reply when it succeeds, only when it is refused (a
+    // client that sends its next request right behind it learns of success from that one's reply).
+    let quiet = if request.command == "submit_code_job" {
+        match request.params.remove("quiet") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(q)) => q && id.is_some(),
+            Some(other) => {
+                return ready(Outcome::error(format!(
+                    "'quiet' must be true or false (true: no reply when the job is accepted), got {other}"
+                )))
+            }
+        }
+    } else {
+        false
+    };
     let mut settle = None;
     if let Some(outcome) = control(shared, &mut request, by_id, &mut settle) {
         shared.served.fetch_add(1, Ordering::Relaxed);
+        let silent = quiet && matches!(outcome, Outcome::Success(_));
         return ToWriter::Ready {
             framed: id.is_some(),
-            bytes: protocol::encode_reply(id.as_ref(), &outcome),
+            bytes: if silent {
+                Vec::new()
+            } else {
+                protocol::encode_reply(id.as_ref(), &outcome)
+            },
             settle,
             request: true,
         };
@@ -420,6 +448,7 @@ fn handle_frame(
         shape,
         deadline,
         state,
+        job_wait: None,
     });
     let submitted = {
         let stopping = shared.gate.read();

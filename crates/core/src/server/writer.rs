@@ -212,7 +212,12 @@ impl Writer {
                         if let Some((seq, outcome)) = settle {
                             self.settle(seq, outcome);
                         }
-                        if framed {
+                        if framed && bytes.is_empty() {
+                            // A quiet success (`"quiet": true`): nothing to write, nothing owed.
+                            if request {
+                                self.activity.replied();
+                            }
+                        } else if framed {
                             self.write(bytes, request);
                         } else {
                             self.ordered.push_back(Owed::Bytes(bytes, request));
@@ -324,6 +329,15 @@ impl Writer {
             let Some(job) = self.in_flight.get(&seq) else {
                 continue;
             };
+            if let Some((store, job_id)) = &job.job_wait {
+                // The wait is over: the job's snapshot as it is now (it may just have ended).
+                store.stop_waiting(job_id, seq);
+                let outcome = store
+                    .result(job_id, None)
+                    .map_or_else(|| super::job_commands::unknown(job_id), crate::store::found);
+                self.settle(seq, outcome);
+                continue;
+            }
             let outcome = match job.state.expire() {
                 Expiry::NotRun => timed_out_not_run(
                     "timed out while queued: the request was not run and never will be",
