@@ -200,6 +200,53 @@ def test_client_chosen_job_ids_on_the_wire(served):
     assert ok(call(port, "submit_code_job", code="pass", job_id="bld-job-x"))["job_id"] == "bld-job-x"
 
 
+def test_quiet_submissions_and_waits_that_do_not_hold_the_connection(served, tmp_path):
+    gate = tmp_path / "go"
+    with Conn(served.port) as c:
+        # Quiet and accepted: no reply of its own; the next request's reply comes next.
+        c.send(
+            {
+                "id": 1,
+                "type": "submit_code_job",
+                "params": {"code": WAIT_FOR.format(path=str(gate)), "job_id": "q-held", "quiet": True},
+            }
+        )
+        c.send({"id": 2, "type": "ping"})
+        assert c.reply()["id"] == 2
+        # Quiet and refused (the id is taken): its error reply comes, before the next request's.
+        c.send(
+            {
+                "id": 3,
+                "type": "submit_code_job",
+                "params": {"code": "pass", "job_id": "q-held", "quiet": True},
+            }
+        )
+        c.send({"id": 4, "type": "ping"})
+        refused = c.reply()
+        assert refused["id"] == 3 and refused["status"] == "error" and refused["id_in_use"] is True, refused
+        assert c.reply()["id"] == 4
+        bad = c.request({"id": 5, "type": "submit_code_job", "params": {"code": "pass", "quiet": "yes"}})
+        assert bad["status"] == "error" and "'quiet' must be true or false" in bad["message"], bad
+        # A wait for the held job does not hold the connection: a ping behind it is answered first.
+        c.send(
+            {"id": 6, "type": "get_job_result", "params": {"job_id": "q-held", "wait_timeout_seconds": 60}}
+        )
+        c.send({"id": 7, "type": "get_job_status", "params": {"job_id": "q-held"}})
+        status = c.reply()
+        assert status["id"] == 7 and status["result"]["status"] in ("queued", "running"), status
+        # A short wait ends with the snapshot as it is (not terminal), not with a timeout error.
+        c.send(
+            {"id": 8, "type": "get_job_result", "params": {"job_id": "q-held", "wait_timeout_seconds": 0.2}}
+        )
+        short = c.reply()
+        assert short["id"] == 8 and short["status"] == "success", short
+        assert short["result"]["terminal"] is False and short["result"]["found"] is True, short
+        gate.touch()
+        done = c.reply()
+        assert done["id"] == 6 and done["result"]["status"] == "completed", done
+        assert done["result"]["metadata"]["result_read"] is True, done
+
+
 def test_a_submission_rides_with_its_first_request(installed, served, tmp_path):
     # Client.submit does not wait: the job's first call goes out behind it and reads both replies. Replies
     # to submissions not asked about yet are kept through other calls, in any order, and a refusal is
