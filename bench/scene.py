@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ scene = bpy.context.scene
 mesh = bpy.data.objects["Cube"].data
 colls = []
 for i in range(10):
-    c = bpy.data.collections.new(f"Group{i}")
+    c = bpy.data.collections.new(f"Group{{i}}")
     (colls[0] if i == 9 else scene.collection).children.link(c)
     colls.append(c)
 for i in range({n}):
@@ -54,7 +53,7 @@ result = len(scene.objects)
 """
 
 # The bare loops: what a script would write to get the same data, straight from bpy.data.objects.
-BARE = '''
+BARE = """
 def _common(scene):
     active = bpy.context.view_layer.objects.active
     return {
@@ -94,7 +93,7 @@ def bare_page(limit=200):
         "name": scene.name, "object_count": n, "objects": rows, "total": n, "offset": 0, "limit": limit,
         "truncated": limit is not None and limit < n, **_common(scene),
     }
-'''
+"""
 
 CASES = {
     "summary": ({"summary": True}, "bare_summary()"),
@@ -198,8 +197,10 @@ def main() -> int:
 
     print(f"\n{results['date']}, {results['machine']}")
     print(f"{results['scene_objects']} objects, {args.repeats} interleaved repeats, medians\n")
-    print("| case | handler in Blender (ms) | bare loop (ms) | ratio | get_scene_info round trip (ms) | "
-          "execute_code round trip (ms) | ratio |")
+    print(
+        "| case | handler in Blender (ms) | bare loop (ms) | ratio | get_scene_info round trip (ms) | "
+        "execute_code round trip (ms) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label in CASES:
         hi, bi = inside[label]

@@ -94,7 +94,7 @@ def _fields(params: dict[str, Any]) -> tuple[str, ...]:
         return tuple(FIELDS)
     if not isinstance(value, (list, tuple)) or not all(isinstance(f, str) for f in value):
         raise CommandError(
-            f"fields must be a list of field names (or \"all\"), got {value!r}; the fields: {', '.join(FIELDS)}"
+            f'fields must be a list of field names (or "all"), got {value!r}; the fields: {", ".join(FIELDS)}'
         )
     unknown = [f for f in value if f not in FIELDS]
     if unknown:
@@ -118,9 +118,7 @@ class _Filter:
         if f is None:
             f = {}
         if not isinstance(f, dict):
-            raise CommandError(
-                f"filter must be an object with any of {', '.join(FILTER_KEYS)}, got {f!r}"
-            )
+            raise CommandError(f"filter must be an object with any of {', '.join(FILTER_KEYS)}, got {f!r}")
         unknown = [k for k in f if k not in FILTER_KEYS]
         if unknown:
             raise CommandError(
@@ -133,7 +131,7 @@ class _Filter:
                 types = [types]
             if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
                 raise CommandError(
-                    f"filter.type must be an object type (a string such as \"MESH\") or a list of them, "
+                    f'filter.type must be an object type (a string such as "MESH") or a list of them, '
                     f"got {f.get('type')!r}"
                 )
             types = {t.upper() for t in types}
@@ -141,7 +139,7 @@ class _Filter:
         name = f.get("name")
         if name is not None and not isinstance(name, str):
             raise CommandError(
-                f"filter.name must be a string, a glob such as \"Cube*\" (fnmatch rules), got {name!r}"
+                f'filter.name must be a string, a glob such as "Cube*" (fnmatch rules), got {name!r}'
             )
         self.name: str | None = name
         coll = f.get("collection")

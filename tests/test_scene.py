@@ -147,7 +147,10 @@ FILTERS = [
     ({"selected": False}, "not o.select_get()"),
     ({"visible": False}, "not o.visible_get()"),
     ({"visible": True}, "o.visible_get()"),
-    ({"type": "MESH", "selected": True, "collection": "Small"}, "o.name in ['Prop.00%d' % i for i in range(5)]"),
+    (
+        {"type": "MESH", "selected": True, "collection": "Small"},
+        "o.name in ['Prop.00%d' % i for i in range(5)]",
+    ),
     ({"type": "LIGHT", "collection": "Props", "name": "Lamp2"}, "o.name == 'Lamp2'"),
     ({"type": "CAMERA", "collection": "Small"}, "False"),
 ]
@@ -220,7 +223,9 @@ def test_summary(scene):
     info = scene_info(scene.port, summary=True)
     assert "objects" not in info and info["summary"] is True
     counts = bpy_eval(
-        scene.port, "dict(collections.Counter(o.type for o in bpy.context.scene.objects))", "import collections"
+        scene.port,
+        "dict(collections.Counter(o.type for o in bpy.context.scene.objects))",
+        "import collections",
     )
     assert info["counts_by_type"] == counts == {"MESH": 31, "CAMERA": 1, "LIGHT": 2, "EMPTY": 1}
     assert info["object_count"] == info["total"] == 35
@@ -229,11 +234,16 @@ def test_summary(scene):
     kids = {c["name"]: c for c in tree["children"]}
     assert set(kids) == {"Collection", "Props"}
     assert kids["Collection"]["objects"] == 4 and kids["Props"]["objects"] == 21
-    assert [(c["name"], c["objects"], c["children"]) for c in kids["Props"]["children"]] == [("Small", 10, [])]
+    assert [(c["name"], c["objects"], c["children"]) for c in kids["Props"]["children"]] == [
+        ("Small", 10, [])
+    ]
     assert info["collection_count"] == 3 and info["collections_truncated"] is False
     assert info["camera"] == "Camera"
     assert (info["frame_start"], info["frame_end"], info["frame_current"]) == tuple(
-        bpy_eval(scene.port, "[bpy.context.scene.frame_start, bpy.context.scene.frame_end, bpy.context.scene.frame_current]")
+        bpy_eval(
+            scene.port,
+            "[bpy.context.scene.frame_start, bpy.context.scene.frame_end, bpy.context.scene.frame_current]",
+        )
     )
     assert info["fps"] == pytest.approx(24.0)
     filtered = scene_info(scene.port, summary=True, filter={"collection": "Small"})
@@ -328,9 +338,15 @@ def test_nan_and_infinity_reaching_the_handler_are_refused(scene):
         ({"filter": {"name": ["Cube*"]}}, "filter.name must be a string"),
         ({"filter": {"type": 5}}, "filter.type must be an object type"),
         ({"filter": {"type": []}}, "filter.type must be an object type"),
-        ({"filter": {"type": "MESHES"}}, "filter.type: unknown object type 'MESHES': the types are MESH, CURVE"),
+        (
+            {"filter": {"type": "MESHES"}},
+            "filter.type: unknown object type 'MESHES': the types are MESH, CURVE",
+        ),
         ({"filter": {"collection": 3}}, "filter.collection must be a collection's name"),
-        ({"filter": {"collection": "Nope"}}, "filter.collection: no collection named 'Nope'; the collections:"),
+        (
+            {"filter": {"collection": "Nope"}},
+            "filter.collection: no collection named 'Nope'; the collections:",
+        ),
         ({"filter": {"selected": "yes"}}, "filter.selected must be true or false"),
         ({"filter": {"visible": 1}}, "filter.visible must be true or false"),
         ({"summary": "yes"}, "summary must be true or false"),
@@ -428,7 +444,9 @@ def test_vertex_pages_large_mesh(served):
         assert first["items"] == expected[:100] and first["next_offset"] == 100 and first["truncated"] is True
         joined, offset = [], 0
         for limit in (10, 1990, 1000):
-            page = ok(call(served.port, "get_object_info", name="Grid", list="vertices", limit=limit, offset=offset))
+            page = ok(
+                call(served.port, "get_object_info", name="Grid", list="vertices", limit=limit, offset=offset)
+            )
             joined += page["items"]
             offset = page.get("next_offset", offset + len(page["items"]))
         assert joined == expected and page["truncated"] is False
@@ -519,7 +537,9 @@ def test_mcp_default_budget_truncates_and_next_offset_works(scene, mode):
 
                 joined, page = names(first), first
                 while page["truncated"]:
-                    page = tool_json(await client.call_tool("get_scene_info", {"offset": page["next_offset"]}))
+                    page = tool_json(
+                        await client.call_tool("get_scene_info", {"offset": page["next_offset"]})
+                    )
                     assert page["total"] == 535 and len(page["objects"]) > 0
                     joined += names(page)
                 assert joined == expected
@@ -530,7 +550,9 @@ def test_mcp_default_budget_truncates_and_next_offset_works(scene, mode):
                 page = tool_json(await client.call_tool("get_scene_info", {"fields": ["name"]}))
                 assert len(page["objects"]) == 200 and page["next_offset"] == 200
                 page = tool_json(
-                    await client.call_tool("get_scene_info", {"filter": {"collection": "ManyObjects", "name": "Many.49*"}})
+                    await client.call_tool(
+                        "get_scene_info", {"filter": {"collection": "ManyObjects", "name": "Many.49*"}}
+                    )
                 )
                 assert names(page) == [f"Many.{i}" for i in range(490, 500)] and page["truncated"] is False
 
@@ -540,7 +562,9 @@ def test_mcp_default_budget_truncates_and_next_offset_works(scene, mode):
                 info = tool_json(await client.call_tool("get_object_info", {"name": "Cube", "limit": 2}))
                 assert info["more"] == {"modifiers": 2, "vertex_groups": 2}
                 page = tool_json(
-                    await client.call_tool("get_object_info", {"name": "Cube", "list": "vertices", "limit": 3})
+                    await client.call_tool(
+                        "get_object_info", {"name": "Cube", "list": "vertices", "limit": 3}
+                    )
                 )
                 assert len(page["items"]) == 3 and page["next_offset"] == 3 and "offset=3" in page["hint"]
 
