@@ -142,67 +142,6 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
     return repr(value)
 
 
-def _vec(v: Any) -> list[float]:
-    return [float(c) for c in v]
-
-
-def get_scene_info(params: dict[str, Any]) -> dict[str, Any]:
-    bpy = _bpy()
-    scene = bpy.context.scene
-    objects = [
-        {
-            "name": obj.name,
-            "type": obj.type,
-            "location": _vec(obj.location),
-            "visible": obj.visible_get(),
-        }
-        for obj in scene.objects
-    ]
-    return {
-        "name": scene.name,
-        "object_count": len(objects),
-        "objects": objects,
-        "truncated": False,
-        "materials_count": len(bpy.data.materials),
-        "frame_current": scene.frame_current,
-        "frame_start": scene.frame_start,
-        "frame_end": scene.frame_end,
-        "active_object": obj.name if (obj := bpy.context.view_layer.objects.active) else None,
-        "render_engine": scene.render.engine,
-        "blend_file": bpy.data.filepath or None,
-    }
-
-
-def get_object_info(params: dict[str, Any]) -> dict[str, Any]:
-    bpy = _bpy()
-    name = params.get("name")
-    if not isinstance(name, str) or not name:
-        raise CommandError("get_object_info needs 'name' (an object name)")
-    obj = bpy.data.objects.get(name)
-    if obj is None:
-        raise CommandError(f"Object not found: {name}")
-    info: dict[str, Any] = {
-        "name": obj.name,
-        "type": obj.type,
-        "location": _vec(obj.location),
-        "rotation": _vec(obj.rotation_euler),
-        "scale": _vec(obj.scale),
-        "visible": obj.visible_get(),
-        "dimensions": _vec(obj.dimensions),
-        "materials": [slot.material.name for slot in obj.material_slots if slot.material],
-        "parent": obj.parent.name if obj.parent else None,
-        "collections": [c.name for c in obj.users_collection],
-    }
-    if obj.type == "MESH" and obj.data is not None:
-        mesh = obj.data
-        info["mesh"] = {
-            "vertices": len(mesh.vertices),
-            "edges": len(mesh.edges),
-            "polygons": len(mesh.polygons),
-        }
-    return info
-
-
 # compile() is most of what a short script costs (≈6 µs for "pass" on Python 3.11), and clients repeat
 # the same snippets. A code object is immutable, so running a cached one in a fresh namespace is the same
 # as compiling anew. Only short sources are kept, and only a bounded number (oldest out first).
@@ -610,9 +549,12 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
                 pass
 
 
+# Handlers in their own modules (they import CommandError and _bpy from this one, defined above).
+from . import scene  # noqa: E402
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "get_scene_info": get_scene_info,
-    "get_object_info": get_object_info,
+    "get_scene_info": scene.get_scene_info,
+    "get_object_info": scene.get_object_info,
     "execute_code": execute_code,
     "get_viewport_screenshot": get_viewport_screenshot,
     "render_image": render_image,

@@ -70,10 +70,95 @@ pub struct InstanceArgs {
     pub instance: Option<Instance>,
 }
 
+/// `fields` of get_scene_info: a list of names, or "all" (checked by the command, which lists the valid
+/// names in its error).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Fields {
+    All(String),
+    Names(Vec<String>),
+}
+
+impl JsonSchema for Fields {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Fields".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": ["array", "string"], "items": {"type": "string"}})
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SceneArgs {
+    /// Per-object fields, default name type location visible; also data rotation scale dimensions selected
+    /// parent collections materials, or "all".
+    #[serde(default)]
+    pub fields: Option<Fields>,
+    /// Only objects matching all of: type ("MESH" or a list), name (glob "Cube*"), collection, selected,
+    /// visible.
+    #[serde(default)]
+    pub filter: Option<Map<String, Value>>,
+    /// Objects per page, 0 to 1000 (default: 200, fewer if they pass about 8 KB).
+    #[serde(default, deserialize_with = "page_limit")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub limit: Option<u32>,
+    /// Matches to skip: the next_offset of the previous page.
+    #[serde(default, deserialize_with = "offset")]
+    #[schemars(range(min = 0, max = 1_000_000_000))]
+    pub offset: Option<u32>,
+    /// true: counts by type, collection tree, camera, frame range; no object list.
+    #[serde(default)]
+    pub summary: Option<bool>,
+    /// Which Blender: its port or id (list_instances). Needed when several run.
+    #[serde(default)]
+    pub instance: Option<Instance>,
+}
+
+// A list of get_object_info to page on its own (no doc comment: it would be repeated in the schema).
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectList {
+    Materials,
+    Modifiers,
+    VertexGroups,
+    Collections,
+    Children,
+    Vertices,
+}
+
+impl ObjectList {
+    fn wire(self) -> &'static str {
+        match self {
+            Self::Materials => "materials",
+            Self::Modifiers => "modifiers",
+            Self::VertexGroups => "vertex_groups",
+            Self::Collections => "collections",
+            Self::Children => "children",
+            Self::Vertices => "vertices",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ObjectArgs {
     /// The object's name, exactly as in get_scene_info (e.g. "Cube").
     pub name: String,
+    /// Return only this list, paged by limit/offset (vertices: local [x,y,z] of a mesh).
+    #[serde(default)]
+    pub list: Option<ObjectList>,
+    /// Items per list, 0 to 1000 (default 100).
+    #[serde(default, deserialize_with = "page_limit")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub limit: Option<u32>,
+    /// Items of each list to skip (a list's next offset).
+    #[serde(default, deserialize_with = "offset")]
+    #[schemars(range(min = 0, max = 1_000_000_000))]
+    pub offset: Option<u32>,
     /// Which Blender: its port or id (list_instances). Needed when several run.
     #[serde(default)]
     pub instance: Option<Instance>,
@@ -204,6 +289,18 @@ fn height<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Erro
 
 fn samples<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     bounded(d, "samples", 1, MAX_SAMPLES)
+}
+
+/// Scene and object pages (the command itself takes up to 10^9; a tool reply stays readable).
+const MAX_PAGE_LIMIT: u32 = 1000;
+const MAX_OFFSET: u32 = 1_000_000_000;
+
+fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "limit", 0, MAX_PAGE_LIMIT)
+}
+
+fn offset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    bounded(d, "offset", 0, MAX_OFFSET)
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -467,6 +564,49 @@ impl BlenderMcp {
     }
 }
 
+/// The objects one get_scene_info tool call returns by default, and the bytes of JSON they may take.
+const SCENE_PAGE: u32 = 200;
+const SCENE_PAGE_BYTES: usize = 8 * 1024;
+
+/// A get_scene_info page for the model: cut to `budget` bytes of object JSON (when given; at least one
+/// object is kept), with `truncated`/`next_offset` kept true to the cut, and a `hint` saying how to get the
+/// next page.
+fn fit_scene_page(v: &mut Value, budget: Option<usize>) {
+    let Value::Object(m) = v else { return };
+    let offset = m.get("offset").and_then(Value::as_u64).unwrap_or(0);
+    let total = m.get("total").and_then(Value::as_u64).unwrap_or(0);
+    if let (Some(budget), Some(Value::Array(objects))) = (budget, m.get_mut("objects")) {
+        let mut used = 0;
+        let keep = objects
+            .iter()
+            .position(|o| {
+                used += o.to_string().len() + 1;
+                used > budget
+            })
+            .map_or(objects.len(), |i| i.max(1));
+        if keep < objects.len() {
+            objects.truncate(keep);
+            let next = offset + u64::try_from(keep).unwrap_or(u64::MAX);
+            m.insert("truncated".into(), json!(true));
+            m.insert("next_offset".into(), json!(next));
+            m.insert("budget_bytes".into(), json!(budget));
+        }
+    }
+    let shown = m
+        .get("objects")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if let Some(next) = m.get("next_offset").and_then(Value::as_u64) {
+        m.insert(
+            "hint".into(),
+            json!(format!(
+                "showing {shown} of {total} matching objects from offset {offset}: call get_scene_info again \
+                 with offset={next} and the same filter and fields for the next page"
+            )),
+        );
+    }
+}
+
 fn one(key: &str, v: Value) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(key.into(), v);
@@ -507,8 +647,9 @@ impl BlenderMcp {
     }
 
     #[tool(
-        description = "Summary of the open Blender scene: its name, every object (name, type, location, \
-                       visibility), material count, frame range, active object and render engine.",
+        description = "The open scene: name, frame range, active object, render engine, and its objects \
+                       (a page: see truncated and next_offset). summary=true gives counts by type and the \
+                       collection tree instead.",
         annotations(
             title = "Get scene info",
             read_only_hint = true,
@@ -517,24 +658,48 @@ impl BlenderMcp {
     )]
     async fn get_scene_info(
         &self,
-        Parameters(a): Parameters<InstanceArgs>,
+        Parameters(a): Parameters<SceneArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let mut params = Map::new();
+        match a.fields {
+            Some(Fields::All(s)) => params.insert("fields".into(), Value::String(s)),
+            Some(Fields::Names(v)) => params.insert("fields".into(), json!(v)),
+            None => None,
+        };
+        if let Some(f) = a.filter {
+            params.insert("filter".into(), Value::Object(f));
+        }
+        let summary = a.summary.unwrap_or(false);
+        if summary {
+            params.insert("summary".into(), json!(true));
+        } else {
+            params.insert("limit".into(), json!(a.limit.unwrap_or(SCENE_PAGE)));
+        }
+        if let Some(o) = a.offset {
+            params.insert("offset".into(), json!(o));
+        }
         Ok(
             match self
-                .simple(a.instance.as_ref(), "get_scene_info", Map::new(), &ctx)
+                .simple(a.instance.as_ref(), "get_scene_info", params, &ctx)
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(mut v) => {
+                    if !summary {
+                        fit_scene_page(&mut v, a.limit.is_none().then_some(SCENE_PAGE_BYTES));
+                    }
+                    CallToolResult::structured(v)
+                }
                 Err(e) => e,
             },
         )
     }
 
     #[tool(
-        description = "Details of one object by name: type, location, rotation (Euler XYZ, radians), scale, \
-                       dimensions, visibility, materials, parent, collections, and vertex/edge/face counts \
-                       for meshes.",
+        description = "Details of one object by name: transform (rotation: Euler radians), dimensions, \
+                       visibility, parent, mesh counts, and its lists (materials, modifiers, vertex_groups, \
+                       collections, children), each cut at limit with totals. list pages one of them, or \
+                       vertex positions.",
         annotations(
             title = "Get object info",
             read_only_hint = true,
@@ -546,17 +711,38 @@ impl BlenderMcp {
         Parameters(a): Parameters<ObjectArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let mut params = one("name", Value::String(a.name));
+        if let Some(l) = a.list {
+            params.insert("list".into(), json!(l.wire()));
+        }
+        if let Some(l) = a.limit {
+            params.insert("limit".into(), json!(l));
+        }
+        if let Some(o) = a.offset {
+            params.insert("offset".into(), json!(o));
+        }
         Ok(
             match self
-                .simple(
-                    a.instance.as_ref(),
-                    "get_object_info",
-                    one("name", Value::String(a.name)),
-                    &ctx,
-                )
+                .simple(a.instance.as_ref(), "get_object_info", params, &ctx)
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(mut v) => {
+                    let next = v.get("next_offset").and_then(Value::as_u64);
+                    if let (Value::Object(m), Some(next)) = (&mut v, next) {
+                        let list = m
+                            .get("list")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string();
+                        m.insert(
+                            "hint".into(),
+                            json!(format!(
+                                "more items: call get_object_info again with list=\"{list}\" and offset={next}"
+                            )),
+                        );
+                    }
+                    CallToolResult::structured(v)
+                }
                 Err(e) => e,
             },
         )
