@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import anyio
 import pytest
 from helpers import Conn, err, ok
 
@@ -183,7 +184,9 @@ def test_lists_are_bounded_with_totals(conn):
     assert "removed_total" not in ch
     ch = changes(conn, "for o in bpy.data.objects:\n    if o.name.startswith('Many'): o.location.z = 5")
     assert len(ch["modified"]) == 50 and ch["modified_total"] == 200
-    ch = changes(conn, "for o in list(bpy.data.objects):\n    if o.name.startswith('Many'): bpy.data.objects.remove(o)")
+    ch = changes(
+        conn, "for o in list(bpy.data.objects):\n    if o.name.startswith('Many'): bpy.data.objects.remove(o)"
+    )
     assert len(ch["removed"]) == 50 and ch["removed_total"] == 200
     # A list cut at 50 keeps the reply small.
     assert len(json.dumps(ch)) < 8192
@@ -197,7 +200,10 @@ def test_error_still_reports_what_changed_before_it(conn):
 
 
 def test_result_that_cannot_be_converted_still_reports_changes(conn):
-    code = SETUP.format(n="Conv1") + "class Bad:\n    def __repr__(self): raise ValueError('no')\nresult = Bad()\n"
+    code = (
+        SETUP.format(n="Conv1")
+        + "class Bad:\n    def __repr__(self): raise ValueError('no')\nresult = Bad()\n"
+    )
     reply = run(conn, code)
     assert "could not be converted" in err(reply)
     assert reply["ran"] is True
@@ -239,3 +245,50 @@ def test_framed_reply_keeps_every_existing_field(conn):
     assert result["output"] == {"stdout": "x\n", "stderr": ""}
     assert result["value"] == [1] and isinstance(result["duration"], float)
     assert set(result) == {"executed", "result", "result_is_base64", "output", "duration", "value", "changes"}
+
+
+# --- MCP: execute_blender_code shows the changes ----------------------------------------------------------
+
+mcp = pytest.importorskip("mcp")
+from mcp import Client  # noqa: E402
+from mcp.client.stdio import StdioServerParameters  # noqa: E402
+
+
+def test_mcp_execute_blender_code_shows_what_changed(served):
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("bld-remote")
+    assert exe.exists(), f"{exe} missing: pip install the built wheel into this venv"
+    params = StdioServerParameters(command=str(exe), args=["mcp", "--port", str(served.port)])
+
+    def text(r) -> str:
+        return "\n".join(c.text for c in r.content if c.type == "text")
+
+    async def main() -> None:
+        async with Client(params, mode="legacy") as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert tools["execute_blender_code"].input_schema["properties"]["changes"]["type"] == [
+                "boolean",
+                "null",
+            ]
+            r = await client.call_tool("execute_blender_code", {"code": SETUP.format(n="McpObj")})
+            assert not r.is_error, text(r)
+            assert "Changes:\n+ McpObj (MESH)" in text(r), text(r)
+            assert "data meshes" in text(r) and "+McpObj_mesh" in text(r), text(r)
+            assert {"name": "McpObj", "type": "MESH"} in r.structured_content["changes"]["added"]
+            r = await client.call_tool(
+                "execute_blender_code", {"code": "bpy.data.objects['McpObj'].location.x = 2"}
+            )
+            assert "~ McpObj: location [0, 0, 0] -> [2, 0, 0]" in text(r), text(r)
+            r = await client.call_tool("execute_blender_code", {"code": "x = 1"})
+            assert "Changes: none in the scene." in text(r), text(r)
+            r = await client.call_tool("execute_blender_code", {"code": "x = 1", "changes": False})
+            assert "Changes" not in text(r) and "changes" not in r.structured_content, text(r)
+            r = await client.call_tool(
+                "execute_blender_code", {"code": "bpy.data.objects['McpObj'].name = 'McpObj2'\n1/0"}
+            )
+            assert r.is_error
+            assert "Changes before the error:\n> McpObj renamed to McpObj2" in text(r), text(r)
+
+    anyio.run(main)
