@@ -103,9 +103,9 @@ class Snapshot:
             self.transforms.append(memoryview(buf).cast("B"))
         self.flags: list[memoryview] = []
         for prop in _FLAGS:
-            buf = array.array("b", bytes(n))
-            objects.foreach_get(prop, buf)
-            self.flags.append(memoryview(buf).cast("B"))
+            flags = array.array("b", bytes(n))
+            objects.foreach_get(prop, flags)
+            self.flags.append(memoryview(flags).cast("B"))
         self.parents: list[Any] = list(map(_get_parent, self.objects))
         # Materials come from the object's data (meshes, curves...): read once per distinct data-block.
         # (Slots linked to the object itself, link='OBJECT', are not seen; see docs/PROTOCOL.md.)

@@ -153,7 +153,7 @@ def export_scene(params: dict[str, Any]) -> dict[str, Any]:
                 f"{', '.join(map(repr, outside))}"
             )
     temporary = filepath is None
-    if temporary:
+    if filepath is None:
         path = os.path.join(_new_temp_dir(), "scene" + ext)
     else:
         path = os.path.abspath(os.path.expanduser(filepath))

@@ -210,6 +210,18 @@ def test_result_that_cannot_be_converted_still_reports_changes(conn):
     assert {"name": "Conv1", "type": "MESH"} in reply["changes"]["added"]
 
 
+def test_result_the_native_conversion_refuses_still_reports_changes(conn):
+    # A dict key whose str() raises: only the native conversion (src/convert.rs) meets it.
+    code = (
+        SETUP.format(n="Conv2")
+        + "class Bad:\n    def __str__(self): raise ValueError('no')\nresult = {Bad(): 1}\n"
+    )
+    reply = run(conn, code)
+    assert "could not be converted" in err(reply)
+    assert reply["ran"] is True
+    assert {"name": "Conv2", "type": "MESH"} in reply["changes"]["added"], reply
+
+
 def test_changes_false_omits_it(conn):
     result = ok(run(conn, SETUP.format(n="Off1"), changes=False))
     assert "changes" not in result
@@ -247,6 +259,24 @@ def test_framed_reply_keeps_every_existing_field(conn):
     assert set(result) == {"executed", "result", "result_is_base64", "output", "duration", "value", "changes"}
 
 
+def test_jobs_report_changes_when_submitted_framed_and_only_then(conn):
+    rid = next(_ids)
+    conn.send({"type": "submit_code_job", "params": {"code": SETUP.format(n="Job1")}, "id": rid})
+    job = ok(conn.reply())["job_id"]
+    conn.send(
+        {"type": "get_job_result", "params": {"job_id": job, "wait_timeout_seconds": 60}, "id": rid + 1000}
+    )
+    r = ok(conn.reply())
+    assert r["status"] == "completed", r
+    assert {"name": "Job1", "type": "MESH"} in r["result"]["changes"]["added"], r
+    # blender-remote's clients submit without an id: their job results keep the shape they had.
+    conn.send({"type": "submit_code_job", "params": {"code": SETUP.format(n="Job2")}})
+    job = ok(conn.reply())["job_id"]
+    conn.send({"type": "get_job_result", "params": {"job_id": job, "wait_timeout_seconds": 60}})
+    r = ok(conn.reply())
+    assert r["status"] == "completed" and "changes" not in r["result"], r
+
+
 # --- MCP: execute_blender_code shows the changes ----------------------------------------------------------
 
 mcp = pytest.importorskip("mcp")
@@ -277,6 +307,7 @@ def test_mcp_execute_blender_code_shows_what_changed(served):
             assert "Changes:\n+ McpObj (MESH)" in text(r), text(r)
             assert "data meshes" in text(r) and "+McpObj_mesh" in text(r), text(r)
             assert {"name": "McpObj", "type": "MESH"} in r.structured_content["changes"]["added"]
+            assert "result" not in r.structured_content and "output" in r.structured_content
             r = await client.call_tool(
                 "execute_blender_code", {"code": "bpy.data.objects['McpObj'].location.x = 2"}
             )

@@ -6,6 +6,8 @@
 // Doc comments here are user-facing text (JSON-schema descriptions the model reads).
 #![allow(clippy::doc_markdown)]
 
+use std::fmt::Write as _;
+
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, ResourceContents};
 use rmcp::schemars::{self, JsonSchema};
@@ -74,30 +76,27 @@ fn export_result(reply: &Value) -> CallToolResult {
     );
     if let Some(objects) = reply.get("objects").and_then(Value::as_array) {
         let names: Vec<&str> = objects.iter().filter_map(Value::as_str).collect();
-        text.push_str(&format!(" (objects: {})", names.join(", ")));
+        let _ = write!(text, " (objects: {})", names.join(", "));
     }
     text.push('.');
     if let Some(files) = reply.get("files").and_then(Value::as_array) {
         let names: Vec<&str> = files.iter().filter_map(Value::as_str).collect();
-        text.push_str(&format!(" Also written: {}.", names.join(", ")));
+        let _ = write!(text, " Also written: {}.", names.join(", "));
     }
     let mut content = Vec::new();
-    match reply.get("data").and_then(Value::as_str) {
-        Some(blob) => {
-            text.push_str(" The file is attached.");
-            let mut r = ResourceContents::blob(blob, format!("file://{path}"));
-            if let Some(mime) = reply.get("mime_type").and_then(Value::as_str) {
-                r = r.with_mime_type(mime);
-            }
-            content.push(ContentBlock::text(text));
-            content.push(ContentBlock::resource(r));
+    if let Some(blob) = reply.get("data").and_then(Value::as_str) {
+        text.push_str(" The file is attached.");
+        let mut r = ResourceContents::blob(blob, format!("file://{path}"));
+        if let Some(mime) = reply.get("mime_type").and_then(Value::as_str) {
+            r = r.with_mime_type(mime);
         }
-        None => {
-            if let Some(e) = reply.get("inline_error").and_then(Value::as_str) {
-                text.push_str(&format!(" Not attached: {e}."));
-            }
-            content.push(ContentBlock::text(text));
+        content.push(ContentBlock::text(text));
+        content.push(ContentBlock::resource(r));
+    } else {
+        if let Some(e) = reply.get("inline_error").and_then(Value::as_str) {
+            let _ = write!(text, " Not attached: {e}.");
         }
+        content.push(ContentBlock::text(text));
     }
     let mut result = CallToolResult::success(content);
     // The metadata (path, bytes, format, mime_type, exporter, files, duration) without the bytes.

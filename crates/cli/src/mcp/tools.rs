@@ -730,7 +730,13 @@ impl BlenderMcp {
         Ok(match r {
             Ok(v) => {
                 let mut r = text_result(exec_text(&v, None));
-                // The whole reply (changes included) for clients that read structured content.
+                // The whole reply (changes included) for clients that read structured content, without
+                // `result`: it is `output.stdout` again (or its base64), and output can be megabytes.
+                let mut v = v;
+                if let Value::Object(m) = &mut v {
+                    m.remove("result");
+                    m.remove("result_is_base64");
+                }
                 r.structured_content = Some(v);
                 r
             }
