@@ -18,6 +18,8 @@ import traceback
 from typing import Any, Callable
 
 from . import _core
+from . import changes as _changes
+from . import export as _export
 from ._core import OutputCapture
 
 # Client code may check ``isinstance(sys.stdout, io.TextIOBase)``; the capture is one.
@@ -165,11 +167,16 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
     """Run Python with ``bpy`` in a fresh namespace; capture stdout and stderr; return a ``result`` variable.
 
     The native side has already decoded base64 code and will shape the reply (base64 output included).
+    Unless ``changes`` is false, the reply (an error's too) says what the code changed (bld_remote/changes.py).
     """
     bpy = _bpy()
     code = params.get("code")
     if not isinstance(code, str):
         raise CommandError("execute_code needs 'code' (a string of Python)")
+    track = params.get("changes")
+    if track is not None and not isinstance(track, bool):
+        raise CommandError(f"changes must be true or false (report what the code changed), got {track!r}")
+    before = _changes.snapshot(bpy) if track is not False else None
     namespace: dict[str, Any] = {"bpy": bpy, "__name__": "__main__", "__builtins__": __builtins__}
     # Cooperative cancellation (blender-remote's names): check_cancelled() raises JobCancelled once a cancel
     # was asked for (cancel_job, or cancel of a framed request), JobTimedOut past job_timeout_seconds.
@@ -193,13 +200,17 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
             tb = tb.tb_next
+        duration = time.perf_counter() - started
+        # What the code changed before it raised: the user needs to know what is left half done.
+        extra = {"changes": _changes.diff(before, _changes.snapshot(bpy))} if before is not None else {}
         raise CommandError(
             f"{type(exc).__name__}: {exc}",
             exception=type(exc).__name__,
             traceback="".join(traceback.format_exception(type(exc), exc, tb)),
             output={"stdout": out, "stderr": err},
-            duration=time.perf_counter() - started,
+            duration=duration,
             ran=True,
+            **extra,
         ) from None
     duration = time.perf_counter() - started
     reply: dict[str, Any] = {
@@ -208,6 +219,8 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
         "stderr": err,
         "duration": duration,
     }
+    if before is not None:
+        reply["changes"] = _changes.diff(before, _changes.snapshot(bpy))
     if "result" in namespace:
         try:
             reply["value"] = to_jsonable(namespace["result"])
@@ -219,6 +232,7 @@ def execute_code(params: dict[str, Any]) -> dict[str, Any]:
                 output={"stdout": out, "stderr": err},
                 duration=duration,
                 ran=True,
+                **({"changes": reply["changes"]} if "changes" in reply else {}),
             ) from None
     return reply
 
@@ -558,6 +572,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "execute_code": execute_code,
     "get_viewport_screenshot": get_viewport_screenshot,
     "render_image": render_image,
+    "export_scene": _export.export_scene,
 }
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).

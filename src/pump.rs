@@ -349,6 +349,10 @@ fn reported(result: Value, report: &Report) -> Outcome {
             if !output.is_empty() {
                 extra.insert("output".into(), Value::Object(output));
             }
+            // execute_code's report of what the code changed: it ran, so it did change that.
+            if let Some(changes) = m.remove("changes") {
+                extra.insert("changes".into(), changes);
+            }
         }
         let message = format!(
             "the command ran, but its result could not be converted to JSON: {}",

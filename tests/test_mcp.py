@@ -37,6 +37,7 @@ MODES = ["legacy", "2026-07-28"]
 TOOLS = {
     "check_connection_status",
     "execute_blender_code",
+    "export_scene",
     "get_object_info",
     "get_persist_data",
     "get_scene_info",

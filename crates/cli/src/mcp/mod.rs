@@ -18,6 +18,7 @@
 #![allow(clippy::doc_markdown)]
 
 mod conn;
+mod export;
 mod http;
 mod image;
 mod tools;

@@ -169,6 +169,9 @@ pub struct CodeArgs {
     /// Python code to run in Blender, with `bpy` imported. print() output is returned; assign a variable
     /// named `result` to return a value (converted to JSON).
     pub code: String,
+    /// Report what the code changed in the scene (default true).
+    #[serde(default)]
+    pub changes: Option<bool>,
     /// Which Blender: its port or id (list_instances). Needed when several run.
     #[serde(default)]
     pub instance: Option<Instance>,
@@ -341,7 +344,7 @@ pub struct KeyArgs {
 /// sharing the same connection to Blender.
 #[derive(Clone)]
 pub struct BlenderMcp {
-    backend: Arc<Backend>,
+    pub(crate) backend: Arc<Backend>,
     max_image: usize,
     tool_router: ToolRouter<Self>,
 }
@@ -366,7 +369,7 @@ fn pretty(v: &Value) -> String {
 }
 
 /// A failed call → the tool error the model reads.
-fn call_error_result(e: &CallError) -> CallToolResult {
+pub(crate) fn call_error_result(e: &CallError) -> CallToolResult {
     match e {
         CallError::Service(ClientError::Remote {
             message, traceback, ..
@@ -419,6 +422,9 @@ fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     if !stderr.is_empty() {
         parts.push(format!("stderr:\n{}", stderr.trim_end_matches('\n')));
     }
+    if let Some(changes) = reply.get("changes") {
+        parts.push(changes_text(changes, failed.is_some()));
+    }
     if failed.is_none() {
         if let Some(v) = reply.get("value") {
             parts.push(format!(
@@ -436,18 +442,146 @@ fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     parts.join("\n\n")
 }
 
+/// A number as the model reads it best: at most 4 decimals, no trailing zeros (`1`, `0.5`, `-2.3333`).
+fn short_number(f: f64) -> String {
+    let s = format!("{f:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+/// A before or after value of a change, compactly: numbers shortened, names unquoted.
+fn short_value(v: &Value) -> String {
+    match v {
+        Value::Null => "none".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map_or_else(|| n.to_string(), short_number),
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(short_value).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `changes` of an `execute_code` reply → one short line per change (docs/MCP.md): `+` added, `-` removed,
+/// `>` renamed, `~` modified (each property `before -> after`), `data` for data-blocks per type.
+fn changes_text(changes: &Value, failed: bool) -> String {
+    let when = if failed { " before the error" } else { "" };
+    if let Some(e) = changes.get("error").and_then(Value::as_str) {
+        return format!("Changes{when}: unknown ({e})");
+    }
+    let list = |k: &str| {
+        changes
+            .get(k)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+    };
+    let more = |lines: &mut Vec<String>, k: &str, what: &str| {
+        let shown = list(k).len();
+        if let Some(total) = changes.get(format!("{k}_total")).and_then(Value::as_u64) {
+            lines.push(format!(
+                "  ... {} more {what} ({total} in all)",
+                total.saturating_sub(shown as u64)
+            ));
+        }
+    };
+    let mut lines = Vec::new();
+    for e in list("added") {
+        lines.push(format!(
+            "+ {} ({})",
+            str_field(e, "name"),
+            str_field(e, "type")
+        ));
+    }
+    more(&mut lines, "added", "added");
+    for e in list("removed") {
+        lines.push(format!(
+            "- {} ({})",
+            str_field(e, "name"),
+            str_field(e, "type")
+        ));
+    }
+    more(&mut lines, "removed", "removed");
+    for e in list("renamed") {
+        lines.push(format!(
+            "> {} renamed to {}",
+            str_field(e, "from"),
+            str_field(e, "to")
+        ));
+    }
+    more(&mut lines, "renamed", "renamed");
+    for e in list("modified") {
+        let Some(m) = e.as_object() else { continue };
+        let props: Vec<String> = m
+            .iter()
+            .filter(|(k, _)| k.as_str() != "name")
+            .map(|(k, v)| match v.as_array().map(Vec::as_slice) {
+                Some([before, after]) => {
+                    format!("{k} {} -> {}", short_value(before), short_value(after))
+                }
+                _ => format!("{k} {}", short_value(v)),
+            })
+            .collect();
+        lines.push(format!("~ {}: {}", str_field(e, "name"), props.join("; ")));
+    }
+    more(&mut lines, "modified", "modified");
+    if let Some(data) = changes.get("data").and_then(Value::as_object) {
+        for (kind, part) in data {
+            let names = |k: &str, sign: char| {
+                let shown = part
+                    .get(k)
+                    .and_then(Value::as_array)
+                    .map_or(&[][..], Vec::as_slice);
+                let mut out: Vec<String> = shown
+                    .iter()
+                    .map(|n| format!("{sign}{}", n.as_str().unwrap_or("?")))
+                    .collect();
+                if let Some(total) = part.get(format!("{k}_total")).and_then(Value::as_u64) {
+                    out.push(format!(
+                        "{sign}{} more",
+                        total.saturating_sub(shown.len() as u64)
+                    ));
+                }
+                out
+            };
+            let mut all = names("added", '+');
+            all.extend(names("removed", '-'));
+            let count = match part
+                .get("count")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+            {
+                Some([before, after]) => {
+                    format!(" ({} -> {})", short_value(before), short_value(after))
+                }
+                _ => String::new(),
+            };
+            lines.push(format!("data {kind}{count}: {}", all.join(" ")));
+        }
+    }
+    if lines.is_empty() {
+        format!("Changes{when}: none in the scene.")
+    } else {
+        format!("Changes{when}:\n{}", lines.join("\n"))
+    }
+}
+
 impl BlenderMcp {
     pub fn new(backend: Arc<Backend>, max_image: usize) -> Self {
         Self {
             backend,
             max_image,
-            tool_router: Self::tool_router(),
+            tool_router: Self::tool_router() + Self::export_router(),
         }
     }
 
     /// The instance a call goes to (see [`Backend::choose`]); an error result when it names none, or
     /// names none and several run.
-    async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
+    pub(crate) async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
         self.backend
             .choose(instance.map(|i| i.0.as_str()))
             .await
@@ -771,19 +905,27 @@ impl BlenderMcp {
             Ok(at) => at,
             Err(e) => return Ok(e),
         };
+        let mut params = one("code", Value::String(a.code));
+        if let Some(changes) = a.changes {
+            params.insert("changes".into(), Value::Bool(changes));
+        }
         let r = self
             .backend
-            .call(
-                &at,
-                "execute_code",
-                one("code", Value::String(a.code)),
-                None,
-                None,
-                &ctx.ct,
-            )
+            .call(&at, "execute_code", params, None, None, &ctx.ct)
             .await;
         Ok(match r {
-            Ok(v) => text_result(exec_text(&v, None)),
+            Ok(v) => {
+                let mut r = text_result(exec_text(&v, None));
+                // The whole reply (changes included) for clients that read structured content, without
+                // `result`: it is `output.stdout` again (or its base64), and output can be megabytes.
+                let mut v = v;
+                if let Value::Object(m) = &mut v {
+                    m.remove("result");
+                    m.remove("result_is_base64");
+                }
+                r.structured_content = Some(v);
+                r
+            }
             Err(CallError::Service(ClientError::Remote { message, reply, .. }))
                 if reply.contains_key("traceback") || reply.contains_key("output") =>
             {
@@ -1147,6 +1289,46 @@ mod tests {
             "{raised}"
         );
         assert!(raised.contains("ValueError: boom"), "{raised}");
+    }
+
+    #[test]
+    fn changes_are_one_short_line_each() {
+        let reply = json!({"output": {"stdout": "", "stderr": ""}, "duration": 0.01, "changes": {
+            "added": [{"name": "Sphere", "type": "MESH"}], "added_total": 120,
+            "removed": [{"name": "Cube", "type": "MESH"}],
+            "renamed": [{"from": "Light", "to": "Sun"}],
+            "modified": [{"name": "Camera", "location": [[0.0, -0.5, 1.0], [1.25, 0.333_333_3, 1.0]],
+                          "hide_render": [false, true], "parent": [null, "Sun"]}],
+            "data": {"materials": {"count": [1, 2], "added": ["Red"], "removed": []}}}});
+        let t = exec_text(&reply, None);
+        for line in [
+            "Changes:",
+            "+ Sphere (MESH)",
+            "  ... 119 more added (120 in all)",
+            "- Cube (MESH)",
+            "> Light renamed to Sun",
+            "~ Camera: ",
+            "location [0, -0.5, 1] -> [1.25, 0.3333, 1]",
+            "hide_render false -> true",
+            "parent none -> Sun",
+            "data materials (1 -> 2): +Red",
+        ] {
+            assert!(t.contains(line), "{line:?} not in\n{t}");
+        }
+        let none = exec_text(
+            &json!({"changes": {"added": [], "removed": [], "renamed": [],
+                                                 "modified": [], "data": {}}}),
+            None,
+        );
+        assert!(none.contains("Changes: none in the scene."), "{none}");
+        let failed = exec_text(
+            &json!({"traceback": "T", "changes": {"added": [{"name": "A", "type": "EMPTY"}]}}),
+            Some("ValueError: x"),
+        );
+        assert!(
+            failed.contains("Changes before the error:\n+ A (EMPTY)"),
+            "{failed}"
+        );
     }
 
     #[test]

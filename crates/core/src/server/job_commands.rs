@@ -108,10 +108,11 @@ pub(super) fn result_wait(
 
 /// A job command's reply, or `None` when `req` is not one.
 pub(super) fn job_command(shared: &Arc<Shared>, req: &mut Request) -> Option<Outcome> {
+    let framed = req.id.is_some();
     let p = &mut req.params;
     let store = &shared.store;
     let outcome = match req.command.as_str() {
-        "submit_code_job" => submit(shared, p),
+        "submit_code_job" => submit(shared, p, framed),
         "get_job_status" => match job_id(p) {
             Ok(id) => store.status(id).map_or_else(|| unknown(id), found),
             Err(e) => e,
@@ -177,7 +178,7 @@ fn client_job_id(p: &Map<String, Value>) -> Result<Option<String>, Outcome> {
     }
 }
 
-fn submit(shared: &Arc<Shared>, p: &mut Map<String, Value>) -> Outcome {
+fn submit(shared: &Arc<Shared>, p: &mut Map<String, Value>, framed: bool) -> Outcome {
     let job_timeout = match seconds_param(p, "job_timeout_seconds", false) {
         Ok(t) => t,
         Err(e) => return e,
@@ -186,7 +187,7 @@ fn submit(shared: &Arc<Shared>, p: &mut Map<String, Value>) -> Outcome {
         Ok(id) => id,
         Err(e) => return e,
     };
-    let base64 = match prepare_execute_code(p) {
+    let base64 = match prepare_execute_code(p, framed) {
         Ok(Shape::ExecuteCode { base64 }) => base64,
         Ok(_) => false,
         Err(message) => return Outcome::error(message),

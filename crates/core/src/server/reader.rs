@@ -418,9 +418,11 @@ fn handle_frame(
         ..
     } = request;
     let shape = if legacy {
+        // Its reply ({"response", "message", "output"}) has no place for what changed: not computed.
+        params.insert("changes".into(), Value::Bool(false));
         Shape::Legacy
     } else if command == "execute_code" {
-        match prepare_execute_code(&mut params) {
+        match prepare_execute_code(&mut params, id.is_some()) {
             Ok(shape) => shape,
             Err(message) => return ready(Outcome::error(message)),
         }

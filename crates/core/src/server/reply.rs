@@ -25,7 +25,26 @@ pub(super) enum Shape {
 }
 
 /// Validate `execute_code` params and decode base64 code here, off the main thread.
-pub(super) fn prepare_execute_code(params: &mut Map<String, Value>) -> Result<Shape, String> {
+///
+/// `changes` (what the code changed in the scene, docs/PROTOCOL.md) must be a bool when given. Left out,
+/// it is on for framed requests (`framed`: the request has an `id`, so the client is one of ours) and off
+/// for plain ones: the clients of the original protocol never asked for it, and one of them reads a reply
+/// with a single `recv(8192)`, which a longer reply would break (COMPAT.md).
+pub(super) fn prepare_execute_code(
+    params: &mut Map<String, Value>,
+    framed: bool,
+) -> Result<Shape, String> {
+    match params.get("changes") {
+        Some(Value::Bool(_)) => {}
+        None | Some(Value::Null) => {
+            params.insert("changes".into(), Value::Bool(framed));
+        }
+        Some(other) => {
+            return Err(format!(
+                "changes must be true or false (report what the code changed in the scene), got {other}"
+            ))
+        }
+    }
     let code_is_b64 = params.get("code_is_base64").is_some_and(truthy);
     let return_b64 = params.get("return_as_base64").is_some_and(truthy);
     match params.get("code") {
@@ -256,11 +275,37 @@ mod tests {
         let mut p = Map::new();
         p.insert("code".into(), json!("cHJpbnQoMSk="));
         p.insert("code_is_base64".into(), json!(true));
-        assert!(prepare_execute_code(&mut p).is_ok());
+        assert!(prepare_execute_code(&mut p, true).is_ok());
         assert_eq!(p["code"], json!("print(1)"));
         p.insert("code".into(), json!("!!!"));
-        assert!(prepare_execute_code(&mut p).is_err());
+        assert!(prepare_execute_code(&mut p, true).is_err());
         let mut p = Map::new();
-        assert!(prepare_execute_code(&mut p).is_err());
+        assert!(prepare_execute_code(&mut p, true).is_err());
+    }
+
+    #[test]
+    fn changes_default_on_for_framed_off_for_plain_and_must_be_a_bool() {
+        for (framed, given, want) in [
+            (true, None, Some(json!(true))),
+            (false, None, Some(json!(false))),
+            (true, Some(json!(null)), Some(json!(true))),
+            (false, Some(json!(true)), Some(json!(true))),
+            (true, Some(json!(false)), Some(json!(false))),
+        ] {
+            let mut p = Map::new();
+            p.insert("code".into(), json!("pass"));
+            if let Some(g) = given {
+                p.insert("changes".into(), g);
+            }
+            assert!(prepare_execute_code(&mut p, framed).is_ok());
+            assert_eq!(p.get("changes").cloned(), want);
+        }
+        for bad in [json!(1), json!("yes"), json!([]), json!({})] {
+            let mut p = Map::new();
+            p.insert("code".into(), json!("pass"));
+            p.insert("changes".into(), bad);
+            let e = prepare_execute_code(&mut p, true).unwrap_err();
+            assert!(e.starts_with("changes must be true or false"), "{e}");
+        }
     }
 }
