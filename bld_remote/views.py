@@ -345,6 +345,8 @@ def look(params: dict[str, Any]) -> dict[str, Any]:
                 value = getattr(rv3d, attr)
                 saved.append((rv3d, attr, value.copy() if hasattr(value, "copy") else value))
             setattr_saved(space, "use_local_camera", False)
+            # Without overlays: no grid, selection outlines or the temporary camera drawn in the views.
+            setattr_saved(space.overlay, "show_overlays", False)
             _viewport_shading(space.shading, shading, setattr_saved)
             if shading == "rendered" and opts["engine"] is None:
                 engine = f"viewport ({r.engine})"

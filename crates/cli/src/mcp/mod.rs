@@ -20,6 +20,7 @@
 mod conn;
 mod http;
 mod image;
+mod look;
 mod tools;
 
 use std::sync::Arc;
