@@ -307,6 +307,8 @@ def look(params: dict[str, Any]) -> dict[str, Any]:
             f"shading {shading!r} without a viewport uses Workbench with material colours: pass engine EEVEE or "
             "CYCLES for a real material render"
         )
+    # Transforms set from Python since the last depsgraph evaluation are not in matrix_world yet.
+    bpy.context.view_layer.update()
     bounds = _bounds(opts["objects"])
     empty = bounds is None
     lo, hi = bounds if bounds is not None else ([-1.0] * 3, [1.0] * 3)
