@@ -564,7 +564,9 @@ class _RenderSlot:
         try:
             self.bpy.data.images.remove(image)
         except Exception as exc:  # the render itself is what the client asked for
-            print(f"bld_remote [WARNING] could not remove Render Result: {exc!r}", file=sys.stderr, flush=True)
+            print(
+                f"bld_remote [WARNING] could not remove Render Result: {exc!r}", file=sys.stderr, flush=True
+            )
 
 
 def render_image(params: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,10 @@ _AXIS_VIEWS: dict[str, tuple[tuple[float, float, float], tuple[float, float, flo
     "top": ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
     "bottom": ((180 * _DEG, 0.0, 0.0), (0.0, 0.0, -1.0)),
     # The isometric orbit: from front-right-above, every axis foreshortened alike.
-    "iso": ((math.atan(math.sqrt(2)), 0.0, 45 * _DEG), (1 / math.sqrt(3), -1 / math.sqrt(3), 1 / math.sqrt(3))),
+    "iso": (
+        (math.atan(math.sqrt(2)), 0.0, 45 * _DEG),
+        (1 / math.sqrt(3), -1 / math.sqrt(3), 1 / math.sqrt(3)),
+    ),
 }
 
 # A 5x7 bitmap font for the labels, one string of 7 rows (top first) per glyph.
@@ -125,7 +128,9 @@ def _check(params: dict[str, Any], scene: Any) -> dict[str, Any]:
         if isinstance(size, float) and size.is_integer():
             size = int(size)
         if isinstance(size, bool) or not isinstance(size, int) or not SIZE_MIN <= size <= SIZE_MAX:
-            raise CommandError(f"size must be an integer from {SIZE_MIN} to {SIZE_MAX} (pixels per tile), got {size!r}")
+            raise CommandError(
+                f"size must be an integer from {SIZE_MIN} to {SIZE_MAX} (pixels per tile), got {size!r}"
+            )
     samples = commands._positive_int(params, "samples", commands._RENDER_MAX_SAMPLES)
     device = params.get("device")
     if device is not None and str(device).upper() not in ("CPU", "GPU"):
@@ -356,7 +361,14 @@ def look(params: dict[str, Any]) -> dict[str, Any]:
             engine = commands._set_engine(scene, engine_name, setattr_saved)
             if engine == "CYCLES" or engine.startswith("BLENDER_EEVEE"):
                 commands._engine_settings(
-                    bpy, scene, engine, opts["samples"], opts["device"], opts["denoise"], setattr_saved, warnings
+                    bpy,
+                    scene,
+                    engine,
+                    opts["samples"],
+                    opts["device"],
+                    opts["denoise"],
+                    setattr_saved,
+                    warnings,
                 )
             if engine == "BLENDER_WORKBENCH":
                 _workbench_shading(scene.display.shading, shading, setattr_saved)
@@ -403,9 +415,17 @@ def look(params: dict[str, Any]) -> dict[str, Any]:
             if view == "camera":
                 scene.camera = user_camera
                 # The scene camera keeps its own aspect ratio: fitted into the tile, centred.
-                sx = max(1, saved_value(saved, r, "resolution_x") * saved_value(saved, r, "resolution_percentage"))
-                sy = max(1, saved_value(saved, r, "resolution_y") * saved_value(saved, r, "resolution_percentage"))
-                tw, th = (size, max(1, round(size * sy / sx))) if sx >= sy else (max(1, round(size * sx / sy)), size)
+                sx = max(
+                    1, saved_value(saved, r, "resolution_x") * saved_value(saved, r, "resolution_percentage")
+                )
+                sy = max(
+                    1, saved_value(saved, r, "resolution_y") * saved_value(saved, r, "resolution_percentage")
+                )
+                tw, th = (
+                    (size, max(1, round(size * sy / sx)))
+                    if sx >= sy
+                    else (max(1, round(size * sx / sy)), size)
+                )
             else:
                 scene.camera = cam_obj
                 _place(cam_obj, view, lo, hi)
@@ -529,9 +549,7 @@ def _text(
     engine: str,
     shading: str,
 ) -> str:
-    order = "; ".join(
-        f"row {r + 1}: " + ", ".join(views[r * cols : (r + 1) * cols]) for r in range(rows)
-    )
+    order = "; ".join(f"row {r + 1}: " + ", ".join(views[r * cols : (r + 1) * cols]) for r in range(rows))
     if empty:
         what = "The scene has no visible objects to frame: the views show an empty scene around the origin."
     else:
@@ -544,7 +562,13 @@ def _text(
 
 
 def _viewport_shading(shading: Any, mode: str, setattr_saved: Any) -> None:
-    kind = {"solid": "SOLID", "material": "MATERIAL", "rendered": "RENDERED", "wireframe": "WIREFRAME", "xray": "SOLID"}
+    kind = {
+        "solid": "SOLID",
+        "material": "MATERIAL",
+        "rendered": "RENDERED",
+        "wireframe": "WIREFRAME",
+        "xray": "SOLID",
+    }
     setattr_saved(shading, "type", kind[mode])
     if mode == "xray":
         setattr_saved(shading, "show_xray", True)
@@ -570,4 +594,6 @@ def _render_viewport(bpy: Any, window: Any, area: Any, region: Any) -> None:
         with bpy.context.temp_override(window=window, area=area, region=region):
             bpy.ops.render.opengl(write_still=False, view_context=True)
     else:  # Blender < 3.2
-        bpy.ops.render.opengl({"window": window, "area": area, "region": region}, write_still=False, view_context=True)
+        bpy.ops.render.opengl(
+            {"window": window, "area": area, "region": region}, write_still=False, view_context=True
+        )

@@ -101,9 +101,7 @@ def tile(rows: list[bytes], c: int, row: int, col: int, size: int, gap: int = 2)
 def covered(pixels: list[bytes], size: int) -> float:
     """Share of a tile's pixels that differ from its bottom-right corner (the background)."""
     background = pixels[-1]
-    return sum(
-        1 for p in pixels if max(abs(a - b) for a, b in zip(p, background)) > 12
-    ) / len(pixels)
+    return sum(1 for p in pixels if max(abs(a - b) for a, b in zip(p, background)) > 12) / len(pixels)
 
 
 # --- headless ---------------------------------------------------------------------------------------------
@@ -229,8 +227,17 @@ def test_render_image_uses_the_scenes_cycles_settings_and_says_what_fell_back(se
     assert any("OpenImageDenoise" in w for w in r["warnings"]) is not oidn, r["warnings"]
     # A GPU asked for where there is none: rendered on the CPU, and said so.
     r = ok(
-        call(served.port, "render_image", width=32, height=32, engine="CYCLES", samples=1, device="GPU",
-             denoise=False, inline=True)
+        call(
+            served.port,
+            "render_image",
+            width=32,
+            height=32,
+            engine="CYCLES",
+            samples=1,
+            device="GPU",
+            denoise=False,
+            inline=True,
+        )
     )
     assert r["device"] == "CPU" and r["denoise"] is False
     assert any("CPU instead of the GPU" in w for w in r["warnings"]), r["warnings"]
@@ -261,7 +268,9 @@ def test_look_in_the_gui_draws_the_viewport_and_adds_no_undo_step(tmp_path, user
     from helpers import free_port
 
     port = free_port()
-    b = start_gui(tmp_path, user_scripts, ENABLE_ADDON, BLD_REMOTE_MCP_START_NOW="1", BLD_REMOTE_MCP_PORT=str(port))
+    b = start_gui(
+        tmp_path, user_scripts, ENABLE_ADDON, BLD_REMOTE_MCP_START_NOW="1", BLD_REMOTE_MCP_PORT=str(port)
+    )
     try:
         viewport = run(port, VIEWPORT, undo=False)
         before = snapshot(port)
@@ -284,8 +293,12 @@ def test_look_in_the_gui_draws_the_viewport_and_adds_no_undo_step(tmp_path, user
         # No undo step: a marker change is one step; after a look, one undo still reverts the marker.
         run(port, "bpy.context.scene['bld_remote_marker'] = 1")
         ok(call(port, "look", views=["top"], size=64, inline=True))
-        run(port, "with bpy.context.temp_override(window=bpy.context.window_manager.windows[0]):\n"
-                  "    bpy.ops.ed.undo()", undo=False)
+        run(
+            port,
+            "with bpy.context.temp_override(window=bpy.context.window_manager.windows[0]):\n"
+            "    bpy.ops.ed.undo()",
+            undo=False,
+        )
         assert run(port, "print('bld_remote_marker' in bpy.context.scene)", undo=False) == "False\n"
     finally:
         b.kill()
@@ -317,7 +330,8 @@ def test_mcp_look_image_text_progress_and_errors(served):
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert tools["look"].annotations.read_only_hint is True
             r = await client.call_tool(
-                "look", {"views": ["top", "front"], "size": 64, "keep_file": True},
+                "look",
+                {"views": ["top", "front"], "size": 64, "keep_file": True},
                 progress_callback=on_progress,
             )
             assert not r.is_error, r
