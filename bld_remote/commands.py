@@ -491,7 +491,7 @@ def _denoiser_ready(bpy: Any, scene: Any, device: str) -> tuple[bool, str]:
     """Whether Cycles can denoise a final render here. OpenImageDenoise is missing from some builds (Debian's
     Blender 3.4.1); OptiX needs an OptiX GPU."""
     try:
-        import _cycles
+        import _cycles  # type: ignore[import-not-found]
 
         oidn = bool(getattr(_cycles, "with_openimagedenoise", True))
     except ImportError:

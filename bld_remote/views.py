@@ -294,7 +294,9 @@ def look(params: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     warnings: list[str] = []
     viewport = not bpy.app.background and opts["engine"] is None
-    window = area = region = None
+    window: Any = None
+    area: Any = None
+    region: Any = None
     if viewport:
         try:
             window, area = commands._largest_view3d(bpy)
