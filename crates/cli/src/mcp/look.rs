@@ -50,23 +50,22 @@ pub enum LookEngine {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct LookArgs {
-    /// Views in grid order (default front, right, top, iso, and camera when the scene has one).
+    /// Grid order (default front, right, top, iso, camera).
     #[serde(default)]
     pub views: Option<Vec<View>>,
-    /// Object names to frame (default: every visible object).
+    /// Objects to frame (default: all visible).
     #[serde(default)]
     pub objects: Option<Vec<String>>,
-    /// Default solid.
     #[serde(default)]
     pub shading: Option<Shading>,
-    /// Render with this engine instead of the viewport (headless default: WORKBENCH).
+    /// Render instead of drawing the viewport.
     #[serde(default)]
     pub engine: Option<LookEngine>,
-    /// Tile side in pixels, 64 to 2048 (default 320).
+    /// Tile side, 64-2048 (default 320).
     #[serde(default, deserialize_with = "size")]
     #[schemars(range(min = 64, max = 2048))]
     pub size: Option<u32>,
-    /// Also keep the full-size PNG and give its path.
+    /// Keep the full-size PNG; give its path.
     #[serde(default)]
     pub keep_file: bool,
     /// Which Blender: its port or id (list_instances). Needed when several run.
@@ -133,10 +132,8 @@ impl LookEngine {
 #[tool_router(router = look_router, vis = "pub(crate)")]
 impl BlenderMcp {
     #[tool(
-        description = "One image of labelled views of the scene or of named objects, framed to fit, and a \
-                       text naming each view in order. Works headless (Workbench, or engine EEVEE/CYCLES); \
-                       in Blender's UI it draws the viewport in the shading asked for. Leaves the scene as \
-                       it was.",
+        description = "Labelled views of the scene or of named objects, framed to fit, in one image, with \
+                       a text naming them in order. Works headless. Leaves the scene unchanged.",
         annotations(
             title = "Look at the scene",
             read_only_hint = true,
