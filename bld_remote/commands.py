@@ -408,10 +408,126 @@ def _render_size(scene: Any, width: int | None, height: int | None) -> tuple[int
     return sx, sy
 
 
+def _set_engine(scene: Any, name: str, setattr_saved: Callable[[Any, str, Any], None]) -> str:
+    """Switch the scene to the engine a client named (see ``_RENDER_ENGINES``); returns Blender's name."""
+    for candidate in _RENDER_ENGINES[name]:
+        try:
+            setattr_saved(scene.render, "engine", candidate)
+            return candidate
+        except TypeError:
+            pass
+    raise CommandError(f"this Blender has no {name} render engine")
+
+
+def _cycles_gpu_ready(bpy: Any) -> tuple[bool, str]:
+    """Whether Cycles can render on a GPU here: a compute device type chosen in the preferences, and at least
+    one GPU device of that type enabled. Returns (ready, why not)."""
+    addon = bpy.context.preferences.addons.get("cycles")
+    prefs = getattr(addon, "preferences", None)
+    if prefs is None:
+        return False, "the Cycles add-on's preferences are not available"
+    kind = getattr(prefs, "compute_device_type", "NONE")
+    if kind in ("", "NONE"):
+        return False, "no GPU compute device type is chosen in Preferences > System > Cycles Render Devices"
+    try:
+        if hasattr(prefs, "refresh_devices"):
+            prefs.refresh_devices()
+        devices = list(prefs.devices)
+    except Exception as exc:  # the device probe itself failed
+        return False, f"the GPU devices could not be listed ({exc})"
+    if not any(d.use and d.type == kind for d in devices):
+        return False, f"no {kind} device is enabled (or found) in the preferences"
+    return True, ""
+
+
+def _denoiser_ready(bpy: Any, scene: Any, device: str) -> tuple[bool, str]:
+    """Whether Cycles can denoise a final render here. OpenImageDenoise is missing from some builds (Debian's
+    Blender 3.4.1); OptiX needs an OptiX GPU."""
+    try:
+        import _cycles  # type: ignore[import-not-found]
+
+        oidn = bool(getattr(_cycles, "with_openimagedenoise", True))
+    except ImportError:
+        oidn = True
+    if oidn:
+        return True, ""
+    # Without OpenImageDenoise only OptiX is left (reading `denoiser` when no item is available warns).
+    addon = bpy.context.preferences.addons.get("cycles")
+    kind = getattr(getattr(addon, "preferences", None), "compute_device_type", "NONE")
+    if device == "GPU" and kind == "OPTIX":
+        return True, ""
+    return False, "this Blender was built without OpenImageDenoise (and renders on no OptiX GPU)"
+
+
+def _engine_settings(
+    bpy: Any,
+    scene: Any,
+    engine: str,
+    samples: int | None,
+    device: str | None,
+    denoise: bool | None,
+    setattr_saved: Callable[[Any, str, Any], None],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """Settings for a CYCLES or EEVEE render: the scene's and the preferences' own (Cycles device, denoising)
+    unless the request overrides them; what this Blender cannot do falls back, with a warning saying so.
+    Returns what the render uses (``device``, ``denoise`` for Cycles)."""
+    used: dict[str, Any] = {}
+    if engine == "CYCLES":
+        cycles = scene.cycles
+        setattr_saved(cycles, "samples", samples or _CYCLES_DEFAULT_SAMPLES)
+        want_device = device or cycles.device
+        if want_device == "GPU":
+            ready, why = _cycles_gpu_ready(bpy)
+            if not ready:
+                warnings.append(f"rendered on the CPU instead of the GPU: {why}")
+                want_device = "CPU"
+        if want_device != cycles.device:
+            setattr_saved(cycles, "device", want_device)
+        want_denoise = cycles.use_denoising if denoise is None else denoise
+        if want_denoise:
+            ready, why = _denoiser_ready(bpy, scene, want_device)
+            if not ready:
+                warnings.append(f"rendered without denoising: {why}")
+                want_denoise = False
+        if want_denoise != cycles.use_denoising:
+            setattr_saved(cycles, "use_denoising", want_denoise)
+        used = {"device": want_device, "denoise": want_denoise}
+    elif engine.startswith("BLENDER_EEVEE") and samples:
+        setattr_saved(scene.eevee, "taa_render_samples", samples)
+    return used
+
+
+class _RenderSlot:
+    """A command that renders leaves no "Render Result" behind when there was none before it (bpy as a module
+    starts without one). Blender's Python API cannot remove a render slot (3.4 to 5.3), so an existing
+    "Render Result" shows the command's last render afterwards, as after any render."""
+
+    def __init__(self, bpy: Any) -> None:
+        self.bpy = bpy
+        self.existed = True
+
+    def enter(self) -> None:
+        self.existed = self.bpy.data.images.get("Render Result") is not None
+
+    def leave(self) -> None:
+        image = self.bpy.data.images.get("Render Result")
+        if image is None or self.existed:
+            return
+        try:
+            self.bpy.data.images.remove(image)
+        except Exception as exc:  # the render itself is what the client asked for
+            print(
+                f"bld_remote [WARNING] could not remove Render Result: {exc!r}", file=sys.stderr, flush=True
+            )
+
+
 def render_image(params: dict[str, Any]) -> dict[str, Any]:
     """Render the scene camera to a PNG (works headless): ``width``, ``height``, ``engine`` (WORKBENCH, CYCLES,
-    EEVEE), ``samples``; ``filepath`` (default: a fresh temp file, ``temporary: true``); ``inline`` returns the
-    bytes as ``data`` (base64 on the wire) and removes the file.
+    EEVEE), ``samples``; ``device`` (CPU, GPU) and ``denoise`` (Cycles; default: the scene's settings);
+    ``filepath`` (default: a fresh temp file, ``temporary: true``); ``inline`` returns the bytes as ``data``
+    (base64 on the wire) and removes the file. ``warnings`` lists what this Blender could not do as set up
+    (a GPU, a denoiser) and how the render fell back.
 
     Reports progress (``_core.report_progress``) when the render starts, on each render-stats update (Cycles
     and EEVEE call these, some from their render threads), when it ends and when the file is written. The
@@ -427,6 +543,14 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
     width = _positive_int(params, "width", _RENDER_MAX_SIDE)
     height = _positive_int(params, "height", _RENDER_MAX_SIDE)
     samples = _positive_int(params, "samples", _RENDER_MAX_SAMPLES)
+    device = params.get("device")
+    if device is not None:
+        if not isinstance(device, str) or device.upper() not in ("CPU", "GPU"):
+            raise CommandError(f"device must be CPU or GPU, got {device!r}")
+        device = device.upper()
+    denoise = params.get("denoise")
+    if denoise is not None and not isinstance(denoise, bool):
+        raise CommandError(f"denoise must be true or false, got {denoise!r}")
     inline = bool(params.get("inline", False))
     filepath = params.get("filepath")
     if filepath is not None and (not isinstance(filepath, str) or not filepath.strip()):
@@ -482,27 +606,13 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
     ]
     path = ""
     temporary = False
+    warnings: list[str] = []
     try:
-        engine = None
-        for candidate in _RENDER_ENGINES[name]:
-            try:
-                setattr_saved(r, "engine", candidate)
-                engine = candidate
-                break
-            except TypeError:
-                saved.pop()
-        if engine is None:
-            raise CommandError(f"this Blender has no {name} render engine")
+        engine = _set_engine(scene, name, setattr_saved)
         setattr_saved(r, "resolution_x", width)
         setattr_saved(r, "resolution_y", height)
         setattr_saved(r, "resolution_percentage", 100)
-        if engine == "CYCLES":
-            setattr_saved(scene.cycles, "samples", samples or _CYCLES_DEFAULT_SAMPLES)
-            # Debian's Blender is built without OpenImageDenoise: denoising would fail the render.
-            setattr_saved(scene.cycles, "use_denoising", False)
-            setattr_saved(scene.cycles, "device", "CPU")
-        elif engine.startswith("BLENDER_EEVEE") and samples:
-            setattr_saved(scene.eevee, "taa_render_samples", samples)
+        used = _engine_settings(bpy, scene, engine, samples, device, denoise, setattr_saved, warnings)
         if filepath is not None:
             path = os.path.abspath(os.path.expanduser(filepath))
             if not os.path.isdir(os.path.dirname(path)):
@@ -511,7 +621,7 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
             fd, path = tempfile.mkstemp(prefix="bld_remote_render_", suffix=".png")
             os.close(fd)
             temporary = True
-        report(f"rendering {width}x{height} with {engine}")
+        report(f"rendering {width}x{height} with {engine}" + (f" on the {used['device']}" if used else ""))
         started = time.perf_counter()
         for handlers, fn in hooks:
             handlers.append(fn)
@@ -534,7 +644,9 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
             "format": "png",
             "mime_type": "image/png",
             "size": os.path.getsize(path),
+            "warnings": warnings,
         }
+        reply.update(used)
         if inline:
             with open(path, "rb") as f:
                 reply["data"] = f.read()  # bytes → base64 on the network thread
@@ -566,6 +678,13 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
 # Handlers in their own modules (they import CommandError and _bpy from this one, defined above).
 from . import scene  # noqa: E402
 
+
+def _look(params: dict[str, Any]) -> Any:
+    from .views import look
+
+    return look(params)
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "get_scene_info": scene.get_scene_info,
     "get_object_info": scene.get_object_info,
@@ -573,6 +692,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "get_viewport_screenshot": get_viewport_screenshot,
     "render_image": render_image,
     "export_scene": _export.export_scene,
+    "look": _look,
 }
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).

@@ -43,6 +43,7 @@ TOOLS = {
     "get_scene_info",
     "get_viewport_screenshot",
     "list_instances",
+    "look",
     "put_persist_data",
     "remove_persist_data",
     "render_image",

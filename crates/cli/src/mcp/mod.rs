@@ -21,6 +21,7 @@ mod conn;
 mod export;
 mod http;
 mod image;
+mod look;
 mod tools;
 
 use std::sync::Arc;

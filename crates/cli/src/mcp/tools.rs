@@ -360,7 +360,7 @@ fn text_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::success(vec![ContentBlock::text(text)])
 }
 
-fn error_result(text: impl Into<String>) -> CallToolResult {
+pub(crate) fn error_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(text)])
 }
 
@@ -575,7 +575,7 @@ impl BlenderMcp {
         Self {
             backend,
             max_image,
-            tool_router: Self::tool_router() + Self::export_router(),
+                tool_router: Self::tool_router() + Self::export_router() + Self::look_router(),
         }
     }
 
@@ -604,7 +604,7 @@ impl BlenderMcp {
 
     /// A call whose service progress lines become MCP progress notifications (when the client asked for
     /// them with a progress token).
-    async fn with_progress(
+    pub(crate) async fn with_progress(
         &self,
         at: &Chosen,
         command: &str,
@@ -649,7 +649,7 @@ impl BlenderMcp {
 
     /// PNG bytes from a reply: inline `data` (base64), else the file at `filepath` (removed afterwards when
     /// `temporary`).
-    async fn image_bytes(reply: &Value) -> Result<Vec<u8>, String> {
+    pub(crate) async fn image_bytes(reply: &Value) -> Result<Vec<u8>, String> {
         if let Some(data) = reply.get("data").and_then(Value::as_str) {
             return base64::engine::general_purpose::STANDARD
                 .decode(data)
@@ -669,7 +669,7 @@ impl BlenderMcp {
     }
 
     /// Image content fitted to the byte budget, plus a caption.
-    async fn image_result(&self, bytes: Vec<u8>, caption: String) -> CallToolResult {
+    pub(crate) async fn image_result(&self, bytes: Vec<u8>, caption: String) -> CallToolResult {
         let budget = self.max_image;
         let fitted = tokio::task::spawn_blocking(move || image::fit_png(bytes, budget)).await;
         match fitted {
@@ -1199,7 +1199,7 @@ mod tests {
     /// tools/list as a client gets it, in bytes (docs/MCP.md records it; issue 16 caps it at 16 KiB).
     #[test]
     fn tools_list_is_small_and_every_blender_tool_takes_instance() {
-        let tools = BlenderMcp::tool_router().list_all();
+        let tools = (BlenderMcp::tool_router() + BlenderMcp::look_router()).list_all();
         let size = serde_json::to_string(&json!({ "tools": tools }))
             .unwrap()
             .len();
@@ -1219,7 +1219,7 @@ mod tests {
 
     #[test]
     fn every_tool_is_listed_with_a_description_schema_and_annotations() {
-        let tools = BlenderMcp::tool_router().list_all();
+        let tools = (BlenderMcp::tool_router() + BlenderMcp::look_router()).list_all();
         let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
         names.sort_unstable();
         assert_eq!(
@@ -1232,6 +1232,7 @@ mod tests {
                 "get_scene_info",
                 "get_viewport_screenshot",
                 "list_instances",
+                "look",
                 "put_persist_data",
                 "remove_persist_data",
                 "render_image",
