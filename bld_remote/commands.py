@@ -54,6 +54,8 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
             "traceback": traceback.format_exc(),
         }
     finally:
+        if command in CHANGES_DATA:
+            datablocks.note_changes()  # objects, materials, collections added or removed: scene_generation
         if command in CHANGES_DATA and params.get("undo", True) is not False:
             _undo_push(command)
 
@@ -610,12 +612,17 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
                 pass
 
 
+from . import datablocks  # noqa: E402 - it imports CommandError from here
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "get_scene_info": get_scene_info,
     "get_object_info": get_object_info,
     "execute_code": execute_code,
     "get_viewport_screenshot": get_viewport_screenshot,
     "render_image": render_image,
+    "get_material_info": datablocks.get_material_info,
+    "get_collection_info": datablocks.get_collection_info,
+    "list_datablocks": datablocks.list_datablocks,
 }
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).
