@@ -80,6 +80,9 @@ mod tests {
         assert_eq!(scene_generation(), after_first + 3);
         let mut m = Map::new();
         live_info().fill(&mut m);
-        assert_eq!(m.get("scene_generation"), Some(&Value::from(after_first + 3)));
+        assert_eq!(
+            m.get("scene_generation"),
+            Some(&Value::from(after_first + 3))
+        );
     }
 }

@@ -181,7 +181,11 @@ impl LiveInfo {
 
 impl std::fmt::Debug for LiveInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "LiveInfo(set)" } else { "LiveInfo(none)" })
+        f.write_str(if self.0.is_some() {
+            "LiveInfo(set)"
+        } else {
+            "LiveInfo(none)"
+        })
     }
 }
 

@@ -19,13 +19,13 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rmcp::model::{
     ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams, ReadResourceResult,
     Resource, ResourceContents, ResourceTemplate, SubscriptionFilter,
 };
 use rmcp::service::{Peer, RequestContext, SubscriptionContext, SubscriptionSink};
 use rmcp::{ErrorData, RoleServer};
-use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -138,7 +138,11 @@ pub fn parse(uri: &str) -> Result<ParsedUri, String> {
         None => (rest, None),
     };
     let mut instance = None;
-    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+    for pair in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
         match pair.split_once('=') {
             Some(("instance", v)) if !v.is_empty() => instance = Some(decode(v)?),
             _ => {
@@ -157,7 +161,9 @@ pub fn parse(uri: &str) -> Result<ParsedUri, String> {
             .map(|(_, k)| *k)
             .find(|k| *k == kind)
             .ok_or_else(|| {
-                format!("unknown resource {uri:?}: the kinds are scene, object, material, collection")
+                format!(
+                    "unknown resource {uri:?}: the kinds are scene, object, material, collection"
+                )
             })?;
         let name = decode(name)?;
         if name.is_empty() {
@@ -403,9 +409,14 @@ impl BlenderMcp {
     }
 
     /// 2026-07-28: the filter we honour on `subscriptions/listen` (resources' list changes only).
-    pub(crate) fn subscription_filter(requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
-        (requested.resources_list_changed == Some(true))
-            .then(|| SubscriptionFilter::builder().resources_list_changed().build())
+    pub(crate) fn subscription_filter(
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        (requested.resources_list_changed == Some(true)).then(|| {
+            SubscriptionFilter::builder()
+                .resources_list_changed()
+                .build()
+        })
     }
 
     /// 2026-07-28: watch while the subscription is open.
@@ -524,7 +535,13 @@ mod tests {
 
     #[test]
     fn names_round_trip_through_uris() {
-        for name in ["Cube", "My Cube.001", "a/b?c#d%e&f=g", "Würfel ✓ 立方体", "+ ~_-."] {
+        for name in [
+            "Cube",
+            "My Cube.001",
+            "a/b?c#d%e&f=g",
+            "Würfel ✓ 立方体",
+            "+ ~_-.",
+        ] {
             let u = uri("object", name, None);
             assert!(u.is_ascii(), "{u}");
             assert_eq!(
@@ -559,7 +576,10 @@ mod tests {
             "blender://scene?port=1",
         ] {
             let e = parse(bad).unwrap_err();
-            assert!(e.contains(bad) || e.contains("percent") || e.contains("UTF-8"), "{bad}: {e}");
+            assert!(
+                e.contains(bad) || e.contains("percent") || e.contains("UTF-8"),
+                "{bad}: {e}"
+            );
         }
     }
 
