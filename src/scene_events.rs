@@ -2,7 +2,7 @@
 //! in this Blender (or a file is loaded), reported by `get_status` on the network thread so that
 //! `bld-remote mcp` can send `notifications/resources/list_changed` without asking Blender's main thread.
 //!
-//! The add-on's handlers (bld_remote/datablocks.py: Blender's `depsgraph_update_post` and `load_post`, and
+//! The add-on's handlers (`bld_remote/datablocks.py`: Blender's `depsgraph_update_post` and `load_post`, and
 //! after each `execute_code`) call [`note_datablock_counts`] with three lengths; it compares them with the
 //! last ones here, with atomics only. [`live_info`] is the `get_status` hook (read on network threads,
 //! never taking the GIL). The statics outlive a service restart, so the number never goes back.

@@ -168,7 +168,10 @@ impl Default for Config {
 /// Fields `get_status` adds each time it is answered, on the network thread (e.g. the extension's
 /// `scene_generation`). The function must be cheap, and must never block or take the GIL.
 #[derive(Clone, Default)]
-pub struct LiveInfo(pub Option<std::sync::Arc<dyn Fn(&mut Map<String, Value>) + Send + Sync>>);
+pub struct LiveInfo(pub Option<std::sync::Arc<LiveInfoFn>>);
+
+/// What a [`LiveInfo`] calls: adds its fields to the status object.
+pub type LiveInfoFn = dyn Fn(&mut Map<String, Value>) + Send + Sync;
 
 impl LiveInfo {
     /// Add the live fields to `status`.

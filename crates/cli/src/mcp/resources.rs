@@ -16,6 +16,7 @@
 //! Blender when the counts change: src/scene_events.rs), the pid and start time; a tool call of
 //! `execute_blender_code` wakes it at once. Runs as tasks on the runtime of `bld-remote mcp`.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -86,7 +87,7 @@ pub fn encode(name: &str) -> String {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -242,7 +243,7 @@ fn json_contents(uri: &str, v: &Value) -> ReadResourceResult {
 }
 
 impl BlenderMcp {
-    pub(crate) fn resource_templates(&self) -> ListResourceTemplatesResult {
+    pub(crate) fn resource_templates() -> ListResourceTemplatesResult {
         ListResourceTemplatesResult::with_all_items(templates())
     }
 
@@ -433,6 +434,7 @@ impl BlenderMcp {
     /// What the resource list depends on now: the chosen instance's identity and `scene_generation`, or
     /// the set of instances when several run, or "unreachable".
     async fn list_key(&self) -> Value {
+        #[allow(clippy::single_match_else)] // two ways the list is made, side by side
         match self.backend().choose(None).await {
             Ok(at) => {
                 let status = self

@@ -893,7 +893,7 @@ impl ServerHandler for BlenderMcp {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
-        Ok(self.resource_templates())
+        Ok(Self::resource_templates())
     }
 
     async fn read_resource(
