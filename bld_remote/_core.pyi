@@ -35,6 +35,9 @@ __all__ = [
     "persist_get",
     "persist_remove",
     "persist_keys",
+    "note_datablock_counts",
+    "bump_scene_generation",
+    "scene_generation",
 ]
 
 __version__: str
@@ -134,6 +137,16 @@ def check_cancelled() -> None:
 
 def cancel_requested() -> bool:
     """Whether a cancel was asked for the job running now."""
+
+def note_datablock_counts(objects: int, materials: int, collections: int) -> bool:
+    """Record the numbers of objects, materials and collections; True (and ``scene_generation`` grows) when
+    they differ from the last ones. The first call only records them."""
+
+def bump_scene_generation() -> None:
+    """Make ``scene_generation`` grow (a file was loaded)."""
+
+def scene_generation() -> int:
+    """Grows whenever objects, materials or collections are added or removed (``get_status`` reports it)."""
 
 def persist_put(key: str, data: Any) -> None:
     """Store ``data`` (as JSON) in the running service's persist store; ValueError past a limit."""

@@ -56,6 +56,8 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
             "traceback": traceback.format_exc(),
         }
     finally:
+        if command in CHANGES_DATA:
+            datablocks.note_changes()  # objects, materials, collections added or removed: scene_generation
         if command in CHANGES_DATA and params.get("undo", True) is not False:
             _undo_push(command)
 
@@ -676,7 +678,7 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # Handlers in their own modules (they import CommandError and _bpy from this one, defined above).
-from . import scene  # noqa: E402
+from . import datablocks, scene  # noqa: E402
 
 
 def _look(params: dict[str, Any]) -> Any:
@@ -693,6 +695,9 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "render_image": render_image,
     "export_scene": _export.export_scene,
     "look": _look,
+    "get_material_info": datablocks.get_material_info,
+    "get_collection_info": datablocks.get_collection_info,
+    "list_datablocks": datablocks.list_datablocks,
 }
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from . import _core, commands
+from . import _core, commands, datablocks
 
 # From the native module, where they are written once (crates/core/src/config.rs).
 DEFAULT_HOST: str = _core.DEFAULT_HOST
@@ -115,6 +115,7 @@ def start_mcp_service(
         persist_max_total_bytes=persist_max_total_bytes,
         persist_max_keys=persist_max_keys,
     )
+    datablocks.watch()  # scene_generation in get_status (resources/list_changed); idempotent
     if bound is None:  # already serving the address asked for
         return get_status()
     bound_host, bound_port = bound
@@ -144,6 +145,7 @@ def stop_mcp_service() -> bool:
     was_running = _core.stop()
     if not _core.is_running():
         _remove_gui_pump()
+        datablocks.unwatch()
     return was_running
 
 

@@ -16,6 +16,7 @@
 //! | `cancel`   | `check_cancelled()` for the running job's code                 | Blender's main thread   |
 //! | `persist`  | `bld_remote.persist` inside Blender, over the service's store  | the calling Python one  |
 //! | `pool`     | `PoolClient`: a pool's members and its map (`bld_remote.Pool`)  | the calling Python one  |
+//! | `scene_events` | `scene_generation`: objects etc. added/removed (`get_status`) | main thread; network |
 //! | `error`    | Rust errors -> Python exceptions (the only place)              | the calling Python one  |
 
 mod cancel;
@@ -27,6 +28,7 @@ mod job;
 mod persist;
 mod pool;
 mod pump;
+mod scene_events;
 mod service;
 #[cfg(unix)]
 mod signals;
@@ -58,6 +60,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(persist::persist_remove, m)?)?;
     m.add_function(wrap_pyfunction!(persist::persist_keys, m)?)?;
     m.add_function(wrap_pyfunction!(cancel::cancel_requested, m)?)?;
+    m.add_function(wrap_pyfunction!(scene_events::note_datablock_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(scene_events::bump_scene_generation, m)?)?;
+    m.add_function(wrap_pyfunction!(scene_events::scene_generation, m)?)?;
     m.add_class::<capture::OutputCapture>()?;
     m.add_class::<client::PyClient>()?;
     m.add_class::<client::ExecResult>()?;

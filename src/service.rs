@@ -187,6 +187,7 @@ pub fn start(
         mode,
         main_thread_commands: commands,
         info: dict_to_map(info.as_ref()),
+        live_info: crate::scene_events::live_info(),
         ..resolved
     };
     let mut guard = SERVICE.lock();

@@ -133,6 +133,8 @@ pub struct Config {
     pub main_thread_commands: Vec<String>,
     /// Extra fields for `get_status` (Blender version, open file...), set by the embedding side.
     pub info: Map<String, Value>,
+    /// Extra fields for `get_status` read each time it is answered (the embedding side's live counters).
+    pub live_info: LiveInfo,
     /// Bounds of the job store (`submit_code_job`): records, result bytes, TTL.
     pub jobs: crate::store::StoreLimits,
 }
@@ -157,8 +159,36 @@ impl Default for Config {
             mode: "background".into(),
             main_thread_commands: Vec::new(),
             info: Map::new(),
+            live_info: LiveInfo::default(),
             jobs: crate::store::StoreLimits::default(),
         }
+    }
+}
+
+/// Fields `get_status` adds each time it is answered, on the network thread (e.g. the extension's
+/// `scene_generation`). The function must be cheap, and must never block or take the GIL.
+#[derive(Clone, Default)]
+pub struct LiveInfo(pub Option<std::sync::Arc<LiveInfoFn>>);
+
+/// What a [`LiveInfo`] calls: adds its fields to the status object.
+pub type LiveInfoFn = dyn Fn(&mut Map<String, Value>) + Send + Sync;
+
+impl LiveInfo {
+    /// Add the live fields to `status`.
+    pub fn fill(&self, status: &mut Map<String, Value>) {
+        if let Some(f) = &self.0 {
+            f(status);
+        }
+    }
+}
+
+impl std::fmt::Debug for LiveInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LiveInfo(set)"
+        } else {
+            "LiveInfo(none)"
+        })
     }
 }
 

@@ -2,7 +2,8 @@
 //! through the bld_remote service. This file owns the command's options and [`run`]: it builds the tokio
 //! runtime and serves one transport: stdio (default; stdout carries nothing but MCP, logs go to stderr) or
 //! Streamable HTTP (`--http`, see [`http`]). The tools themselves are in [`tools`]; the connection to
-//! Blender in [`conn`]; image downscaling in [`image`].
+//! Blender in [`conn`]; image downscaling in [`image`]; the resources and their change notifications in
+//! [`resources`].
 //!
 //! Threads: the binary's main thread blocks in [`run`] (polling the signal flag every 100 ms); the transport,
 //! the tools and the connection run as tasks on two tokio workers named `bld-remote-mcp`, all stopped by
@@ -22,6 +23,7 @@ mod export;
 mod http;
 mod image;
 mod look;
+mod resources;
 mod tools;
 
 use std::sync::Arc;

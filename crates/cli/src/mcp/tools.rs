@@ -14,11 +14,12 @@ use base64::Engine as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ServerCapabilities,
-    ServerConfig,
+    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
+    ReadResourceResponse, ServerCapabilities, ServerConfig, SubscriptionFilter,
 };
 use rmcp::schemars::{self, JsonSchema};
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -347,6 +348,8 @@ pub struct BlenderMcp {
     pub(crate) backend: Arc<Backend>,
     max_image: usize,
     tool_router: ToolRouter<Self>,
+    /// This session's view of the resource list (resources.rs).
+    pub(super) resources_seen: super::resources::Seen,
 }
 
 const INSTRUCTIONS: &str = "Drive a running Blender. Start with get_scene_info to see the scene; use \
@@ -576,7 +579,13 @@ impl BlenderMcp {
             backend,
             max_image,
                 tool_router: Self::tool_router() + Self::export_router() + Self::look_router(),
+            resources_seen: super::resources::Seen::default(),
         }
+    }
+
+    /// The connections to Blender (the resources use them too).
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        &self.backend
     }
 
     /// The instance a call goes to (see [`Backend::choose`]); an error result when it names none, or
@@ -913,6 +922,7 @@ impl BlenderMcp {
             .backend
             .call(&at, "execute_code", params, None, None, &ctx.ct)
             .await;
+        super::resources::code_ran();
         Ok(match r {
             Ok(v) => {
                 let mut r = text_result(exec_text(&v, None));
@@ -1186,9 +1196,58 @@ impl ServerHandler for BlenderMcp {
     fn get_info(&self) -> ServerConfig {
         let mut info = Implementation::new("bld_remote", env!("CARGO_PKG_VERSION"));
         info.title = Some("Blender (bld_remote)".into());
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(info)
-            .with_instructions(INSTRUCTIONS)
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_resources_list_changed()
+                .build(),
+        )
+        .with_server_info(info)
+        .with_instructions(INSTRUCTIONS)
+    }
+
+    // The resources (resources.rs).
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        self.resource_list(request, &context).await
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(Self::resource_templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        self.resource_read(&request.uri, &context)
+            .await
+            .map(Into::into)
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.watch_session(context.peer);
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Self::subscription_filter(requested)
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        self.watch_subscription(context).await;
+        Ok(())
     }
 }
 

@@ -390,6 +390,7 @@ impl Shared {
             for (k, val) in &self.config.info {
                 m.entry(k.clone()).or_insert_with(|| val.clone());
             }
+            self.config.live_info.fill(m);
         }
         v
     }
