@@ -153,3 +153,35 @@ def test_read_token_equal_to_token_is_a_usage_error(installed: Path, runtime_dir
     )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "read_token" in r.stderr and "differ" in r.stderr
+
+
+def test_mcp_with_the_read_token_lists_only_read_tools(both, installed: Path, runtime_dir, tmp_path):
+    mcp = pytest.importorskip("mcp")
+    import asyncio
+
+    from mcp.client.stdio import StdioServerParameters
+
+    b, _, d = both
+    marker = tmp_path / "written"
+    env = cli_env(runtime_dir, BLD_REMOTE_TOKEN=d["read_token"])
+    params = StdioServerParameters(
+        command=str(installed / "bld-remote"), args=["mcp", "--port", str(b.port), "--timeout", "20"], env=env
+    )
+
+    async def main():
+        async with mcp.Client(params, mode="legacy") as client:
+            listed = await client.list_tools()
+            tools = {t.name: t for t in listed.tools}
+            r = await client.call_tool(
+                "execute_blender_code", {"code": f"open({str(marker)!r}, 'w').write('x')"}
+            )
+            text = "\n".join(c.text for c in r.content if getattr(c, "type", None) == "text")
+            return tools, bool(r.is_error), text
+
+    tools, failed, text = asyncio.run(main())
+    assert "get_scene_info" in tools and "render_image" in tools, sorted(tools)
+    for hidden in ("execute_blender_code", "put_persist_data", "remove_persist_data"):
+        assert hidden not in tools, sorted(tools)
+    assert all(t.annotations and t.annotations.read_only_hint is True for t in tools.values())
+    assert failed and FORBIDDEN in text, text
+    assert not marker.exists()
