@@ -13,6 +13,7 @@ __all__ = [
     "stop_requested",
     "status",
     "token",
+    "read_token",
     "startup_options",
     "in_job",
     "step",
@@ -66,6 +67,7 @@ def start(
     host: str | None = None,
     port: int | None = None,
     token: str | None = None,
+    read_token: str | None = None,
     info: dict[str, Any] | None = None,
     max_request_bytes: int | None = None,
     max_connections: int | None = None,
@@ -86,7 +88,8 @@ def start(
     Each setting left as None comes from its ``BLD_REMOTE_*`` variable, else the default
     (``bld_remote_core::config::Config::from_env``); a bad value raises ValueError naming it and its range
     (TypeError for a non-number, a bool included). ``token="auto"``
-    is a fresh random token. Already running: None when the address asked for is the one served, else
+    is a fresh random token, and so is ``read_token="auto"`` (a read-only token; it must differ from
+    ``token``). Already running: None when the address asked for is the one served, else
     RuntimeError. OSError when the port cannot be bound."""
 
 def stop() -> bool:
@@ -107,6 +110,9 @@ def status() -> dict[str, Any] | None:
 
 def token() -> str | None:
     """The token the running service requires (None: it requires none, or none runs)."""
+
+def read_token() -> str | None:
+    """The running service's read-only token (None: it has none, or none runs)."""
 
 def startup_options() -> _StartupOptions:
     """``BLD_REMOTE_MCP_PORT``, ``BLD_REMOTE_MCP_START_NOW`` and ``BLD_REMOTE_LOG_LEVEL``, parsed in Rust.

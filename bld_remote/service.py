@@ -61,6 +61,7 @@ def start_mcp_service(
     host: str | None = None,
     *,
     token: str | None = None,
+    read_token: str | None = None,
     max_request_bytes: int | None = None,
     max_connections: int | None = None,
     queue_capacity: int | None = None,
@@ -75,7 +76,11 @@ def start_mcp_service(
     """Start the TCP service (port: argument, else ``BLD_REMOTE_MCP_PORT``, else 6688; 0 picks a free one).
 
     Binds 127.0.0.1 unless told otherwise; any other host requires ``token``. ``token="auto"`` generates a
-    random one for this instance (read it in-process with ``current_token()``). Returns ``get_status()``.
+    random one for this instance (read it in-process with ``current_token()``). ``read_token`` (else
+    ``BLD_REMOTE_READ_TOKEN``; ``"auto"`` generates one, ``current_read_token()``) is a second token that may
+    only read: scene and object info, renders, status, lookups (docs/PROTOCOL.md, *Roles*); it must differ
+    from ``token``. Set alone, every request needs it and nothing can be changed over the network. Both are
+    kept in the owner-only instance descriptor. Returns ``get_status()``.
     Calling it while the service runs is harmless when the port matches (or is not given): it returns the
     status. After ``stop_mcp_service()`` it starts afresh, also within one request (the stop frees the port at
     once), so ``stop_mcp_service(); start_mcp_service()`` in ``execute_code`` ends with a running service.
@@ -103,6 +108,7 @@ def start_mcp_service(
         host=host or None,
         port=port,
         token=token,
+        read_token=read_token,
         info=info,
         max_request_bytes=max_request_bytes,
         max_connections=max_connections,
@@ -132,6 +138,11 @@ def start_mcp_service(
 def current_token() -> str | None:
     """The token the running service requires (None when it requires none, or is not running)."""
     return _core.token()
+
+
+def current_read_token() -> str | None:
+    """The running service's read-only token (None when it has none, or is not running)."""
+    return _core.read_token()
 
 
 def stop_mcp_service() -> bool:

@@ -49,6 +49,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(service::stop_requested, m)?)?;
     m.add_function(wrap_pyfunction!(service::status, m)?)?;
     m.add_function(wrap_pyfunction!(service::token, m)?)?;
+    m.add_function(wrap_pyfunction!(service::read_token, m)?)?;
     m.add_function(wrap_pyfunction!(service::startup_options, m)?)?;
     m.add_function(wrap_pyfunction!(service::py_in_job, m)?)?;
     m.add_function(wrap_pyfunction!(pump::step, m)?)?;

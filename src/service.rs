@@ -101,11 +101,11 @@ fn config_error(e: ConfigError) -> PyErr {
 
 /// Start the service on native threads and return the bound `(host, port)`. Every setting left as None
 /// comes from its `BLD_REMOTE_*` variable, else the default. `token="auto"` (given or from the
-/// environment) is a fresh random token. Already running: None when the address asked for is the one
+/// environment) is a fresh random token, and so is `read_token="auto"` (`BLD_REMOTE_READ_TOKEN`). Already running: None when the address asked for is the one
 /// served (port and host not given, 0 or the same), else `RuntimeError`. A service stopped from inside
 /// the running job is no longer running here (see `stop`), so a start in the same job binds afresh.
 #[pyfunction]
-#[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, info=None,
+#[pyo3(signature = (handler, commands, mode, *, host=None, port=None, token=None, read_token=None, info=None,
     max_request_bytes=None, max_connections=None, queue_capacity=None, idle_timeout=None,
     default_timeout=None, request_read_timeout=None, max_depth=None, persist_max_value_bytes=None,
     persist_max_total_bytes=None, persist_max_keys=None, max_jobs=None, max_job_result_bytes=None,
@@ -119,6 +119,7 @@ pub fn start(
     host: Option<String>,
     port: Option<Bound<'_, PyAny>>,
     token: Option<String>,
+    read_token: Option<String>,
     info: Option<Bound<'_, PyDict>>,
     max_request_bytes: Option<Bound<'_, PyAny>>,
     max_connections: Option<Bound<'_, PyAny>>,
@@ -147,6 +148,7 @@ pub fn start(
         host,
         port,
         token,
+        read_token,
         max_request_bytes: count("max_request_bytes", max_request_bytes)?,
         max_connections: count("max_connections", max_connections)?,
         queue_capacity: count("queue_capacity", queue_capacity)?,
@@ -178,12 +180,15 @@ pub fn start(
             addr.port()
         )));
     }
-    let token = match resolved.token {
-        Some(t) if t.trim().eq_ignore_ascii_case("auto") => Some(random_token(py)?),
-        other => other,
+    let auto = |t: Option<String>| match t {
+        Some(t) if t.trim().eq_ignore_ascii_case("auto") => random_token(py).map(Some),
+        other => Ok(other),
     };
+    let token = auto(resolved.token.clone())?;
+    let read_token = auto(resolved.read_token.clone())?;
     let config = Config {
         token,
+        read_token,
         mode,
         main_thread_commands: commands,
         info: dict_to_map(info.as_ref()),
@@ -225,6 +230,16 @@ pub fn token() -> Option<String> {
         .and_then(|s| s.server.shared().config().token.clone())
 }
 
+/// The read-only token of the running service (None when it has none, or is not running).
+#[pyfunction]
+pub fn read_token() -> Option<String> {
+    SERVICE
+        .lock()
+        .as_ref()
+        .filter(|s| !s.server.shared().is_stopping())
+        .and_then(|s| s.server.shared().config().read_token.clone())
+}
+
 /// The add-on's start-up options from the environment (`config::StartupOptions::from_env`): a dict with
 /// `host`, `port` (`BLD_REMOTE_MCP_PORT`), `start_now` (`BLD_REMOTE_MCP_START_NOW`) and `log_level`
 /// (`BLD_REMOTE_LOG_LEVEL`), and `port_from_env`: whether `port` came from the variable (the add-on's own
@@ -255,7 +270,8 @@ fn write_descriptor(server: &Server) -> Option<std::path::PathBuf> {
         &config.mode,
         config.token.as_deref(),
         &config.info,
-    );
+    )
+    .with_read_token(config.read_token.as_deref());
     match instances::write(&d) {
         Ok(path) => Some(path),
         Err(e) => {

@@ -363,7 +363,8 @@ def test_restarted_service_with_the_same_token_works_and_wrong_tokens_and_relays
 
         assert hmac.compare_digest(ch["proof"], mac("service"))
         assert ok(c.request({"type": "authenticate", "params": {"proof": mac("client")}, "id": 2})) == {
-            "authenticated": True
+            "authenticated": True,
+            "role": "full",
         }
         assert ok(c.request({"type": "ping", "id": 3}))["pong"] is True
     status = ok(Conn(port).request({"type": "get_status", "token": token}))

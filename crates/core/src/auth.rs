@@ -213,7 +213,12 @@ impl ClientHandshake {
             port,
             pid,
         };
-        if !t.verify(token, Role::Service, proof) {
+        // `read_proof` (present when the service has both tokens) is the read token's: a client holding
+        // the read token checks that one.
+        let read_proof = field("read_proof").and_then(Value::as_str);
+        if !t.verify(token, Role::Service, proof)
+            && !read_proof.is_some_and(|p| t.verify(token, Role::Service, p))
+        {
             return Err("its proof is wrong: it does not hold the token".into());
         }
         // It holds the token; it must also be where we dialed, else something there relays to it.
@@ -242,6 +247,71 @@ impl ClientHandshake {
 
 // --- the service's side -----------------------------------------------------------------------------------
 
+/// What a request may do, decided by the token it (or its connection) proved: everything, or only the
+/// commands that read (docs/PROTOCOL.md, *Roles*; the list is in `server::rights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rights {
+    Full,
+    Read,
+}
+
+impl Rights {
+    /// Its name on the wire (`role` in the `authenticate` and `get_status` replies).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// The service's tokens: the full one (`token`) and the read-only one (`read_token`), each optional.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokens<'a> {
+    pub full: Option<&'a str>,
+    pub read: Option<&'a str>,
+}
+
+impl<'a> Tokens<'a> {
+    pub fn new(full: Option<&'a str>, read: Option<&'a str>) -> Self {
+        Self {
+            full: full.filter(|t| !t.is_empty()),
+            read: read.filter(|t| !t.is_empty()),
+        }
+    }
+
+    /// Whether the service needs any token (a read token alone makes every request need one).
+    pub fn any(&self) -> bool {
+        self.full.is_some() || self.read.is_some()
+    }
+
+    /// The rights `given` grants, compared in constant time against both tokens.
+    fn rights_of(&self, given: &str) -> Option<Rights> {
+        let full = self
+            .full
+            .is_some_and(|t| constant_time_eq(given.as_bytes(), t.as_bytes()));
+        let read = self
+            .read
+            .is_some_and(|t| constant_time_eq(given.as_bytes(), t.as_bytes()));
+        if full {
+            Some(Rights::Full)
+        } else if read {
+            Some(Rights::Read)
+        } else {
+            None
+        }
+    }
+}
+
+/// What [`ConnAuth::gate`] decided for one request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Serve it, with these rights (checked next against the read-only allow-list).
+    Pass(Rights),
+    /// Send this reply and nothing else: the handshake's own replies, or a refusal.
+    Answer(Outcome),
+}
+
 /// A connection's authentication state, kept by its reader thread.
 #[derive(Debug)]
 pub struct ConnAuth {
@@ -249,7 +319,8 @@ pub struct ConnAuth {
     /// every proof.
     addr: String,
     port: u16,
-    authenticated: bool,
+    /// The rights the connection proved in the handshake (`None`: not authenticated).
+    authenticated: Option<Rights>,
     /// The last challenge's nonces, until one `authenticate` uses them up.
     pending: Option<(String, String)>,
 }
@@ -260,48 +331,54 @@ impl ConnAuth {
         Self {
             addr: local.map_or_else(String::new, |a| a.ip().to_canonical().to_string()),
             port: local.map_or(0, |a| a.port()),
-            authenticated: false,
+            authenticated: None,
             pending: None,
         }
     }
 
     pub fn is_authenticated(&self) -> bool {
+        self.authenticated.is_some()
+    }
+
+    /// The rights the handshake proved on this connection, if it ran.
+    pub fn rights(&self) -> Option<Rights> {
         self.authenticated
     }
 
     /// The service's half, for one request: the handshake commands get their reply here; any other
-    /// request passes (`None`) when the service needs no token, the connection is authenticated, or the
-    /// request carries the right plain `token` (older clients), and gets an auth error otherwise.
+    /// request passes with full rights when the service needs no token, else with the rights of the
+    /// connection's handshake or of the request's plain `token` (older clients; the full token on a
+    /// connection authenticated read-only raises that one request), and gets an auth error otherwise.
     /// Failures count in `failures` (`get_status`'s `auth_failures`).
-    pub fn gate(
-        &mut self,
-        token: Option<&str>,
-        request: &Request,
-        failures: &AtomicU64,
-    ) -> Option<Outcome> {
+    pub fn gate(&mut self, tokens: Tokens<'_>, request: &Request, failures: &AtomicU64) -> Verdict {
         if !request.legacy {
             match request.command.as_str() {
-                CHALLENGE => return Some(self.challenge(token, &request.params)),
+                CHALLENGE => return Verdict::Answer(self.challenge(tokens, &request.params)),
                 AUTHENTICATE => {
-                    let outcome = self.authenticate(token, &request.params);
+                    let outcome = self.authenticate(tokens, &request.params);
                     if matches!(outcome, Outcome::Error { .. }) {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
-                    return Some(outcome);
+                    return Verdict::Answer(outcome);
                 }
                 _ => {}
             }
         }
-        let expected = token?;
-        if self.authenticated {
-            return None;
+        if !tokens.any() {
+            return Verdict::Pass(Rights::Full);
         }
         let given = request.token.as_deref().unwrap_or("");
-        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return None;
+        match (self.authenticated, tokens.rights_of(given)) {
+            (_, Some(Rights::Full)) | (Some(Rights::Full), _) => {
+                return Verdict::Pass(Rights::Full)
+            }
+            (Some(Rights::Read), _) | (None, Some(Rights::Read)) => {
+                return Verdict::Pass(Rights::Read)
+            }
+            (None, None) => {}
         }
         failures.fetch_add(1, Ordering::Relaxed);
-        Some(refusal(if given.is_empty() {
+        Verdict::Answer(refusal(if given.is_empty() {
             "authentication required: this service needs a token (add \"token\" to the request, or \
              authenticate the connection first with auth_challenge / authenticate)"
         } else {
@@ -309,8 +386,11 @@ impl ConnAuth {
         }))
     }
 
-    fn challenge(&mut self, token: Option<&str>, params: &Map<String, Value>) -> Outcome {
-        let Some(token) = token else {
+    fn challenge(&mut self, tokens: Tokens<'_>, params: &Map<String, Value>) -> Outcome {
+        // `proof` is made with the full token (else the read token, so that a client holding the only
+        // token there is can verify it); `read_proof` with the read token when both exist. A client
+        // checks the one its token makes.
+        let Some(first) = tokens.full.or(tokens.read) else {
             return Outcome::Success(json!({
                 "auth": false,
                 "version": VERSION,
@@ -331,15 +411,14 @@ impl ConnAuth {
             Err(e) => return Outcome::error(format!("cannot make a challenge: {e}")),
         };
         let pid = std::process::id();
-        let proof = Transcript {
+        let t = Transcript {
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
             addr: &self.addr,
             port: self.port,
             pid,
-        }
-        .proof(token, Role::Service);
-        let reply = json!({
+        };
+        let mut reply = json!({
             "auth": true,
             "version": VERSION,
             "alg": ALG,
@@ -347,18 +426,24 @@ impl ConnAuth {
             "addr": self.addr,
             "port": self.port,
             "pid": pid,
-            "proof": proof,
+            "proof": t.proof(first, Role::Service),
         });
+        if let (Some(_), Some(read), Value::Object(m)) = (tokens.full, tokens.read, &mut reply) {
+            m.insert(
+                "read_proof".into(),
+                Value::String(t.proof(read, Role::Service)),
+            );
+        }
         self.pending = Some((client_nonce, server_nonce));
         Outcome::Success(reply)
     }
 
-    fn authenticate(&mut self, token: Option<&str>, params: &Map<String, Value>) -> Outcome {
-        let Some(token) = token else {
+    fn authenticate(&mut self, tokens: Tokens<'_>, params: &Map<String, Value>) -> Outcome {
+        if !tokens.any() {
             return Outcome::error(
                 "this service requires no token: there is nothing to authenticate",
             );
-        };
+        }
         // One attempt per challenge: a wrong proof needs a new challenge (with a new server nonce).
         let Some((client_nonce, server_nonce)) = self.pending.take() else {
             return refusal(
@@ -376,12 +461,19 @@ impl ConnAuth {
             port: self.port,
             pid: std::process::id(),
         };
-        if t.verify(token, Role::Client, proof) {
-            self.authenticated = true;
-            Outcome::Success(json!({"authenticated": true}))
+        let verifies =
+            |token: Option<&str>| token.is_some_and(|k| t.verify(k, Role::Client, proof));
+        let rights = if verifies(tokens.full) {
+            Rights::Full
+        } else if verifies(tokens.read) {
+            Rights::Read
         } else {
-            refusal("authentication failed: wrong proof (the client does not hold this service's token)")
-        }
+            return refusal(
+                "authentication failed: wrong proof (the client does not hold this service's token)",
+            );
+        };
+        self.authenticated = Some(rights);
+        Outcome::Success(json!({"authenticated": true, "role": rights.name()}))
     }
 }
 
@@ -424,6 +516,21 @@ mod tests {
 
     fn is_error(o: Option<&Outcome>) -> bool {
         matches!(o, Some(Outcome::Error { .. }))
+    }
+
+    /// The gate with one full token, as before read tokens: `None` = passed with full rights.
+    trait Gate {
+        fn g(&mut self, token: Option<&str>, r: &Request, f: &AtomicU64) -> Option<Outcome>;
+    }
+
+    impl Gate for ConnAuth {
+        fn g(&mut self, token: Option<&str>, r: &Request, f: &AtomicU64) -> Option<Outcome> {
+            match self.gate(Tokens::new(token, None), r, f) {
+                Verdict::Pass(Rights::Full) => None,
+                Verdict::Pass(Rights::Read) => panic!("read rights without a read token"),
+                Verdict::Answer(o) => Some(o),
+            }
+        }
     }
 
     #[test]
@@ -498,12 +605,12 @@ mod tests {
         let token = Some("s3cret-token");
         // Before: a request without a token is refused.
         assert!(is_error(
-            conn.gate(token, &request("ping", json!({}), None), &failures)
+            conn.g(token, &request("ping", json!({}), None), &failures)
                 .as_ref()
         ));
         let hs = ClientHandshake::new().unwrap();
         let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
-        let reply = success(conn.gate(token, &challenge, &failures));
+        let reply = success(conn.g(token, &challenge, &failures));
         assert!(!reply.to_string().contains("s3cret-token"));
         let params = hs.answer("s3cret-token", at(7000), &reply).unwrap();
         assert!(!Value::Object(params.clone())
@@ -511,17 +618,17 @@ mod tests {
             .contains("s3cret-token"));
         let auth = request(AUTHENTICATE, Value::Object(params.clone()), None);
         assert_eq!(
-            success(conn.gate(token, &auth, &failures))["authenticated"],
+            success(conn.g(token, &auth, &failures))["authenticated"],
             json!(true)
         );
         assert!(conn.is_authenticated());
         assert!(conn
-            .gate(token, &request("ping", json!({}), None), &failures)
+            .g(token, &request("ping", json!({}), None), &failures)
             .is_none());
         assert_eq!(failures.load(Ordering::Relaxed), 1);
         // The same proof again (a replay) needs a pending challenge: refused.
         let mut fresh = ConnAuth::new(Some(at(7000)));
-        assert!(is_error(fresh.gate(token, &auth, &failures).as_ref()));
+        assert!(is_error(fresh.g(token, &auth, &failures).as_ref()));
         assert!(!fresh.is_authenticated());
     }
 
@@ -532,13 +639,13 @@ mod tests {
         let mut conn = ConnAuth::new(Some(at(7000)));
         let failures = AtomicU64::new(0);
         let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
-        let reply = success(conn.gate(Some("other"), &challenge, &failures));
+        let reply = success(conn.g(Some("other"), &challenge, &failures));
         assert!(hs
             .answer("mine", at(7000), &reply)
             .unwrap_err()
             .contains("proof is wrong"));
         // The right token but another port: a relay.
-        let reply = success(conn.gate(Some("mine"), &challenge, &failures));
+        let reply = success(conn.g(Some("mine"), &challenge, &failures));
         assert!(hs
             .answer("mine", at(7001), &reply)
             .unwrap_err()
@@ -548,12 +655,12 @@ mod tests {
         assert!(hs.answer("mine", v6, &reply).unwrap_err().contains("relay"));
         // A dual-stack service sees an IPv4-mapped address: the same address.
         let mut mapped = ConnAuth::new(Some("[::ffff:127.0.0.1]:7000".parse().unwrap()));
-        let reply = success(mapped.gate(Some("mine"), &challenge, &failures));
+        let reply = success(mapped.g(Some("mine"), &challenge, &failures));
         assert_eq!(reply["addr"], json!("127.0.0.1"));
         assert!(hs.answer("mine", at(7000), &reply).is_ok());
         // A loopback dial that reaches another address is a port forward (docker -p): accepted.
         let mut docker = ConnAuth::new(Some("172.17.0.2:7000".parse().unwrap()));
-        let reply = success(docker.gate(Some("mine"), &challenge, &failures));
+        let reply = success(docker.g(Some("mine"), &challenge, &failures));
         assert!(hs.answer("mine", at(7000), &reply).is_ok());
         // A squatter's fakes.
         let nonce = "ab".repeat(32);
@@ -586,35 +693,111 @@ mod tests {
             json!({"client_nonce": "a".repeat(130)}),
         ] {
             assert!(is_error(
-                conn.gate(Some("t"), &request(CHALLENGE, bad, None), &failures)
+                conn.g(Some("t"), &request(CHALLENGE, bad, None), &failures)
                     .as_ref()
             ));
         }
         // A wrong proof uses up the challenge.
         let hs = ClientHandshake::new().unwrap();
         let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
-        let _ = success(conn.gate(Some("t"), &challenge, &failures));
+        let _ = success(conn.g(Some("t"), &challenge, &failures));
         let wrong = request(AUTHENTICATE, json!({"proof": "00".repeat(32)}), None);
-        assert!(is_error(conn.gate(Some("t"), &wrong, &failures).as_ref()));
+        assert!(is_error(conn.g(Some("t"), &wrong, &failures).as_ref()));
         assert!(!conn.is_authenticated());
         assert_eq!(failures.load(Ordering::Relaxed), 1);
         // Plain tokens keep working; a wrong one is refused.
         assert!(conn
-            .gate(Some("t"), &request("ping", json!({}), Some("t")), &failures)
+            .g(Some("t"), &request("ping", json!({}), Some("t")), &failures)
             .is_none());
         assert!(is_error(
-            conn.gate(Some("t"), &request("ping", json!({}), Some("u")), &failures)
+            conn.g(Some("t"), &request("ping", json!({}), Some("u")), &failures)
                 .as_ref()
         ));
         // No token configured: everything passes, the challenge says there is nothing to prove.
         let mut open = ConnAuth::new(Some(at(7000)));
         assert!(open
-            .gate(None, &request("ping", json!({}), None), &failures)
+            .g(None, &request("ping", json!({}), None), &failures)
             .is_none());
         assert_eq!(
-            success(open.gate(None, &challenge, &failures))["auth"],
+            success(open.g(None, &challenge, &failures))["auth"],
             json!(false)
         );
-        assert!(is_error(open.gate(None, &wrong, &failures).as_ref()));
+        assert!(is_error(open.g(None, &wrong, &failures).as_ref()));
+    }
+
+    #[test]
+    fn a_read_token_grants_read_rights_on_both_paths_and_never_full() {
+        let failures = AtomicU64::new(0);
+        let both = Tokens::new(Some("full-tok"), Some("read-tok"));
+        let mut conn = ConnAuth::new(Some(at(7000)));
+        let rights = |v: Verdict| match v {
+            Verdict::Pass(r) => Some(r),
+            Verdict::Answer(_) => None,
+        };
+        // Plain tokens: each request its own rights; no token or a wrong one is refused.
+        let ping = |t: Option<&str>| request("ping", json!({}), t);
+        assert_eq!(
+            rights(conn.gate(both, &ping(Some("read-tok")), &failures)),
+            Some(Rights::Read)
+        );
+        assert_eq!(
+            rights(conn.gate(both, &ping(Some("full-tok")), &failures)),
+            Some(Rights::Full)
+        );
+        assert_eq!(rights(conn.gate(both, &ping(None), &failures)), None);
+        assert_eq!(
+            rights(conn.gate(both, &ping(Some("nope")), &failures)),
+            None
+        );
+        // The handshake with the read token: the client verifies `read_proof`, the connection is read.
+        let hs = ClientHandshake::new().unwrap();
+        let challenge = request(CHALLENGE, Value::Object(hs.challenge_params()), None);
+        let Verdict::Answer(Outcome::Success(reply)) = conn.gate(both, &challenge, &failures)
+        else {
+            panic!("no challenge reply");
+        };
+        assert!(reply.get("read_proof").is_some());
+        let params = hs.answer("read-tok", at(7000), &reply).unwrap();
+        let auth = request(AUTHENTICATE, Value::Object(params), None);
+        let Verdict::Answer(Outcome::Success(ok)) = conn.gate(both, &auth, &failures) else {
+            panic!("not authenticated");
+        };
+        assert_eq!(ok["role"], json!("read"));
+        assert_eq!(conn.rights(), Some(Rights::Read));
+        assert_eq!(
+            rights(conn.gate(both, &ping(None), &failures)),
+            Some(Rights::Read)
+        );
+        // The full token on the request raises that request only.
+        assert_eq!(
+            rights(conn.gate(both, &ping(Some("full-tok")), &failures)),
+            Some(Rights::Full)
+        );
+        assert_eq!(conn.rights(), Some(Rights::Read));
+        // The full token's handshake still says full; a third token verifies neither proof.
+        let mut conn2 = ConnAuth::new(Some(at(7000)));
+        let Verdict::Answer(Outcome::Success(reply)) = conn2.gate(both, &challenge, &failures)
+        else {
+            panic!("no challenge reply");
+        };
+        assert!(hs.answer("other", at(7000), &reply).is_err());
+        let params = hs.answer("full-tok", at(7000), &reply).unwrap();
+        let auth = request(AUTHENTICATE, Value::Object(params), None);
+        let Verdict::Answer(Outcome::Success(ok)) = conn2.gate(both, &auth, &failures) else {
+            panic!("not authenticated");
+        };
+        assert_eq!(ok["role"], json!("full"));
+        // A read token alone: tokenless requests are refused (a read token never widens access), and the
+        // only proof there is is the read token's, in `proof` (no `read_proof`).
+        let read_only = Tokens::new(None, Some("read-tok"));
+        let mut conn3 = ConnAuth::new(Some(at(7000)));
+        assert_eq!(rights(conn3.gate(read_only, &ping(None), &failures)), None);
+        let Verdict::Answer(Outcome::Success(reply)) = conn3.gate(read_only, &challenge, &failures)
+        else {
+            panic!("no challenge reply");
+        };
+        assert_eq!(reply["auth"], json!(true));
+        assert!(reply.get("read_proof").is_none());
+        assert!(hs.answer("read-tok", at(7000), &reply).is_ok());
     }
 }

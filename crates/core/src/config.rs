@@ -68,6 +68,7 @@ pub mod env {
     pub const START_NOW: &str = "BLD_REMOTE_MCP_START_NOW";
     pub const LOG_LEVEL: &str = "BLD_REMOTE_LOG_LEVEL";
     pub const TOKEN: &str = "BLD_REMOTE_TOKEN";
+    pub const READ_TOKEN: &str = "BLD_REMOTE_READ_TOKEN";
     pub const MAX_REQUEST_BYTES: &str = "BLD_REMOTE_MAX_REQUEST_BYTES";
     pub const MAX_CONNECTIONS: &str = "BLD_REMOTE_MAX_CONNECTIONS";
     pub const QUEUE_CAPACITY: &str = "BLD_REMOTE_QUEUE_CAPACITY";
@@ -105,6 +106,10 @@ pub struct Config {
     pub port: u16,
     /// Required on every request when set; always required when `host` is not loopback.
     pub token: Option<String>,
+    /// A second token that grants only the commands that read (`server::rights`). When it is set without
+    /// `token`, every request needs it and nothing can be changed over the network: a read token never
+    /// makes token-less access wider. Must differ from `token`.
+    pub read_token: Option<String>,
     pub max_request_bytes: usize,
     pub max_depth: usize,
     pub max_connections: usize,
@@ -145,6 +150,7 @@ impl Default for Config {
             host: DEFAULT_HOST.into(),
             port: DEFAULT_PORT,
             token: None,
+            read_token: None,
             max_request_bytes: protocol::DEFAULT_MAX_REQUEST_BYTES,
             max_depth: protocol::DEFAULT_MAX_DEPTH,
             max_connections: 256,
@@ -201,6 +207,7 @@ pub struct Settings {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub token: Option<String>,
+    pub read_token: Option<String>,
     pub max_request_bytes: Option<i128>,
     pub max_connections: Option<i128>,
     pub queue_capacity: Option<i128>,
@@ -361,6 +368,20 @@ impl StartupOptions {
     }
 }
 
+/// The two tokens must differ (`auto` makes a fresh one each, so two `auto`s are fine): a read token equal
+/// to the full one would grant everything.
+pub fn check_tokens(token: Option<&str>, read_token: Option<&str>) -> Result<(), ConfigError> {
+    let auto = |t: &str| t.trim().eq_ignore_ascii_case("auto");
+    match (token, read_token) {
+        (Some(t), Some(r)) if t == r && !auto(t) => Err(ConfigError(format!(
+            "read_token ({}) must differ from token ({}): the read-only token would grant everything",
+            env::READ_TOKEN,
+            env::TOKEN
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Config {
     /// The service's configuration: each explicit setting, else its environment variable, else the
     /// default. Every number is range-checked here, where it enters; the message names the culprit.
@@ -406,10 +427,17 @@ impl Config {
             .clone()
             .or_else(|| src.get(env::TOKEN))
             .filter(|t| !t.is_empty());
+        let read_token = settings
+            .read_token
+            .clone()
+            .or_else(|| src.get(env::READ_TOKEN))
+            .filter(|t| !t.is_empty());
+        check_tokens(token.as_deref(), read_token.as_deref())?;
         Ok(Config {
             host,
             port,
             token,
+            read_token,
             max_request_bytes: count(
                 settings.max_request_bytes,
                 "max_request_bytes",
@@ -636,6 +664,28 @@ mod tests {
         let c = Config::resolve(&Settings::default(), &env).unwrap();
         assert_eq!(c.default_timeout, None);
         assert_eq!(c.idle_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn read_token_from_settings_or_env_and_never_equal_to_token() {
+        let env = HashMap::from([(env::READ_TOKEN, "r"), (env::TOKEN, "t")]);
+        let c = Config::resolve(&Settings::default(), &env).unwrap();
+        assert_eq!(
+            (c.token.as_deref(), c.read_token.as_deref()),
+            (Some("t"), Some("r"))
+        );
+        let s = Settings {
+            read_token: Some("t".into()),
+            ..Settings::default()
+        };
+        let e = Config::resolve(&s, &env).unwrap_err();
+        assert!(e.0.contains("read_token") && e.0.contains("differ"), "{e}");
+        let s = Settings {
+            token: Some("auto".into()),
+            read_token: Some("AUTO".into()),
+            ..Settings::default()
+        };
+        assert!(Config::resolve(&s, &HashMap::new()).is_ok());
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct Descriptor {
     /// (the file is 0600 in a 0700 folder, like Jupyter's connection files). Never printed by `ls`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The read-only token (`read_token`), kept the same way: clients that want only read rights
+    /// (`bld-remote mcp --read-only`) take it from here. Never printed by `ls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<String>,
     /// The `bld_remote` version serving.
     #[serde(default)]
     pub version: String,
@@ -90,9 +94,18 @@ impl Descriptor {
             mode: mode.to_string(),
             auth: token.is_some(),
             token: token.map(str::to_string),
+            read_token: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             process_start: process_start(std::process::id()),
         }
+    }
+
+    /// The same, with a read-only token beside the full one (`auth` is true when either is set).
+    #[must_use]
+    pub fn with_read_token(mut self, read_token: Option<&str>) -> Self {
+        self.read_token = read_token.map(str::to_string);
+        self.auth = self.token.is_some() || self.read_token.is_some();
+        self
     }
 
     pub fn addr_text(&self) -> String {
@@ -293,7 +306,8 @@ pub fn check(d: &Descriptor, timeout: Duration) -> Result<(), Stale> {
     if let Some(why) = process_stale(d) {
         return Err(why);
     }
-    let mut c = Client::new(d.host.clone(), d.port, Some(timeout), d.token.clone());
+    let token = d.token.clone().or_else(|| d.read_token.clone());
+    let mut c = Client::new(d.host.clone(), d.port, Some(timeout), token);
     match c.status() {
         Ok(status) => match status.get("pid").and_then(Value::as_u64) {
             Some(pid) if pid != u64::from(d.pid) => Err(Stale::OtherProcess(pid)),
@@ -369,6 +383,19 @@ pub fn resolve_token(explicit: Option<String>, host: &str, port: u16) -> Option<
 /// and the client then refuses it instead of talking to it without a token). The token itself is never
 /// sent (see [`crate::auth`]).
 pub fn token_for(host: &str, port: u16) -> Option<String> {
+    // A service with only a read token (a read-only service): that one is the token there is.
+    token_in(host, port, |d| {
+        d.token.clone().or_else(|| d.read_token.clone())
+    })
+}
+
+/// The read-only token of the service on `host:port`, from its descriptor, when it has one (pruning as
+/// [`token_for`] does).
+pub fn read_token_for(host: &str, port: u16) -> Option<String> {
+    token_in(host, port, |d| d.read_token.clone())
+}
+
+fn token_in(host: &str, port: u16, which: fn(&Descriptor) -> Option<String>) -> Option<String> {
     let loopback = |h: &str| {
         h == "localhost"
             || h.parse::<std::net::IpAddr>()
@@ -384,10 +411,10 @@ pub fn token_for(host: &str, port: u16) -> Option<String> {
         }
         if process_stale(&d).is_some() {
             remove(&path);
-            from_stale = from_stale.or(d.token);
+            from_stale = from_stale.or_else(|| which(&d));
         } else if from_live.as_ref().is_none_or(Option::is_none) {
             // A live instance decides (a live one without a token: the port needs none).
-            from_live = Some(d.token);
+            from_live = Some(which(&d));
         }
     }
     from_live.unwrap_or(from_stale)

@@ -79,6 +79,10 @@ pub(super) struct StartArgs {
     /// descriptor). Default: `$BLD_REMOTE_TOKEN`.
     #[arg(long, value_name = "TOKEN|auto")]
     pub(super) token: Option<String>,
+    /// A second token that may only read (scene info, renders, status; `auto`: each instance generates
+    /// its own, kept in its descriptor). Must differ from --token. Default: `$BLD_REMOTE_READ_TOKEN`.
+    #[arg(long, value_name = "TOKEN|auto")]
+    pub(super) read_token: Option<String>,
     /// Stop Blender (every instance) when the process that started this command exits (Pool.start uses it).
     #[arg(long)]
     pub(super) stop_with_parent: bool,

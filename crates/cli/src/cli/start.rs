@@ -164,6 +164,18 @@ pub(super) fn start(a: StartArgs, host: &Host<'_>) -> i32 {
         errln(&e.0);
         return EXIT_USAGE;
     }
+    {
+        use bld_remote_core::config::{check_tokens, env, Source};
+        let token = a.token.clone().or_else(|| ProcessEnv.get(env::TOKEN));
+        let read = a
+            .read_token
+            .clone()
+            .or_else(|| ProcessEnv.get(env::READ_TOKEN));
+        if let Err(e) = check_tokens(token.as_deref(), read.as_deref()) {
+            errln(&format!("{e} (--read-token, --token)"));
+            return EXIT_USAGE;
+        }
+    }
     let found = match find_blender(a.blender.as_deref()) {
         Ok(f) => f,
         Err(rc) => return rc,
@@ -265,6 +277,9 @@ fn blender_command(a: &StartArgs, blender_path: &Path, package_dir: &Path, port:
     if let Some(token) = &a.token {
         // Read by the service as every bld_remote reads it; `auto`: a fresh token per Blender.
         cmd.env(bld_remote_core::config::env::TOKEN, token);
+    }
+    if let Some(read_token) = &a.read_token {
+        cmd.env(bld_remote_core::config::env::READ_TOKEN, read_token);
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     #[cfg(unix)]

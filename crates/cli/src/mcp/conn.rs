@@ -126,6 +126,9 @@ pub struct Backend {
     /// By address. Each slot has its own lock, so connecting to one instance never waits on another.
     links: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
+    /// Set once a handshake said our token may only read (`"role": "read"`): tools/list then shows only
+    /// the read-only tools.
+    read_only: AtomicBool,
 }
 
 /// One instance's connection, if made: locked while it is being made, so concurrent first calls make one.
@@ -251,6 +254,7 @@ impl Backend {
             timeout,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            read_only: AtomicBool::new(false),
         }
     }
 
@@ -524,14 +528,32 @@ impl Backend {
                 ))
             }),
         };
-        if let Err(detail) = verified {
-            let _ = writer.shutdown().await;
-            return Err(CallError::Service(ClientError::Unverified {
-                addr: addr.to_string(),
-                detail,
-            }));
+        match verified {
+            Err(detail) => {
+                let _ = writer.shutdown().await;
+                Err(CallError::Service(ClientError::Unverified {
+                    addr: addr.to_string(),
+                    detail,
+                }))
+            }
+            Ok(read) => {
+                if read {
+                    self.read_only.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// Whether our token may only read: known after a handshake; before one, the default instance is
+    /// connected to (if it can be chosen) to learn it. Unknown (no Blender yet): false.
+    pub async fn read_only(&self) -> bool {
+        if !self.read_only.load(Ordering::Relaxed) {
+            if let Ok(at) = self.choose(None).await {
+                let _ = self.connection(&at).await;
+            }
+        }
+        self.read_only.load(Ordering::Relaxed)
     }
 
     /// Send one request and wait for its result. Progress lines go to `progress` (only framed requests get
@@ -617,7 +639,7 @@ async fn handshake(
     token: &str,
     dialed: std::net::SocketAddr,
     first_id: u64,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let hs = ClientHandshake::new()?;
     let challenge = exchange(
         reader,
@@ -628,9 +650,8 @@ async fn handshake(
     )
     .await?;
     let proof = hs.answer(token, dialed, &challenge)?;
-    exchange(reader, writer, first_id + 1, auth::AUTHENTICATE, proof)
-        .await
-        .map(drop)
+    let done = exchange(reader, writer, first_id + 1, auth::AUTHENTICATE, proof).await?;
+    Ok(done.get("role").and_then(Value::as_str) == Some("read"))
 }
 
 /// One handshake request and its reply, read with a size limit (the peer is not trusted yet).

@@ -578,7 +578,7 @@ impl BlenderMcp {
         Self {
             backend,
             max_image,
-                tool_router: Self::tool_router() + Self::export_router() + Self::look_router(),
+            tool_router: Self::tool_router() + Self::export_router() + Self::look_router(),
             resources_seen: super::resources::Seen::default(),
         }
     }
@@ -1193,6 +1193,34 @@ impl BlenderMcp {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for BlenderMcp {
+    /// Every tool; with a read-only token only those annotated read-only (the service refuses the rest).
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, ErrorData> {
+        let supports_cache_hints = context
+            .protocol_version()
+            .is_some_and(|v| v >= rmcp::model::ProtocolVersion::V_2026_07_28);
+        let mut tools = self.tool_router.list_all();
+        if self.backend.read_only().await {
+            tools.retain(|t| {
+                t.annotations
+                    .as_ref()
+                    .and_then(|a| a.read_only_hint)
+                    .unwrap_or(false)
+            });
+        }
+        Ok(rmcp::model::ListToolsResult {
+            result_type: Some(rmcp::model::ResultType::COMPLETE),
+            tools,
+            meta: None,
+            next_cursor: None,
+            ttl_ms: supports_cache_hints.then_some(0),
+            cache_scope: supports_cache_hints.then_some(rmcp::model::CacheScope::Public),
+        })
+    }
+
     fn get_info(&self) -> ServerConfig {
         let mut info = Implementation::new("bld_remote", env!("CARGO_PKG_VERSION"));
         info.title = Some("Blender (bld_remote)".into());

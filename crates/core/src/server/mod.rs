@@ -19,6 +19,7 @@ mod fds;
 mod job_commands;
 mod reader;
 mod reply;
+pub mod rights;
 mod slots;
 mod writer;
 
@@ -152,9 +153,11 @@ impl Server {
         {
             return Err(StartError::Config(format!(
                 "refusing to listen on {target} without a token: anyone who can reach it could run code \
-                 in Blender. Set a token, or bind 127.0.0.1"
+                 in Blender. Set a token (a read_token alone is not enough off loopback), or bind 127.0.0.1"
             )));
         }
+        crate::config::check_tokens(config.token.as_deref(), config.read_token.as_deref())
+            .map_err(|e| StartError::Config(e.0))?;
         let listener = TcpListener::bind(&addrs[..]).map_err(|e| StartError::Bind {
             addr: target.clone(),
             source: e,
@@ -360,7 +363,8 @@ impl Shared {
             "max_connections": self.config.max_connections,
             "uptime": self.started.elapsed().as_secs_f64(),
             "started_at": self.started_unix,
-            "auth": self.config.token.is_some(),
+            "auth": self.config.token.is_some() || self.config.read_token.is_some(),
+            "read_token_set": self.config.read_token.is_some(),
             "running_job": running.map(|r| json!({
                 "command": r.command,
                 "seq": r.seq,

@@ -17,10 +17,11 @@ use serde_json::Value;
 use super::accept::refuse_connection;
 use super::control::{self, control, id_key};
 use super::reply::{prepare_execute_code, truthy, Shape};
+use super::rights;
 use super::slots::Activity;
 use super::writer::{Writer, MAX_PIPELINED};
 use super::{Config, Shared};
-use crate::auth::ConnAuth;
+use crate::auth::{ConnAuth, Tokens, Verdict};
 use crate::jobs::{not_run, Completion, Flow, Job, JobState, Lane, Progress, SubmitError};
 use crate::protocol::{self, Decoder, Outcome, Request, StreamError};
 
@@ -347,12 +348,21 @@ fn handle_frame(
         settle: None,
         request: true,
     };
-    // The token check and the challenge-response handshake (crate::auth): per connection.
-    if let Some(outcome) = auth.gate(
-        shared.config.token.as_deref(),
+    // The token check and the challenge-response handshake (crate::auth): per connection. Then the
+    // rights: a read-only token's request that is not on the allow-list is refused here, before any job
+    // exists (super::rights).
+    let rights = match auth.gate(
+        Tokens::new(
+            shared.config.token.as_deref(),
+            shared.config.read_token.as_deref(),
+        ),
         &request,
         &shared.auth_failures,
     ) {
+        Verdict::Pass(rights) => rights,
+        Verdict::Answer(outcome) => return ready(outcome),
+    };
+    if let Some(outcome) = rights::refusal(rights, &request) {
         return ready(outcome);
     }
     if let Some(bytes) = control::persist_get_reply(shared, &request, id.as_ref()) {
@@ -385,8 +395,14 @@ fn handle_frame(
         false
     };
     let mut settle = None;
-    if let Some(outcome) = control(shared, &mut request, by_id, &mut settle) {
+    if let Some(mut outcome) = control(shared, &mut request, by_id, &mut settle) {
         shared.served.fetch_add(1, Ordering::Relaxed);
+        if request.command == "get_status" {
+            // What this request may do: clients (the MCP server) list only the tools they may call.
+            if let Outcome::Success(Value::Object(m)) = &mut outcome {
+                m.insert("role".into(), Value::from(rights.name()));
+            }
+        }
         let silent = quiet && matches!(outcome, Outcome::Success(_));
         return ToWriter::Ready {
             framed: id.is_some(),
