@@ -20,6 +20,8 @@
 mod conn;
 mod http;
 mod image;
+mod schemas;
+mod tasks;
 mod tools;
 
 use std::sync::Arc;

@@ -14,8 +14,9 @@ use base64::Engine as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ProgressNotificationParam, ServerCapabilities,
-    ServerConfig,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    GetTaskParams, GetTaskResult, Implementation, ProgressNotificationParam, ServerCapabilities,
+    ServerConfig, UpdateTaskParams,
 };
 use rmcp::schemars::{self, JsonSchema};
 use rmcp::service::RequestContext;
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use bld_remote_core::client::ClientError;
 
 use super::conn::{Backend, CallError, Chosen};
-use super::image;
+use super::{image, schemas, tasks};
 
 // --- tool arguments ---------------------------------------------------------------------------------------
 
@@ -244,9 +245,9 @@ pub struct KeyArgs {
 /// sharing the same connection to Blender.
 #[derive(Clone)]
 pub struct BlenderMcp {
-    backend: Arc<Backend>,
+    pub(super) backend: Arc<Backend>,
     max_image: usize,
-    tool_router: ToolRouter<Self>,
+    pub(super) tool_router: ToolRouter<Self>,
 }
 
 const INSTRUCTIONS: &str = "Drive a running Blender. Start with get_scene_info to see the scene; use \
@@ -260,16 +261,12 @@ fn text_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::success(vec![ContentBlock::text(text)])
 }
 
-fn error_result(text: impl Into<String>) -> CallToolResult {
+pub(crate) fn error_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(text)])
 }
 
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-}
-
 /// A failed call → the tool error the model reads.
-fn call_error_result(e: &CallError) -> CallToolResult {
+pub(crate) fn call_error_result(e: &CallError) -> CallToolResult {
     match e {
         CallError::Service(ClientError::Remote {
             message, traceback, ..
@@ -297,7 +294,7 @@ fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
 }
 
 /// The `execute_code` reply (success or error) → one text the model can act on.
-fn exec_text(reply: &Value, failed: Option<&str>) -> String {
+pub(crate) fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     let output = reply.get("output");
     let stdout = output.map_or_else(|| str_field(reply, "stdout"), |o| str_field(o, "stdout"));
     let stderr = output.map_or("", |o| str_field(o, "stderr"));
@@ -341,16 +338,18 @@ fn exec_text(reply: &Value, failed: Option<&str>) -> String {
 
 impl BlenderMcp {
     pub fn new(backend: Arc<Backend>, max_image: usize) -> Self {
+        let mut tool_router = Self::tool_router();
+        schemas::apply(&mut tool_router);
         Self {
             backend,
             max_image,
-            tool_router: Self::tool_router(),
+            tool_router,
         }
     }
 
     /// The instance a call goes to (see [`Backend::choose`]); an error result when it names none, or
     /// names none and several run.
-    async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
+    pub(super) async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
         self.backend
             .choose(instance.map(|i| i.0.as_str()))
             .await
@@ -381,13 +380,15 @@ impl BlenderMcp {
         ctx: &RequestContext<RoleServer>,
     ) -> Result<Value, CallError> {
         let token = ctx.meta.get_progress_token();
+        // Run as an MCP task (tasks.rs): progress goes to the task's status message instead.
+        let task = tasks::current();
         let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
         let call = self.backend.call(
             at,
             command,
             params,
             None,
-            token.as_ref().map(|_| tx),
+            (token.is_some() || task.is_some()).then_some(tx),
             &ctx.ct,
         );
         tokio::pin!(call);
@@ -396,6 +397,9 @@ impl BlenderMcp {
             tokio::select! {
                 r = &mut call => return r,
                 Some(p) = rx.recv() => {
+                    if let Some(task) = &task {
+                        task.progress(&p);
+                    }
                     let Some(token) = token.clone() else { continue };
                     let Some(progress) = p.get("progress").and_then(Value::as_f64) else { continue };
                     // MCP progress must increase; the service's normally does.
@@ -503,7 +507,7 @@ impl BlenderMcp {
                 )),
             );
         }
-        Ok(text_result(pretty(&v)))
+        Ok(CallToolResult::structured(v))
     }
 
     #[tool(
@@ -525,7 +529,7 @@ impl BlenderMcp {
                 .simple(a.instance.as_ref(), "get_scene_info", Map::new(), &ctx)
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -556,7 +560,7 @@ impl BlenderMcp {
                 )
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -755,12 +759,12 @@ impl BlenderMcp {
                     "requests_served": s.get("requests_served"),
                     "bld_remote_version": s.get("version"),
                 });
-                text_result(pretty(&v))
+                CallToolResult::structured(v)
             }
             Err(CallError::Cancelled) => error_result("Cancelled."),
-            Err(e) => text_result(pretty(
-                &json!({"connected": false, "address": at.addr, "reason": e.to_string()}),
-            )),
+            Err(e) => CallToolResult::structured(
+                json!({"connected": false, "address": at.addr, "reason": e.to_string()}),
+            ),
         })
     }
 
@@ -788,7 +792,7 @@ impl BlenderMcp {
                 .await
             {
                 Ok(Value::String(s)) => text_result(s),
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -815,7 +819,7 @@ impl BlenderMcp {
                 .simple(a.instance.as_ref(), "get_persist_data", p, &ctx)
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -846,7 +850,7 @@ impl BlenderMcp {
                 )
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -855,10 +859,48 @@ impl BlenderMcp {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for BlenderMcp {
+    // MCP tasks (tasks.rs): long tools answer a task handle to clients that take one.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        tasks::call_tool(self, request, context).await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        tasks::store().get(&request.task_id)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        tasks::store().cancel(&request.task_id)
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        tasks::store().update(&request.task_id)
+    }
+
     fn get_info(&self) -> ServerConfig {
         let mut info = Implementation::new("bld_remote", env!("CARGO_PKG_VERSION"));
         info.title = Some("Blender (bld_remote)".into());
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
             .with_server_info(info)
             .with_instructions(INSTRUCTIONS)
     }
@@ -871,7 +913,9 @@ mod tests {
     /// tools/list as a client gets it, in bytes (docs/MCP.md records it; issue 16 caps it at 16 KiB).
     #[test]
     fn tools_list_is_small_and_every_blender_tool_takes_instance() {
-        let tools = BlenderMcp::tool_router().list_all();
+        let mut router = BlenderMcp::tool_router();
+        schemas::apply(&mut router);
+        let tools = router.list_all();
         let size = serde_json::to_string(&json!({ "tools": tools }))
             .unwrap()
             .len();
