@@ -238,7 +238,9 @@ impl Store {
             }
         };
         e.bytes = match &payload {
-            TaskPayload::Completed { result } => serde_json::to_string(result).map_or(0, |s| s.len()),
+            TaskPayload::Completed { result } => {
+                serde_json::to_string(result).map_or(0, |s| s.len())
+            }
             _ => 0,
         };
         let now = Instant::now();
@@ -258,7 +260,10 @@ impl Store {
         prune(&mut tasks);
         let e = tasks.get(id).ok_or_else(|| unknown(id))?;
         let payload = e.payload.clone().unwrap_or(TaskPayload::Working);
-        Ok(GetTaskResult::new(DetailedTask::new(e.task.clone(), payload)))
+        Ok(GetTaskResult::new(DetailedTask::new(
+            e.task.clone(),
+            payload,
+        )))
     }
 
     /// `tasks/cancel`: asks a running task to stop (acknowledged at once; the task reports `cancelled`
@@ -333,7 +338,10 @@ enum Outcome {
 /// Whether this call may become a task: the tool opted in, the request declares the tasks extension,
 /// and it speaks 2026-07-28 or later (the extension's revision; older sessions get plain results).
 fn kind_for(name: &str, context: &RequestContext<RoleServer>) -> Option<Kind> {
-    let kind = TASK_TOOLS.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)?;
+    let kind = TASK_TOOLS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)?;
     let declared = context
         .client_capabilities()
         .is_some_and(|c| c.supports_tasks());
@@ -480,7 +488,14 @@ async fn wait_job(
             p.insert("reason".into(), json!("tasks/cancel"));
             let r = mcp
                 .backend
-                .call(at, "cancel_job", p, Some(Duration::from_secs(10)), None, &never)
+                .call(
+                    at,
+                    "cancel_job",
+                    p,
+                    Some(Duration::from_secs(10)),
+                    None,
+                    &never,
+                )
                 .await;
             if let (Some(h), Ok(s)) = (handle, &r) {
                 h.status(format!(
@@ -577,7 +592,10 @@ fn job_outcome(job_id: &str, snap: &Value) -> Outcome {
                 .and_then(Value::as_str)
                 .unwrap_or(status)
                 .to_string();
-            let text = format!("{}\n\n(job {job_id}, {status})", exec_text(snap, Some(&message)));
+            let text = format!(
+                "{}\n\n(job {job_id}, {status})",
+                exec_text(snap, Some(&message))
+            );
             Outcome::Completed(error_result(text), None)
         }
     }
@@ -615,12 +633,24 @@ mod tests {
         }
         let got = s.get(&id).unwrap();
         assert_eq!(got.task.status(), TaskStatus::Completed);
-        assert!(got.task.task.ttl_ms.is_some_and(|t| t >= RETAIN.as_millis() as u64));
+        assert!(got
+            .task
+            .task
+            .ttl_ms
+            .is_some_and(|t| t >= RETAIN.as_millis() as u64));
         let e = s.cancel(&id).unwrap_err();
-        assert!(e.message.contains("already finished (completed)"), "{}", e.message);
+        assert!(
+            e.message.contains("already finished (completed)"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.code, rmcp::model::ErrorCode::INVALID_PARAMS);
         let e = s.get("task-nope").unwrap_err();
-        assert!(e.message.contains("unknown task id \"task-nope\""), "{}", e.message);
+        assert!(
+            e.message.contains("unknown task id \"task-nope\""),
+            "{}",
+            e.message
+        );
         assert!(s.cancel("task-nope").is_err() && s.update("task-nope").is_err());
         assert!(s.update(&id).is_ok());
     }

@@ -901,8 +901,8 @@ impl ServerHandler for BlenderMcp {
                 .enable_tasks()
                 .build(),
         )
-            .with_server_info(info)
-            .with_instructions(INSTRUCTIONS)
+        .with_server_info(info)
+        .with_instructions(INSTRUCTIONS)
     }
 }
 
