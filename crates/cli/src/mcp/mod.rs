@@ -24,6 +24,8 @@ mod http;
 mod image;
 mod look;
 mod resources;
+mod schemas;
+mod tasks;
 mod tools;
 
 use std::sync::Arc;

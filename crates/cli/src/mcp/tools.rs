@@ -14,9 +14,10 @@ use base64::Engine as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ListResourceTemplatesResult, ListResourcesResult,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    GetTaskParams, GetTaskResult, Implementation, ListResourceTemplatesResult, ListResourcesResult,
     PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
-    ReadResourceResponse, ServerCapabilities, ServerConfig, SubscriptionFilter,
+    ReadResourceResponse, ServerCapabilities, ServerConfig, SubscriptionFilter, UpdateTaskParams,
 };
 use rmcp::schemars::{self, JsonSchema};
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
@@ -28,7 +29,7 @@ use tokio::sync::mpsc;
 use bld_remote_core::client::ClientError;
 
 use super::conn::{Backend, CallError, Chosen};
-use super::image;
+use super::{image, schemas, tasks};
 
 // --- tool arguments ---------------------------------------------------------------------------------------
 
@@ -345,9 +346,9 @@ pub struct KeyArgs {
 /// sharing the same connection to Blender.
 #[derive(Clone)]
 pub struct BlenderMcp {
-    pub(crate) backend: Arc<Backend>,
+    pub(super) backend: Arc<Backend>,
     max_image: usize,
-    tool_router: ToolRouter<Self>,
+    pub(super) tool_router: ToolRouter<Self>,
     /// This session's view of the resource list (resources.rs).
     pub(super) resources_seen: super::resources::Seen,
 }
@@ -365,10 +366,6 @@ fn text_result(text: impl Into<String>) -> CallToolResult {
 
 pub(crate) fn error_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(text)])
-}
-
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
 /// A failed call → the tool error the model reads.
@@ -400,7 +397,7 @@ fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
 }
 
 /// The `execute_code` reply (success or error) → one text the model can act on.
-fn exec_text(reply: &Value, failed: Option<&str>) -> String {
+pub(crate) fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     let output = reply.get("output");
     let stdout = output.map_or_else(|| str_field(reply, "stdout"), |o| str_field(o, "stdout"));
     let stderr = output.map_or("", |o| str_field(o, "stderr"));
@@ -575,10 +572,12 @@ fn changes_text(changes: &Value, failed: bool) -> String {
 
 impl BlenderMcp {
     pub fn new(backend: Arc<Backend>, max_image: usize) -> Self {
+        let mut tool_router = Self::tool_router() + Self::export_router() + Self::look_router();
+        schemas::apply(&mut tool_router);
         Self {
             backend,
             max_image,
-            tool_router: Self::tool_router() + Self::export_router() + Self::look_router(),
+            tool_router,
             resources_seen: super::resources::Seen::default(),
         }
     }
@@ -590,7 +589,7 @@ impl BlenderMcp {
 
     /// The instance a call goes to (see [`Backend::choose`]); an error result when it names none, or
     /// names none and several run.
-    pub(crate) async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
+    pub(super) async fn at(&self, instance: Option<&Instance>) -> Result<Chosen, CallToolResult> {
         self.backend
             .choose(instance.map(|i| i.0.as_str()))
             .await
@@ -621,13 +620,15 @@ impl BlenderMcp {
         ctx: &RequestContext<RoleServer>,
     ) -> Result<Value, CallError> {
         let token = ctx.meta.get_progress_token();
+        // Run as an MCP task (tasks.rs): progress goes to the task's status message instead.
+        let task = tasks::current();
         let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
         let call = self.backend.call(
             at,
             command,
             params,
             None,
-            token.as_ref().map(|_| tx),
+            (token.is_some() || task.is_some()).then_some(tx),
             &ctx.ct,
         );
         tokio::pin!(call);
@@ -636,6 +637,9 @@ impl BlenderMcp {
             tokio::select! {
                 r = &mut call => return r,
                 Some(p) = rx.recv() => {
+                    if let Some(task) = &task {
+                        task.progress(&p);
+                    }
                     let Some(token) = token.clone() else { continue };
                     let Some(progress) = p.get("progress").and_then(Value::as_f64) else { continue };
                     // MCP progress must increase; the service's normally does.
@@ -786,7 +790,7 @@ impl BlenderMcp {
                 )),
             );
         }
-        Ok(text_result(pretty(&v)))
+        Ok(CallToolResult::structured(v))
     }
 
     #[tool(
@@ -1093,12 +1097,12 @@ impl BlenderMcp {
                     "requests_served": s.get("requests_served"),
                     "bld_remote_version": s.get("version"),
                 });
-                text_result(pretty(&v))
+                CallToolResult::structured(v)
             }
             Err(CallError::Cancelled) => error_result("Cancelled."),
-            Err(e) => text_result(pretty(
-                &json!({"connected": false, "address": at.addr, "reason": e.to_string()}),
-            )),
+            Err(e) => CallToolResult::structured(
+                json!({"connected": false, "address": at.addr, "reason": e.to_string()}),
+            ),
         })
     }
 
@@ -1126,7 +1130,7 @@ impl BlenderMcp {
                 .await
             {
                 Ok(Value::String(s)) => text_result(s),
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -1153,7 +1157,7 @@ impl BlenderMcp {
                 .simple(a.instance.as_ref(), "get_persist_data", p, &ctx)
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -1184,7 +1188,7 @@ impl BlenderMcp {
                 )
                 .await
             {
-                Ok(v) => text_result(pretty(&v)),
+                Ok(v) => CallToolResult::structured(v),
                 Err(e) => e,
             },
         )
@@ -1221,6 +1225,39 @@ impl ServerHandler for BlenderMcp {
         })
     }
 
+    // MCP tasks (tasks.rs): long tools answer a task handle to clients that take one.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        tasks::call_tool(self, request, context).await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        tasks::store().get(&request.task_id)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        tasks::store().cancel(&request.task_id)
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        tasks::store().update(&request.task_id)
+    }
+
     fn get_info(&self) -> ServerConfig {
         let mut info = Implementation::new("bld_remote", env!("CARGO_PKG_VERSION"));
         info.title = Some("Blender (bld_remote)".into());
@@ -1229,6 +1266,7 @@ impl ServerHandler for BlenderMcp {
                 .enable_tools()
                 .enable_resources()
                 .enable_resources_list_changed()
+                .enable_tasks()
                 .build(),
         )
         .with_server_info(info)
@@ -1286,7 +1324,10 @@ mod tests {
     /// tools/list as a client gets it, in bytes (docs/MCP.md records it; issue 16 caps it at 16 KiB).
     #[test]
     fn tools_list_is_small_and_every_blender_tool_takes_instance() {
-        let tools = (BlenderMcp::tool_router() + BlenderMcp::look_router()).list_all();
+        let mut router =
+            BlenderMcp::tool_router() + BlenderMcp::look_router() + BlenderMcp::export_router();
+        schemas::apply(&mut router);
+        let tools = router.list_all();
         let size = serde_json::to_string(&json!({ "tools": tools }))
             .unwrap()
             .len();
