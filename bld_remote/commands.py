@@ -678,7 +678,7 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # Handlers in their own modules (they import CommandError and _bpy from this one, defined above).
-from . import datablocks, scene  # noqa: E402
+from . import api_lookup, datablocks, scene  # noqa: E402
 
 
 def _look(params: dict[str, Any]) -> Any:
@@ -695,6 +695,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "render_image": render_image,
     "export_scene": _export.export_scene,
     "look": _look,
+    "lookup_bpy_api": api_lookup.lookup_bpy_api,
     "get_material_info": datablocks.get_material_info,
     "get_collection_info": datablocks.get_collection_info,
     "list_datablocks": datablocks.list_datablocks,

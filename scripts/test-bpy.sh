@@ -41,8 +41,8 @@ for v in "${versions[@]}"; do
     "$py" -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "bpy==$v"
   fi
-  echo "==> pytest tests/test_core.py tests/test_packaging.py tests/test_scene.py tests/test_changes.py tests/test_export.py tests/test_views.py tests/test_datablocks.py tests/test_mcp_resources.py in bpy $v" >&2
-  BLD_REMOTE_TEST_BPY_PYTHON=$PWD/$venv/bin/python python -m pytest tests/test_core.py tests/test_packaging.py tests/test_scene.py tests/test_changes.py tests/test_export.py tests/test_views.py tests/test_datablocks.py tests/test_mcp_resources.py \
+  echo "==> pytest tests/test_core.py tests/test_packaging.py tests/test_scene.py tests/test_changes.py tests/test_export.py tests/test_views.py tests/test_datablocks.py tests/test_mcp_resources.py tests/test_lookup.py in bpy $v" >&2
+  BLD_REMOTE_TEST_BPY_PYTHON=$PWD/$venv/bin/python python -m pytest tests/test_core.py tests/test_packaging.py tests/test_scene.py tests/test_changes.py tests/test_export.py tests/test_views.py tests/test_datablocks.py tests/test_mcp_resources.py tests/test_lookup.py \
     -p no:cacheprovider -q \
     || status=1
 done

@@ -44,6 +44,7 @@ TOOLS = {
     "get_viewport_screenshot",
     "list_instances",
     "look",
+    "lookup_bpy_api",
     "put_persist_data",
     "remove_persist_data",
     "render_image",

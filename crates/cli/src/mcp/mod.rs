@@ -23,6 +23,7 @@ mod export;
 mod http;
 mod image;
 mod look;
+mod lookup;
 mod resources;
 mod schemas;
 mod tasks;

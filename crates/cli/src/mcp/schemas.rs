@@ -35,6 +35,7 @@ pub fn output_schema(tool: &str) -> Option<Value> {
             "required": ["data", "found"]}),
         "remove_persist_data" => json!({"type": "object",
             "properties": {"removed": {"type": "boolean"}}, "required": ["removed"]}),
+        "lookup_bpy_api" => super::lookup::output_schema(),
         _ => return None,
     };
     Some(s)

@@ -572,7 +572,10 @@ fn changes_text(changes: &Value, failed: bool) -> String {
 
 impl BlenderMcp {
     pub fn new(backend: Arc<Backend>, max_image: usize) -> Self {
-        let mut tool_router = Self::tool_router() + Self::export_router() + Self::look_router();
+        let mut tool_router = Self::tool_router()
+            + Self::export_router()
+            + Self::look_router()
+            + Self::lookup_router();
         schemas::apply(&mut tool_router);
         Self {
             backend,
@@ -1324,8 +1327,10 @@ mod tests {
     /// tools/list as a client gets it, in bytes (docs/MCP.md records it; issue 16 caps it at 16 KiB).
     #[test]
     fn tools_list_is_small_and_every_blender_tool_takes_instance() {
-        let mut router =
-            BlenderMcp::tool_router() + BlenderMcp::look_router() + BlenderMcp::export_router();
+        let mut router = BlenderMcp::tool_router()
+            + BlenderMcp::look_router()
+            + BlenderMcp::export_router()
+            + BlenderMcp::lookup_router();
         schemas::apply(&mut router);
         let tools = router.list_all();
         let size = serde_json::to_string(&json!({ "tools": tools }))
