@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from .commands import CommandError, _bpy
+from . import commands
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
@@ -30,10 +30,10 @@ def _whole(params: dict[str, Any], name: str, default: int, lo: int, hi: int) ->
         or not isinstance(v, (int, float))
         or (isinstance(v, float) and not v.is_integer())
     ):
-        raise CommandError(f"'{name}' must be a whole number from {lo} to {hi}, got {v!r}")
+        raise commands.CommandError(f"'{name}' must be a whole number from {lo} to {hi}, got {v!r}")
     n = int(v)
     if not lo <= n <= hi:
-        raise CommandError(f"'{name}' must be a whole number from {lo} to {hi}, got {v!r}")
+        raise commands.CommandError(f"'{name}' must be a whole number from {lo} to {hi}, got {v!r}")
     return n
 
 
@@ -112,10 +112,10 @@ def _page(items: list[Any], offset: int, limit: int, what: str) -> dict[str, Any
     return out
 
 
-def _not_found(what: str, wanted: str, candidates: list[str]) -> CommandError:
+def _not_found(what: str, wanted: str, candidates: list[str]) -> commands.CommandError:
     close = difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return CommandError(
+    return commands.CommandError(
         f"{what} not found in this Blender: {wanted!r}{hint}", not_found=True, close_matches=close
     )
 
@@ -123,7 +123,7 @@ def _not_found(what: str, wanted: str, candidates: list[str]) -> CommandError:
 def _operator(bpy: Any, path: str, offset: int, limit: int) -> dict[str, Any]:
     mod, _, name = path.partition(".")
     if not mod or not name or "." in name:
-        raise CommandError(f"an operator path is bpy.ops.<module>.<name>, got 'bpy.ops.{path}'")
+        raise commands.CommandError(f"an operator path is bpy.ops.<module>.<name>, got 'bpy.ops.{path}'")
     if mod not in dir(bpy.ops) or name not in dir(getattr(bpy.ops, mod)):
         raise _not_found("operator", f"bpy.ops.{path}", [f"bpy.ops.{o}" for o in _operators(bpy)])
     rna = getattr(getattr(bpy.ops, mod), name).get_rna_type()
@@ -149,7 +149,7 @@ def _lookup(bpy: Any, path: str, offset: int, limit: int) -> dict[str, Any]:
         raise _not_found("struct", f"bpy.types.{struct}", [f"bpy.types.{n}" for n in _struct_names(bpy)])
     if prop:
         if "." in prop:
-            raise CommandError(f"a property path is bpy.types.<Struct>.<property>, got {path!r}")
+            raise commands.CommandError(f"a property path is bpy.types.<Struct>.<property>, got {path!r}")
         if prop in rna.properties.keys():
             return {"kind": "property", "path": f"bpy.types.{struct}.{prop}", "struct": struct,
                     **_property(rna.properties[prop])}  # fmt: skip
@@ -199,25 +199,25 @@ def _index(bpy: Any) -> list[tuple[str, str, str]]:
 
 
 def lookup_bpy_api(params: dict[str, Any]) -> dict[str, Any]:
-    bpy = _bpy()
+    bpy = commands._bpy()
     path, search = params.get("path"), params.get("search")
     limit = _whole(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     offset = _whole(params, "offset", 0, 0, 10**9)
     if (path is None) == (search is None):
-        raise CommandError(
+        raise commands.CommandError(
             "lookup_bpy_api needs exactly one of 'path' (bpy.types.Object, bpy.types.Object.location, "
             "bpy.ops.mesh.primitive_cube_add) or 'search' (a substring)"
         )
     version = ".".join(str(v) for v in bpy.app.version)
     if path is not None:
         if not isinstance(path, str) or not path.strip():
-            raise CommandError(f"'path' must be a non-empty string, got {path!r}")
+            raise commands.CommandError(f"'path' must be a non-empty string, got {path!r}")
         return {"blender_version": version, **_lookup(bpy, path, offset, limit)}
     if not isinstance(search, str) or not search.strip():
-        raise CommandError(f"'search' must be a non-empty string, got {search!r}")
+        raise commands.CommandError(f"'search' must be a non-empty string, got {search!r}")
     q = search.strip().lower()
     kinds = params.get("kind")
     if kinds is not None and kinds not in ("struct", "property", "operator"):
-        raise CommandError(f"'kind' must be struct, property or operator, got {kinds!r}")
+        raise commands.CommandError(f"'kind' must be struct, property or operator, got {kinds!r}")
     hits = [{"path": p, "kind": k} for low, p, k in _index(bpy) if q in low and (kinds is None or k == kinds)]
     return {"blender_version": version, "search": search, **_page(hits, offset, limit, "matches")}

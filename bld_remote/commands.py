@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 from . import _core
 from . import changes as _changes
-from . import export as _export
 from ._core import OutputCapture
 
 # Client code may check ``isinstance(sys.stdout, io.TextIOBase)``; the capture is one.
@@ -57,7 +56,11 @@ def dispatch(command: str, params: dict[str, Any]) -> tuple[bool, Any]:
         }
     finally:
         if command in CHANGES_DATA:
-            datablocks.note_changes()  # objects, materials, collections added or removed: scene_generation
+            for hook in AFTER_CHANGES:  # datablocks.note_changes: objects, materials... added or removed
+                try:
+                    hook()
+                except BaseException:  # dispatch never raises
+                    pass
         if command in CHANGES_DATA and params.get("undo", True) is not False:
             _undo_push(command)
 
@@ -677,29 +680,17 @@ def render_image(params: dict[str, Any]) -> dict[str, Any]:
                 pass
 
 
-# Handlers in their own modules (they import CommandError and _bpy from this one, defined above).
-from . import api_lookup, datablocks, scene  # noqa: E402
-
-
-def _look(params: dict[str, Any]) -> Any:
-    from .views import look
-
-    return look(params)
-
-
+# The commands defined here; bld_remote/table.py adds those of the other modules (scene queries, views,
+# export, data-blocks, the API lookup), which import CommandError and _bpy from this one (so this module
+# imports none of them: no import cycle).
 HANDLERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "get_scene_info": scene.get_scene_info,
-    "get_object_info": scene.get_object_info,
     "execute_code": execute_code,
     "get_viewport_screenshot": get_viewport_screenshot,
     "render_image": render_image,
-    "export_scene": _export.export_scene,
-    "look": _look,
-    "lookup_bpy_api": api_lookup.lookup_bpy_api,
-    "get_material_info": datablocks.get_material_info,
-    "get_collection_info": datablocks.get_collection_info,
-    "list_datablocks": datablocks.list_datablocks,
 }
+
+# Called after every command in CHANGES_DATA (bld_remote/table.py adds datablocks.note_changes).
+AFTER_CHANGES: list[Callable[[], None]] = []
 
 # Commands that may change Blender data: each is one undo step in the GUI (see ``dispatch``).
 CHANGES_DATA = frozenset({"execute_code"})

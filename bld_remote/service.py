@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from . import _core, commands, datablocks
+from . import table  # noqa: F401 - it fills commands.HANDLERS with the other modules' commands
 
 # From the native module, where they are written once (crates/core/src/config.rs).
 DEFAULT_HOST: str = _core.DEFAULT_HOST

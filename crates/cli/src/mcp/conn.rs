@@ -129,6 +129,10 @@ pub struct Backend {
     /// Set once a handshake said our token may only read (`"role": "read"`): tools/list then shows only
     /// the read-only tools.
     read_only: AtomicBool,
+    /// The token each address was last reached with. A later lookup that finds none (the descriptor was
+    /// pruned: a handshake there failed, its service died) still uses it, so a request never goes to that
+    /// address unverified once a token was needed there.
+    tokens: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// One instance's connection, if made: locked while it is being made, so concurrent first calls make one.
@@ -255,6 +259,7 @@ impl Backend {
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             read_only: AtomicBool::new(false),
+            tokens: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -509,8 +514,18 @@ impl Backend {
         dialed: Option<std::net::SocketAddr>,
         addr: &str,
     ) -> Result<(), CallError> {
-        let Some(token) = crate::instances::resolve_token(self.target.token.clone(), host, port)
-        else {
+        let resolved = crate::instances::resolve_token(self.target.token.clone(), host, port);
+        let token = match self.tokens.lock() {
+            Ok(mut known) => match resolved {
+                Some(t) => {
+                    known.insert(addr.to_string(), t.clone());
+                    Some(t)
+                }
+                None => known.get(addr).cloned(),
+            },
+            Err(_) => resolved,
+        };
+        let Some(token) = token else {
             return Ok(());
         };
         let first_id = self.next_id.fetch_add(2, Ordering::Relaxed);
