@@ -8,6 +8,7 @@ whenever it waits.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -123,6 +124,10 @@ def start_mcp_service(
         persist_max_keys=persist_max_keys,
     )
     datablocks.watch()  # scene_generation in get_status (resources/list_changed); idempotent
+    # Blender quitting (File > Quit, `wm.quit_blender` from a request) ends the process from its event loop:
+    # stop first, so replies already made (that quit request's own) are flushed and every thread is joined.
+    atexit.unregister(_stop_at_exit)
+    atexit.register(_stop_at_exit)
     if bound is None:  # already serving the address asked for
         return get_status()
     bound_host, bound_port = bound
@@ -158,7 +163,16 @@ def stop_mcp_service() -> bool:
     if not _core.is_running():
         _remove_gui_pump()
         datablocks.unwatch()
+        atexit.unregister(_stop_at_exit)
     return was_running
+
+
+def _stop_at_exit() -> None:
+    """The interpreter is finishing (Blender quits): stop the service, flushing the replies it owes."""
+    try:
+        _core.stop()
+    except BaseException:  # at exit there is nobody to raise to
+        pass
 
 
 def is_mcp_service_up() -> bool:

@@ -405,7 +405,8 @@ def test_start_gui_under_xvfb_serves_and_sigterm_quits_blender(installed, runtim
             p for p in children_of(proc.pid) if "bld-remote" in Path(f"/proc/{p}/cmdline").read_text()
         ]
         os.kill(cli_pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0  # xvfb-run exits with the CLI's status, which is Blender's
+        rc = proc.wait(timeout=60)
+        assert rc == 0, proc.stderr.read()  # xvfb-run exits with the CLI's status, which is Blender's
         assert not pid_alive(blender_pid)
         assert port_is_free(port)
         assert descriptors(runtime_dir) == []

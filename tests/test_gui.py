@@ -449,6 +449,31 @@ def test_keeper_serves_and_shuts_down(gui):
     assert ok(call(gui.port, "get_object_info", name="Cube"))["name"] == "Cube"
 
 
+def test_quitting_blender_from_a_request_answers_it_and_stops_the_service(tmp_path, user_scripts):
+    """A service started by a user's script (no add-on, whose unregister() Blender's quit would call):
+    `wm.quit_blender()` from a request quits Blender from its event loop right after the job, and the
+    service is stopped at interpreter exit (atexit), so that request's reply is flushed, every thread
+    joined and the descriptor removed."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    b = start_gui(
+        tmp_path,
+        user_scripts,
+        "import bld_remote\nbld_remote.start_mcp_service(port=0)\n",
+        BLD_REMOTE_RUNTIME_DIR=str(runtime),
+    )
+    try:
+        assert [p for p in runtime.glob("bld_remote-*.json")], "no descriptor while serving"
+        c = Conn(b.port)
+        r = c.request({"type": "execute_code", "params": {"code": "print('bye')\nbpy.ops.wm.quit_blender()"}})
+        assert ok(r)["output"]["stdout"] == "bye\n", r
+        assert b.proc.wait(timeout=60) == 0, b.output[-2000:]
+        assert port_is_free(b.port)
+        assert list(runtime.glob("bld_remote-*.json")) == [], "the service was not stopped at exit"
+    finally:
+        b.kill()
+
+
 def test_keeper_ends_on_file_load_and_pump_resumes(gui):
     run(gui.port, "bpy.ops.wm.bld_remote_keeper('INVOKE_DEFAULT')", undo=False)
     run(gui.port, "bpy.ops.wm.read_homefile()")

@@ -276,6 +276,14 @@ def test_code_task_results_errors_and_bad_task_ids(served):
             r = result_of(done)
             assert not r.is_error and "hello from a job" in text(r) and "result = 42" in text(r), text(r)
             assert "bld-job-" in text(r)
+            # Its structured content meets the tool's outputSchema, as a direct call's does.
+            schema = {t.name: t for t in (await client.list_tools()).tools}[
+                "execute_blender_code"
+            ].output_schema
+            assert schema is not None and isinstance(r.structured_content, dict), r
+            validate(schema, r.structured_content)
+            assert r.structured_content["value"] == 42 and r.structured_content["job_id"] in text(r)
+            assert r.structured_content["output"]["stdout"] == "hello from a job\n"
 
             # A finished task cannot be cancelled: a clear error, and the task still says how it ended.
             with pytest.raises(MCPError) as e:
@@ -381,6 +389,12 @@ def test_json_tools_return_structured_content_that_meets_their_output_schema(ser
                 validate(schema, r.structured_content)
                 # The text copy is the same JSON, for clients that read only `content`.
                 assert json.loads(text(r)) == r.structured_content, name
+            # execute_blender_code: structured content meets its schema; its text stays readable output.
+            r = await client.call_tool("execute_blender_code", {"code": "print('hi')\nresult = 2"})
+            assert not r.is_error and isinstance(r.structured_content, dict), r
+            validate(tools["execute_blender_code"].output_schema or {}, r.structured_content)
+            assert r.structured_content["output"]["stdout"] == "hi\n" and r.structured_content["value"] == 2
+            assert "result" not in r.structured_content and "hi" in text(r)
             for name, t in tools.items():
                 if name not in JSON_TOOLS and t.output_schema is not None:
                     validate({"$schema": "https://json-schema.org/draft/2020-12/schema"}, t.output_schema)

@@ -185,3 +185,46 @@ def test_mcp_with_the_read_token_lists_only_read_tools(both, installed: Path, ru
     assert all(t.annotations and t.annotations.read_only_hint is True for t in tools.values())
     assert failed and FORBIDDEN in text, text
     assert not marker.exists()
+
+
+def test_mcp_read_only_flag_uses_the_read_token_and_refuses_writes_itself(
+    both, installed: Path, runtime_dir, tmp_path
+):
+    """`bld-remote mcp --read-only` with no token of its own: the descriptor's read token (role "read" at the
+    service), only read-only tools listed, and a write tool called anyway refused by the MCP server, nothing
+    run. With the full token given explicitly it still lists and calls only the read-only tools."""
+    mcp = pytest.importorskip("mcp")
+    import asyncio
+
+    from mcp.client.stdio import StdioServerParameters
+
+    b, _, d = both
+    marker = tmp_path / "written"
+
+    async def session(env: dict[str, str], *extra: str):
+        params = StdioServerParameters(
+            command=str(installed / "bld-remote"),
+            args=["mcp", "--port", str(b.port), "--timeout", "20", "--read-only", *extra],
+            env=env,
+        )
+        async with mcp.Client(params, mode="legacy") as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            status = await client.call_tool("check_connection_status", {})
+            scene = await client.call_tool("get_scene_info", {})
+            r = await client.call_tool(
+                "execute_blender_code", {"code": f"open({str(marker)!r}, 'w').write('x')"}
+            )
+            text = "\n".join(c.text for c in r.content if getattr(c, "type", None) == "text")
+            return tools, status.structured_content, scene.is_error, bool(r.is_error), text
+
+    for env, extra, role in [
+        (cli_env(runtime_dir), (), "read"),
+        (cli_env(runtime_dir), ("--token", d["token"]), "full"),
+    ]:
+        tools, status, scene_failed, failed, text = asyncio.run(session(env, *extra))
+        assert status["connected"] is True and status["role"] == role, status
+        assert "get_scene_info" in tools and "execute_blender_code" not in tools, sorted(tools)
+        assert "put_persist_data" not in tools, sorted(tools)
+        assert not scene_failed
+        assert failed and "--read-only" in text and "forbidden" in text, text
+        assert not marker.exists()

@@ -380,7 +380,13 @@ fn request_stop(
                 "code".into(),
                 json!("import bpy\nbpy.ops.wm.quit_blender()"),
             );
-            c.call("execute_code", params).is_ok()
+            // Lost: the quit began and Blender closed the connection before its reply got out. The outcome
+            // is unknown, so no second stop is sent; the supervisor's deadline still kills a Blender that
+            // did not quit.
+            match c.call("execute_code", params) {
+                Ok(_) | Err(ClientError::Lost { .. }) => true,
+                Err(_) => false,
+            }
         };
         if asked {
             return true;

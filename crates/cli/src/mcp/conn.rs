@@ -56,6 +56,9 @@ pub struct Target {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub token: Option<String>,
+    /// `--read-only`: offer and call only the read-only tools, whatever the token may do, and reach each
+    /// instance with its descriptor's read token when it has one (then the service refuses writes too).
+    pub read_only: bool,
 }
 
 /// Why a call produced no result.
@@ -254,11 +257,11 @@ pub fn log(message: &str) {
 impl Backend {
     pub fn new(target: Target, timeout: Duration) -> Self {
         Self {
+            read_only: AtomicBool::new(target.read_only),
             target,
             timeout,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            read_only: AtomicBool::new(false),
             tokens: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -514,7 +517,14 @@ impl Backend {
         dialed: Option<std::net::SocketAddr>,
         addr: &str,
     ) -> Result<(), CallError> {
-        let resolved = crate::instances::resolve_token(self.target.token.clone(), host, port);
+        // `--read-only` without an explicit token: the instance's read token, if its descriptor has one.
+        let read = if self.target.read_only && self.target.token.is_none() {
+            crate::instances::read_token_for(host, port)
+        } else {
+            None
+        };
+        let resolved =
+            read.or_else(|| crate::instances::resolve_token(self.target.token.clone(), host, port));
         let token = match self.tokens.lock() {
             Ok(mut known) => match resolved {
                 Some(t) => {
@@ -562,6 +572,11 @@ impl Backend {
 
     /// Whether our token may only read: known after a handshake; before one, the default instance is
     /// connected to (if it can be chosen) to learn it. Unknown (no Blender yet): false.
+    /// `--read-only` was asked for: only read-only tools, whatever the token's role.
+    pub fn forced_read_only(&self) -> bool {
+        self.target.read_only
+    }
+
     pub async fn read_only(&self) -> bool {
         if !self.read_only.load(Ordering::Relaxed) {
             if let Ok(at) = self.choose(None).await {

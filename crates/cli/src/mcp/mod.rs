@@ -57,6 +57,11 @@ pub struct McpArgs {
     /// Auth token of the bld_remote service, if it requires one. Default: $BLD_REMOTE_TOKEN.
     #[arg(long)]
     pub token: Option<String>,
+    /// Offer and call only the read-only tools (inspect, render, look up; no code, no writes), whatever the
+    /// token may do. Each instance is reached with its descriptor's read token when it has one, so the
+    /// service refuses writes as well.
+    #[arg(long)]
+    pub read_only: bool,
     /// Seconds a request to Blender may take before the tool call fails (queued requests are then dropped).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub timeout: f64,
@@ -126,6 +131,7 @@ pub fn run(args: McpArgs, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<(),
             host: args.host.clone(),
             port: args.port,
             token,
+            read_only: args.read_only,
         },
         timeout,
     ));

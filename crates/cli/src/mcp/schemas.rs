@@ -35,6 +35,22 @@ pub fn output_schema(tool: &str) -> Option<Value> {
             "required": ["data", "found"]}),
         "remove_persist_data" => json!({"type": "object",
             "properties": {"removed": {"type": "boolean"}}, "required": ["removed"]}),
+        // The execute_code reply without `result` (see tools::exec_structured); `job_id` when it ran as a
+        // task, `changes` unless turned off.
+        "execute_blender_code" => json!({"type": "object",
+            "properties": {"executed": {"type": "boolean"},
+                           "output": {"type": "object",
+                                      "properties": {"stdout": {"type": "string"},
+                                                     "stderr": {"type": "string"}}},
+                           "value": {}, "duration": {"type": "number"},
+                           "changes": {"type": "object"}, "job_id": {"type": "string"}},
+            "required": ["output"]}),
+        // The file's metadata (the file itself is an embedded resource in `content`).
+        "export_scene" => json!({"type": "object",
+            "properties": {"filepath": {"type": "string"}, "bytes": {"type": "integer"},
+                           "format": {"type": "string"}, "exporter": {"type": "string"},
+                           "files": {"type": "array", "items": {"type": "string"}}},
+            "required": ["filepath", "bytes", "format"]}),
         "lookup_bpy_api" => super::lookup::output_schema(),
         _ => return None,
     };
@@ -65,6 +81,8 @@ mod tests {
             "get_object_info",
             "get_persist_data",
             "remove_persist_data",
+            "execute_blender_code",
+            "export_scene",
         ] {
             let s = output_schema(name).unwrap();
             assert_eq!(s["type"], json!("object"), "{name}");

@@ -39,7 +39,9 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{CallError, Chosen};
-use super::tools::{call_error_result, error_result, exec_text, BlenderMcp, CodeArgs};
+use super::tools::{
+    call_error_result, error_result, exec_structured, exec_text, BlenderMcp, CodeArgs,
+};
 
 /// How a tool runs as a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +359,13 @@ pub async fn call_tool(
     request: CallToolRequestParams,
     context: RequestContext<RoleServer>,
 ) -> Result<CallToolResponse, ErrorData> {
+    if mcp.backend.forced_read_only() && !read_only_tool(mcp, &request.name) {
+        return Ok(CallToolResponse::Complete(error_result(format!(
+            "forbidden: this MCP server runs --read-only, and {} can change Blender (its tools are in \
+             tools/list)",
+            request.name
+        ))));
+    }
     match kind_for(&request.name, &context) {
         Some(Kind::Call) if mcp.tool_router.has_route(&request.name) => {
             let this = mcp.clone();
@@ -373,6 +382,18 @@ pub async fn call_tool(
         Some(Kind::CodeJob) => code_job(mcp, request, context).await,
         _ => route(mcp, request, context).await,
     }
+}
+
+/// Whether `name` is a tool annotated read-only (an unknown name passes: the router answers it).
+fn read_only_tool(mcp: &BlenderMcp, name: &str) -> bool {
+    mcp.tool_router.map.get(name).is_none_or(|route| {
+        route
+            .attr
+            .annotations
+            .as_ref()
+            .and_then(|a| a.read_only_hint)
+            .unwrap_or(false)
+    })
 }
 
 /// The tool's own handler (the router), as without tasks.
@@ -573,10 +594,13 @@ fn job_outcome(job_id: &str, snap: &Value) -> Outcome {
             let message = cancel_requested.then(|| {
                 "completed: the code ended before it reached a check_cancelled() after the cancel".into()
             });
-            Outcome::Completed(
-                CallToolResult::success(vec![rmcp::model::ContentBlock::text(text)]),
-                message,
-            )
+            let mut r = CallToolResult::success(vec![rmcp::model::ContentBlock::text(text)]);
+            let mut structured = exec_structured(result.clone());
+            if let Value::Object(m) = &mut structured {
+                m.insert("job_id".into(), Value::String(job_id.into()));
+            }
+            r.structured_content = Some(structured);
+            Outcome::Completed(r, message)
         }
         "cancelled" => Outcome::Cancelled(format!(
             "cancelled: job {job_id} {}",
@@ -708,6 +732,10 @@ mod tests {
         };
         let t = serde_json::to_string(&r).unwrap();
         assert!(t.contains("stdout:\\nhi") && t.contains("result = 3") && t.contains("bld-job-1"));
+        let sc = r.structured_content.as_ref().unwrap();
+        assert_eq!(sc["job_id"], json!("bld-job-1"));
+        assert_eq!(sc["output"]["stdout"], json!("hi\n"));
+        assert_eq!(sc["value"], json!(3));
         let failed = json!({"status": "failed", "terminal": true, "error": "ZeroDivisionError: x",
                             "traceback": "Traceback ...", "output": {"stdout": "before\n"}});
         let Outcome::Completed(r, _) = job_outcome("bld-job-2", &failed) else {

@@ -397,6 +397,16 @@ fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
 }
 
 /// The `execute_code` reply (success or error) → one text the model can act on.
+/// An `execute_code` reply as `execute_blender_code`'s structured content: the whole reply (changes
+/// included) without `result`, which is `output.stdout` again (or its base64), and output can be megabytes.
+pub(crate) fn exec_structured(mut reply: Value) -> Value {
+    if let Value::Object(m) = &mut reply {
+        m.remove("result");
+        m.remove("result_is_base64");
+    }
+    reply
+}
+
 pub(crate) fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     let output = reply.get("output");
     let stdout = output.map_or_else(|| str_field(reply, "stdout"), |o| str_field(o, "stdout"));
@@ -933,14 +943,7 @@ impl BlenderMcp {
         Ok(match r {
             Ok(v) => {
                 let mut r = text_result(exec_text(&v, None));
-                // The whole reply (changes included) for clients that read structured content, without
-                // `result`: it is `output.stdout` again (or its base64), and output can be megabytes.
-                let mut v = v;
-                if let Value::Object(m) = &mut v {
-                    m.remove("result");
-                    m.remove("result_is_base64");
-                }
-                r.structured_content = Some(v);
+                r.structured_content = Some(exec_structured(v));
                 r
             }
             Err(CallError::Service(ClientError::Remote { message, reply, .. }))
@@ -1099,6 +1102,8 @@ impl BlenderMcp {
                     "running_job": s.get("running_job"),
                     "requests_served": s.get("requests_served"),
                     "bld_remote_version": s.get("version"),
+                    // What this server's token may do there ("read": inspect only).
+                    "role": s.get("role"),
                 });
                 CallToolResult::structured(v)
             }
