@@ -250,6 +250,9 @@ class ExecResult:
     @property
     def duration(self) -> float:
         """Seconds the code ran in Blender."""
+    @property
+    def changes(self) -> dict[str, Any] | None:
+        """What the code changed in the scene (``execute(..., changes=True)``), else None."""
     def __getitem__(self, key: str, /) -> Any: ...
 
 @final
@@ -279,9 +282,9 @@ class Client:
     def timeout(self, value: float | None) -> None: ...
     def call(self, command: str, /, **params: Any) -> Any:
         """Send any command and return its ``result``; an error reply raises RemoteError."""
-    def execute(self, code: str) -> ExecResult:
+    def execute(self, code: str, *, changes: bool = False) -> ExecResult:
         """Run Python in Blender; RemoteError (with ``traceback`` and partial ``output``) if it raises."""
-    def submit(self, code: str, job_timeout: float | None = None) -> Job:
+    def submit(self, code: str, job_timeout: float | None = None, *, changes: bool = False) -> Job:
         """Submit code as a job that outlives this connection (``submit_code_job``); returns at once."""
     def scene_info(self) -> dict[str, Any]: ...
     def object_info(self, name: str) -> dict[str, Any]: ...

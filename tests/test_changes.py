@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 
 import anyio
 import pytest
@@ -275,6 +276,39 @@ def test_jobs_report_changes_when_submitted_framed_and_only_then(conn):
     conn.send({"type": "get_job_result", "params": {"job_id": job, "wait_timeout_seconds": 60}})
     r = ok(conn.reply())
     assert r["status"] == "completed" and "changes" not in r["result"], r
+
+
+def test_python_client_asks_for_changes_only_when_told(installed, served):
+    """`Client.execute` and `Client.submit` send `changes: false` unless `changes=True`: nobody pays for a diff
+    that is not read. Asked for, it is on the ExecResult (and the Job's). Run by the installed package."""
+    code = f"""
+import json
+from bld_remote import Client
+setup = {SETUP!r}
+out = {{}}
+with Client(port={served.port}, timeout=60) as c:
+    r = c.execute(setup.format(n="ClientQuiet") + "result = 1")
+    out["quiet"] = [r.result, r.changes, r["changes"]]
+    r = c.execute(setup.format(n="ClientAsked"), changes=True)
+    out["asked"], out["same"] = r.changes, r["changes"] == r.changes
+    out["job_quiet"] = c.submit(setup.format(n="JobQuiet")).result(timeout=60).changes
+    out["job_asked"] = c.submit(setup.format(n="JobAsked"), changes=True).result(timeout=60).changes
+    try:
+        c.execute("pass", changes="yes")
+    except TypeError as e:
+        out["bad"] = str(e)
+print(json.dumps(out))
+"""
+    p = subprocess.run(
+        [str(installed / "python"), "-P", "-c", code], capture_output=True, text=True, timeout=180
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["quiet"] == [1, None, None], out
+    assert {"name": "ClientAsked", "type": "MESH"} in out["asked"]["added"] and out["same"], out
+    assert out["job_quiet"] is None, out
+    assert {"name": "JobAsked", "type": "MESH"} in out["job_asked"]["added"], out
+    assert "bool" in out["bad"], out
 
 
 # --- MCP: execute_blender_code shows the changes ----------------------------------------------------------

@@ -162,6 +162,8 @@ pub struct ExecOutput {
     pub result: Option<Value>,
     /// Seconds the code ran in Blender.
     pub duration: f64,
+    /// What the code changed in the scene (`changes` in the reply), when it was asked for.
+    pub changes: Option<Value>,
 }
 
 /// A connection to one service. Not shared between threads; reconnects on the next call after a failure.
@@ -907,21 +909,40 @@ impl Client {
     }
 
     /// Run Python in Blender. A failure in the code is [`ClientError::Remote`] with the traceback and the
-    /// output printed before it (`reply["output"]`).
+    /// output printed before it (`reply["output"]`). What the code changed is not asked for (see
+    /// [`Client::execute_tracked`]): Blender then spends nothing on it.
     pub fn execute_with(
         &mut self,
         code: &str,
         interrupted: Interrupt<'_>,
     ) -> Result<ExecOutput, ClientError> {
-        let mut params = Map::new();
-        params.insert("code".into(), Value::String(code.to_string()));
-        let r = self.call_with("execute_code", params, interrupted)?;
+        self.execute_tracked(code, false, interrupted)
+    }
+
+    /// [`Client::execute_with`], and with `changes` what the code changed in the scene
+    /// ([`ExecOutput::changes`]: two snapshots and a diff in Blender, about 0.15 ms on a small scene).
+    pub fn execute_tracked(
+        &mut self,
+        code: &str,
+        changes: bool,
+        interrupted: Interrupt<'_>,
+    ) -> Result<ExecOutput, ClientError> {
+        let r = self.call_with("execute_code", exec_params(code, changes), interrupted)?;
         Ok(exec_output(r))
     }
 
     pub fn execute(&mut self, code: &str) -> Result<ExecOutput, ClientError> {
         self.execute_with(code, &never)
     }
+}
+
+/// `execute_code`'s parameters: the code, and whether to report what it changed (framed requests do by
+/// default, so a client that will not read them says `false`).
+pub fn exec_params(code: &str, changes: bool) -> Map<String, Value> {
+    let mut params = Map::new();
+    params.insert("code".into(), Value::String(code.to_string()));
+    params.insert("changes".into(), Value::Bool(changes));
+    params
 }
 
 /// The `execute_code` success result → [`ExecOutput`].
@@ -942,6 +963,7 @@ pub fn exec_output(mut r: Value) -> ExecOutput {
         stderr,
         result: r.get_mut("value").map(Value::take),
         duration: r.get("duration").and_then(Value::as_f64).unwrap_or(0.0),
+        changes: r.get_mut("changes").map(Value::take),
     }
 }
 

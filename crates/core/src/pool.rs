@@ -634,11 +634,9 @@ impl Worker<'_> {
                 attempt: attempts,
             });
             let started = Instant::now();
-            let mut params = Map::new();
-            params.insert(
-                "code".into(),
-                Value::String(item_code(self.code_literal, &self.items[item])),
-            );
+            // No `changes`: map returns results only, so Blender need not diff the scene per item.
+            let params =
+                crate::client::exec_params(&item_code(self.code_literal, &self.items[item]), false);
             let r = self.client.call_with("execute_code", params, &stop);
             let seconds = started.elapsed().as_secs_f64();
             let done = |w: &Self, outcome: Result<Option<Value>, ItemError>| {

@@ -80,6 +80,9 @@ impl Status {
 #[derive(Debug)]
 struct Record {
     id: String,
+    /// The job's seq (unique in the service): tells this record from an older one of the same id in
+    /// `order` and `ended_order`, whose entries are dropped lazily.
+    seq: u64,
     state: Arc<JobState>,
     created_at: f64,
     updated_at: f64,
@@ -258,8 +261,12 @@ fn now_unix() -> f64 {
 #[derive(Debug, Default)]
 struct Inner {
     records: HashMap<String, Record>,
-    /// Ids in submission order (eviction goes oldest first).
-    order: VecDeque<String>,
+    /// `(seq, id)` in submission order (eviction goes oldest first). Entries of removed records stay
+    /// until they reach the front or a compaction drops them, so removing is O(1).
+    order: VecDeque<(u64, String)>,
+    /// `(ended, seq, id)` in the order jobs ended (so by `ended`: each is stamped under the lock), for
+    /// expiring results from the front in O(1), not by scanning every record on every call.
+    ended_order: VecDeque<(Instant, u64, String)>,
     by_seq: HashMap<u64, String>,
     bytes: usize,
     /// Connections waiting for a job's end (`get_job_result` with a wait), by job id: the request's seq
@@ -272,52 +279,84 @@ impl Inner {
         if let Some(r) = self.records.remove(id) {
             self.bytes = self.bytes.saturating_sub(r.bytes);
         }
-        self.order.retain(|x| x != id);
         self.waiters.remove(id);
-    }
-
-    /// A job just ended: hand its result to every connection waiting for it (marking it read).
-    fn wake_waiters(&mut self, id: &str) {
-        let Some(waiters) = self.waiters.remove(id) else {
-            return;
-        };
-        let Some(r) = self.records.get_mut(id) else {
-            return;
-        };
-        r.read = true;
-        let snap = found(r.with_result());
-        for (seq, tx) in waiters {
-            let _ = tx.send(Completion {
-                seq,
-                outcome: snap.clone(),
-            });
+        // Stale entries cost memory only: compact when they outnumber the live ones (amortised O(1)).
+        let live = self.records.len();
+        if self.order.len() > 2 * live + 64 || self.ended_order.len() > 2 * live + 64 {
+            let records = &self.records;
+            self.order.retain(|(seq, id)| is_live(records, *seq, id));
+            self.ended_order
+                .retain(|(_, seq, id)| is_live(records, *seq, id));
         }
     }
 
+    /// A job ended just now (under the lock): stamp it, and queue it for expiry.
+    fn mark_ended(&mut self, id: &str) {
+        let now = Instant::now();
+        if let Some(r) = self.records.get_mut(id) {
+            r.ended = Some(now);
+            self.ended_order.push_back((now, r.seq, id.to_string()));
+        }
+    }
+
+    /// A job just ended: its result for every connection waiting for it (marking it read), to be sent
+    /// with [`Wakes::send`] once the lock is released, so that a woken writer does not block on it.
+    fn wake_waiters(&mut self, id: &str) -> Wakes {
+        let Some(waiters) = self.waiters.remove(id) else {
+            return Wakes(Vec::new());
+        };
+        let Some(r) = self.records.get_mut(id) else {
+            return Wakes(Vec::new());
+        };
+        r.read = true;
+        let snap = found(r.with_result());
+        Wakes(
+            waiters
+                .into_iter()
+                .map(|(seq, tx)| {
+                    let c = Completion {
+                        seq,
+                        outcome: snap.clone(),
+                    };
+                    (tx, c)
+                })
+                .collect(),
+        )
+    }
+
     fn prune_expired(&mut self, ttl: Duration) {
-        let expired: Vec<String> = self
-            .records
-            .values()
-            .filter(|r| r.ended.is_some_and(|e| e.elapsed() > ttl))
-            .map(|r| r.id.clone())
-            .collect();
-        for id in expired {
-            self.remove(&id);
+        while let Some((ended, seq, _)) = self.ended_order.front() {
+            if ended.elapsed() <= ttl {
+                break;
+            }
+            let seq = *seq;
+            let Some((_, _, id)) = self.ended_order.pop_front() else {
+                break;
+            };
+            if is_live(&self.records, seq, &id) {
+                self.remove(&id);
+            }
         }
     }
 
     /// Drop read results, oldest first, until `fits` says there is room. True when there is.
     fn make_room(&mut self, fits: impl Fn(&Inner) -> bool) -> bool {
         while !fits(self) {
+            while let Some((seq, id)) = self.order.front() {
+                if is_live(&self.records, *seq, id) {
+                    break;
+                }
+                self.order.pop_front();
+            }
             let Some(id) = self
                 .order
                 .iter()
-                .find(|id| {
+                .find(|(seq, id)| {
                     self.records
-                        .get(*id)
-                        .is_some_and(|r| r.read && r.end.is_some())
+                        .get(id)
+                        .is_some_and(|r| r.seq == *seq && r.read && r.end.is_some())
                 })
-                .cloned()
+                .map(|(_, id)| id.clone())
             else {
                 return false;
             };
@@ -325,6 +364,22 @@ impl Inner {
         }
         true
     }
+}
+
+/// Results for waiting connections, sent after the store's lock is released.
+struct Wakes(Vec<(crossbeam_channel::Sender<Completion>, Completion)>);
+
+impl Wakes {
+    fn send(self) {
+        for (tx, c) in self.0 {
+            let _ = tx.send(c);
+        }
+    }
+}
+
+/// Whether `(seq, id)` (an entry of `order` or `ended_order`) is the record stored under `id` now.
+fn is_live(records: &HashMap<String, Record>, seq: u64, id: &str) -> bool {
+    records.get(id).is_some_and(|r| r.seq == seq)
 }
 
 /// The store. Shared by the service's threads (`Arc`); completions reach it through a [`Sink`].
@@ -430,6 +485,7 @@ impl JobStore {
         let now = now_unix();
         let record = Record {
             id: id.clone(),
+            seq,
             state,
             created_at: now,
             updated_at: now,
@@ -445,7 +501,7 @@ impl JobStore {
         };
         let snap = record.snapshot();
         inner.by_seq.insert(seq, id.clone());
-        inner.order.push_back(id.clone());
+        inner.order.push_back((seq, id.clone()));
         inner.records.insert(id, record);
         Ok((job, snap))
     }
@@ -492,10 +548,11 @@ impl JobStore {
         r.bytes = bytes;
         r.completed_at = Some(now);
         r.updated_at = now;
-        r.ended = Some(Instant::now());
+        inner.mark_ended(&id);
         inner.bytes += bytes;
-        inner.wake_waiters(&id);
+        let wakes = inner.wake_waiters(&id);
         drop(inner);
+        wakes.send();
         self.ended.notify_all();
     }
 
@@ -580,14 +637,20 @@ impl JobStore {
                 let now = now_unix();
                 r.end = Some(Status::Cancelled);
                 r.completed_at = Some(now);
-                r.ended = Some(Instant::now());
             }
         }
         let snap = r.snapshot();
-        if r.end.is_some() {
-            inner.wake_waiters(id);
+        let ended = r.end.is_some();
+        if ended && r.ended.is_none() {
+            inner.mark_ended(id);
         }
+        let wakes = if ended {
+            inner.wake_waiters(id)
+        } else {
+            Wakes(Vec::new())
+        };
         drop(inner);
+        wakes.send();
         self.ended.notify_all();
         Some(snap)
     }
@@ -599,7 +662,7 @@ impl JobStore {
         inner
             .order
             .iter()
-            .filter_map(|id| inner.records.get(id))
+            .filter_map(|(seq, id)| inner.records.get(id).filter(|r| r.seq == *seq))
             .map(|r| Value::Object(r.snapshot()))
             .collect()
     }
@@ -734,6 +797,55 @@ mod tests {
         assert_eq!(s.status(&id).unwrap()["status"], json!("cancelled"));
         // Ended: a cancel keeps the status.
         assert_eq!(s.cancel(&id, None).unwrap()["status"], json!("cancelled"));
+    }
+
+    #[test]
+    fn eviction_and_expiry_stay_bounded_and_a_reused_id_is_its_new_record() {
+        let s = store(StoreLimits {
+            max_jobs: 4,
+            ttl: Duration::from_millis(300),
+            ..StoreLimits::default()
+        });
+        // Thousands of jobs through a store of 4, the same client-chosen ids over and over: every
+        // submission evicts a read result; the lazy bookkeeping stays bounded.
+        for seq in 1..=4000u64 {
+            let id = format!("job-{}", seq % 6);
+            let (job, snap) = s
+                .create(
+                    seq,
+                    Some(id.clone()),
+                    "execute_code".into(),
+                    Map::new(),
+                    None,
+                    false,
+                )
+                .unwrap();
+            assert_eq!(snap["job_id"], json!(id));
+            job.begin().unwrap();
+            job.finish(Outcome::Success(json!({"value": seq})));
+            assert_eq!(s.result(&id, None).unwrap()["result"]["value"], json!(seq));
+            let inner = s.inner.lock();
+            assert!(inner.records.len() <= 4);
+            assert!(inner.order.len() <= 2 * 4 + 64 + 1, "{}", inner.order.len());
+            assert!(inner.ended_order.len() <= 2 * 4 + 64 + 1);
+        }
+        // Oldest first, and each id once: its newest record.
+        let listed: Vec<Value> = s.list().iter().map(|v| v["result"].clone()).collect();
+        assert_eq!(listed.len(), 4);
+        let ids: Vec<Value> = s.list().iter().map(|v| v["job_id"].clone()).collect();
+        assert_eq!(
+            ids,
+            vec![
+                json!("job-1"),
+                json!("job-2"),
+                json!("job-3"),
+                json!("job-4")
+            ]
+        );
+        // Expiry from the front of the end order: all four go after the TTL.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(s.status("job-4").is_none());
+        assert!(s.list().is_empty());
     }
 
     #[test]

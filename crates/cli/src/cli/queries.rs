@@ -15,7 +15,7 @@ use super::{
 };
 use bld_remote_core::config::{non_negative_seconds, positive_seconds};
 
-use crate::client::{exec_output, Client, ClientError};
+use crate::client::{exec_output, exec_params, Client, ClientError};
 use crate::instances;
 
 /// Exit status when the service could not prove that it holds the token (a port squatter, a wrong token,
@@ -63,9 +63,8 @@ pub(super) fn exec(a: ExecArgs, host: &Host<'_>) -> i32 {
         Ok(c) => c,
         Err(rc) => return rc,
     };
-    let mut params = Map::new();
-    params.insert("code".into(), Value::String(code));
-    match client.call_with("execute_code", params, host.interrupted) {
+    // `exec` prints output and the result, not what changed: Blender need not diff the scene.
+    match client.call_with("execute_code", exec_params(&code, false), host.interrupted) {
         Ok(r) => {
             let r = exec_output(r);
             if a.json {

@@ -226,6 +226,20 @@ fn read_loop(
                         progress_tx,
                         lane,
                     );
+                    // A quiet success (`"quiet": true`) owes nothing: settled here, so the writer is
+                    // not woken for it (on a 2-core machine that wake-up competes with the job's run).
+                    if let ToWriter::Ready {
+                        framed: true,
+                        bytes,
+                        settle: None,
+                        request: true,
+                    } = &msg
+                    {
+                        if bytes.is_empty() {
+                            activity.replied();
+                            continue;
+                        }
+                    }
                     if let Err(crossbeam_channel::SendError(msg)) = tx.send(msg) {
                         // Nobody will send this reply: queued work for it must never run.
                         if let ToWriter::Job(f) = msg {
