@@ -4,7 +4,7 @@
 //!
 //! Runs on the calling Python thread; every wait goes through the client (GIL released).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -15,10 +15,6 @@ use bld_remote_core::client::ClientError;
 use crate::client::{exec_result, ExecResult, PyClient};
 use crate::convert::json_to_py;
 use crate::error::{client_error, JobCancelled, OutcomeUnknown};
-
-/// Longest single wait asked of the service (`wait_timeout_seconds`); longer waits are several requests, so
-/// the client's own per-request timeout never cuts a long wait short.
-const WAIT_SLICE: Duration = Duration::from_secs(20);
 
 /// A job running (or done) in Blender, by id. Keeps its client.
 #[pyclass(module = "bld_remote", name = "Job", frozen)]
@@ -127,64 +123,52 @@ impl Job {
             ),
         };
         let deadline = limit.and_then(|l| Instant::now().checked_add(l));
-        loop {
-            let left = deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()));
-            let mut p = Map::new();
-            p.insert(
-                "wait_timeout_seconds".into(),
-                Value::from(left.min(WAIT_SLICE).as_secs_f64()),
-            );
-            let v = self.ask(py, "get_job_result", p)?;
-            let status = v.get("status").and_then(Value::as_str).unwrap_or("");
-            let error = v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            match status {
-                "completed" if v.get("error").is_some_and(Value::is_string) => {
-                    return Err(remote(py, &v, error));
-                }
-                "completed" => {
-                    return exec_result(py, v.get("result").cloned().unwrap_or(Value::Null));
-                }
-                "failed" => return Err(remote(py, &v, error)),
-                "cancelled" => {
-                    return Err(JobCancelled::new_err(format!(
-                        "job {} was cancelled{}",
-                        self.id,
-                        if error.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {error}")
-                        }
-                    )))
-                }
-                "timed_out" => {
-                    return Err(client_error(
-                        py,
-                        ClientError::Timeout {
-                            addr: String::new(),
-                            detail: format!("job {} ran past its job_timeout_seconds", self.id),
-                            ran: Some(true),
-                        },
-                    ))
-                }
-                _ => {}
+        let (v, terminal) =
+            bld_remote_core::client::wait_for_job(deadline, |p| self.ask(py, "get_job_result", p))?;
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        let error = v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match status {
+            "completed" if v.get("error").is_some_and(Value::is_string) => {
+                Err(remote(py, &v, error))
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(client_error(
-                    py,
-                    ClientError::Timeout {
-                        addr: String::new(),
-                        detail: format!(
+            "completed" => exec_result(py, v.get("result").cloned().unwrap_or(Value::Null)),
+            "failed" => Err(remote(py, &v, error)),
+            "cancelled" => Err(JobCancelled::new_err(format!(
+                "job {} was cancelled{}",
+                self.id,
+                if error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {error}")
+                }
+            ))),
+            "timed_out" => Err(client_error(
+                py,
+                ClientError::Timeout {
+                    addr: String::new(),
+                    detail: format!("job {} ran past its job_timeout_seconds", self.id),
+                    ran: Some(true),
+                },
+            )),
+            _ => Err(client_error(
+                py,
+                ClientError::Timeout {
+                    addr: String::new(),
+                    detail: if terminal {
+                        format!("job {} ended as {status}", self.id)
+                    } else {
+                        format!(
                             "job {} is still {status} after the wait; it goes on (call result() again)",
                             self.id
-                        ),
-                        ran: None,
+                        )
                     },
-                ));
-            }
+                    ran: None,
+                },
+            )),
         }
     }
 

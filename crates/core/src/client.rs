@@ -936,6 +936,35 @@ impl Client {
     }
 }
 
+/// The longest single `get_job_result` wait a client asks for: a longer wait is sliced, so that a lost
+/// connection or an interrupt is noticed, and a fresh request made, at least this often.
+pub const JOB_WAIT_SLICE: Duration = Duration::from_secs(20);
+
+/// Wait for a job to end with `get_job_result` waits of at most [`JOB_WAIT_SLICE`], until its snapshot is
+/// terminal or `deadline` passes (`None`: as long as it takes). `ask` sends one `get_job_result` with the
+/// params given (`wait_timeout_seconds`; it adds the `job_id`). Returns the last snapshot and whether it
+/// is terminal. Used by `bld_remote.Job.result` and `bld-remote job result`.
+pub fn wait_for_job<E>(
+    deadline: Option<Instant>,
+    mut ask: impl FnMut(Map<String, Value>) -> Result<Value, E>,
+) -> Result<(Value, bool), E> {
+    loop {
+        let left = deadline.map_or(JOB_WAIT_SLICE, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let mut p = Map::new();
+        p.insert(
+            "wait_timeout_seconds".into(),
+            Value::from(left.min(JOB_WAIT_SLICE).as_secs_f64()),
+        );
+        let v = ask(p)?;
+        let terminal = v.get("terminal") == Some(&Value::Bool(true));
+        if terminal || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok((v, terminal));
+        }
+    }
+}
+
 /// `execute_code`'s parameters: the code, and whether to report what it changed (framed requests do by
 /// default, so a client that will not read them says `false`).
 pub fn exec_params(code: &str, changes: bool) -> Map<String, Value> {
@@ -974,6 +1003,39 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn wait_for_job_slices_long_waits_and_stops_at_the_end_or_the_deadline() {
+        // No deadline: waits of one slice each until the snapshot is terminal.
+        let mut asked = Vec::new();
+        let mut n = 0;
+        let (v, terminal) = wait_for_job::<()>(None, |p| {
+            asked.push(p["wait_timeout_seconds"].as_f64().unwrap());
+            n += 1;
+            Ok(json!({"status": if n < 3 { "running" } else { "completed" }, "terminal": n >= 3}))
+        })
+        .unwrap();
+        assert!(terminal && v["status"] == json!("completed"));
+        assert_eq!(asked, vec![JOB_WAIT_SLICE.as_secs_f64(); 3]);
+        // A deadline: the wait asked is what is left (never more than a slice), and it ends there.
+        let deadline = Instant::now() + Duration::from_millis(30);
+        let mut waits = Vec::new();
+        let (v, terminal) = wait_for_job::<()>(Some(deadline), |p| {
+            let w = p["wait_timeout_seconds"].as_f64().unwrap();
+            waits.push(w);
+            std::thread::sleep(Duration::from_secs_f64(w.min(0.02)));
+            Ok(json!({"status": "running", "terminal": false}))
+        })
+        .unwrap();
+        assert!(!terminal && v["status"] == json!("running"));
+        assert!(
+            waits[0] <= 0.03 && waits.iter().all(|w| *w <= 0.03),
+            "{waits:?}"
+        );
+        assert!(Instant::now() >= deadline);
+        // An error from `ask` ends the wait with it.
+        assert_eq!(wait_for_job(None, |_| Err::<Value, _>("lost")), Err("lost"));
+    }
 
     /// A one-connection fake service: replies to each request line with what `answer` returns.
     fn fake(answer: impl Fn(Value) -> Vec<u8> + Send + 'static) -> u16 {

@@ -2,7 +2,7 @@
 //! store, `submit_code_job` and friends). Runs on the main thread; waits poll [`Host::interrupted`].
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
 
@@ -11,10 +11,7 @@ use super::queries::{client_error_status, client_or_report};
 use super::{err, errln, out, outln, Host, EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE};
 use bld_remote_core::config::{non_negative_seconds, positive_seconds};
 
-use crate::client::{exec_output, Client};
-
-/// Longest single wait asked of the service; a longer `--wait` is several requests.
-const WAIT_SLICE: Duration = Duration::from_secs(20);
+use crate::client::{exec_output, wait_for_job, Client};
 
 /// The code of `exec` and `job submit`: `-c CODE`, a FILE, or `-` for standard input.
 pub(super) fn read_code(
@@ -145,20 +142,11 @@ fn run(a: JobArgs, host: &Host<'_>) -> Result<i32, i32> {
                 })?;
             let deadline = wait.and_then(|w| Instant::now().checked_add(w));
             let mut client = client_or_report(&target)?;
-            loop {
-                let left =
-                    deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()));
-                let mut p = with_id(&id);
-                p.insert(
-                    "wait_timeout_seconds".into(),
-                    Value::from(left.min(WAIT_SLICE).as_secs_f64()),
-                );
-                let v = ask(&mut client, "get_job_result", p, host)?;
-                let terminal = v.get("terminal") == Some(&Value::Bool(true));
-                if terminal || deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(report(&v, json, terminal));
-                }
-            }
+            let (v, terminal) = wait_for_job(deadline, |mut p| {
+                p.insert("job_id".into(), Value::from(id.as_str()));
+                ask(&mut client, "get_job_result", p, host)
+            })?;
+            Ok(report(&v, json, terminal))
         }
     }
 }
