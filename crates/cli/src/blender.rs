@@ -337,9 +337,8 @@ except Exception as _e:
     print("bld-remote: the service could not start in Blender: %s: %s" % (type(_e).__name__, _e), file=_s.stderr, flush=True)
     _s.stdout.flush()
     _o._exit({START_FAILED_RC})
-import atexit as _a
-# The GUI never returns to this script: stop (and remove the instance descriptor) when Blender exits.
-_a.register(_m.stop_mcp_service)
+# The GUI never returns to this script: start_mcp_service() registered the stop (which removes the
+# instance descriptor) for when Blender exits.
 if _b.app.background:
     _m.keep_alive()
 "#

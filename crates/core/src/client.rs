@@ -909,25 +909,14 @@ impl Client {
     }
 
     /// Run Python in Blender. A failure in the code is [`ClientError::Remote`] with the traceback and the
-    /// output printed before it (`reply["output"]`). What the code changed is not asked for (see
-    /// [`Client::execute_tracked`]): Blender then spends nothing on it.
+    /// output printed before it (`reply["output"]`). What the code changed is not asked for (send
+    /// [`exec_params`]`(code, true)` for it): Blender then spends nothing on it.
     pub fn execute_with(
         &mut self,
         code: &str,
         interrupted: Interrupt<'_>,
     ) -> Result<ExecOutput, ClientError> {
-        self.execute_tracked(code, false, interrupted)
-    }
-
-    /// [`Client::execute_with`], and with `changes` what the code changed in the scene
-    /// ([`ExecOutput::changes`]: two snapshots and a diff in Blender, about 0.15 ms on a small scene).
-    pub fn execute_tracked(
-        &mut self,
-        code: &str,
-        changes: bool,
-        interrupted: Interrupt<'_>,
-    ) -> Result<ExecOutput, ClientError> {
-        let r = self.call_with("execute_code", exec_params(code, changes), interrupted)?;
+        let r = self.call_with("execute_code", exec_params(code, false), interrupted)?;
         Ok(exec_output(r))
     }
 

@@ -325,16 +325,15 @@ impl Inner {
     }
 
     fn prune_expired(&mut self, ttl: Duration) {
-        while let Some((ended, seq, _)) = self.ended_order.front() {
-            if ended.elapsed() <= ttl {
-                break;
-            }
-            let seq = *seq;
-            let Some((_, _, id)) = self.ended_order.pop_front() else {
-                break;
-            };
-            if is_live(&self.records, seq, &id) {
-                self.remove(&id);
+        while self
+            .ended_order
+            .front()
+            .is_some_and(|(ended, _, _)| ended.elapsed() > ttl)
+        {
+            if let Some((_, seq, id)) = self.ended_order.pop_front() {
+                if is_live(&self.records, seq, &id) {
+                    self.remove(&id);
+                }
             }
         }
     }

@@ -570,13 +570,14 @@ impl Backend {
         }
     }
 
-    /// Whether our token may only read: known after a handshake; before one, the default instance is
-    /// connected to (if it can be chosen) to learn it. Unknown (no Blender yet): false.
     /// `--read-only` was asked for: only read-only tools, whatever the token's role.
     pub fn forced_read_only(&self) -> bool {
         self.target.read_only
     }
 
+    /// Whether our token may only read (always, with `--read-only`): known after a handshake; before one,
+    /// the default instance is connected to (if it can be chosen) to learn it. Unknown (no Blender yet):
+    /// false.
     pub async fn read_only(&self) -> bool {
         if !self.read_only.load(Ordering::Relaxed) {
             if let Ok(at) = self.choose(None).await {

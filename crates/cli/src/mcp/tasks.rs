@@ -359,7 +359,13 @@ pub async fn call_tool(
     request: CallToolRequestParams,
     context: RequestContext<RoleServer>,
 ) -> Result<CallToolResponse, ErrorData> {
-    if mcp.backend.forced_read_only() && !read_only_tool(mcp, &request.name) {
+    // An unknown name passes: the router answers it.
+    let writes = mcp
+        .tool_router
+        .map
+        .get(request.name.as_ref())
+        .is_some_and(|route| !super::tools::is_read_only(&route.attr));
+    if mcp.backend.forced_read_only() && writes {
         return Ok(CallToolResponse::Complete(error_result(format!(
             "forbidden: this MCP server runs --read-only, and {} can change Blender (its tools are in \
              tools/list)",
@@ -382,18 +388,6 @@ pub async fn call_tool(
         Some(Kind::CodeJob) => code_job(mcp, request, context).await,
         _ => route(mcp, request, context).await,
     }
-}
-
-/// Whether `name` is a tool annotated read-only (an unknown name passes: the router answers it).
-fn read_only_tool(mcp: &BlenderMcp, name: &str) -> bool {
-    mcp.tool_router.map.get(name).is_none_or(|route| {
-        route
-            .attr
-            .annotations
-            .as_ref()
-            .and_then(|a| a.read_only_hint)
-            .unwrap_or(false)
-    })
 }
 
 /// The tool's own handler (the router), as without tasks.

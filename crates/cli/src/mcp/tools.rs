@@ -396,7 +396,14 @@ fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-/// The `execute_code` reply (success or error) → one text the model can act on.
+/// Whether a tool is annotated read-only (`readOnlyHint: true`): the tools a read-only token may call.
+pub(crate) fn is_read_only(tool: &rmcp::model::Tool) -> bool {
+    tool.annotations
+        .as_ref()
+        .and_then(|a| a.read_only_hint)
+        .unwrap_or(false)
+}
+
 /// An `execute_code` reply as `execute_blender_code`'s structured content: the whole reply (changes
 /// included) without `result`, which is `output.stdout` again (or its base64), and output can be megabytes.
 pub(crate) fn exec_structured(mut reply: Value) -> Value {
@@ -407,6 +414,7 @@ pub(crate) fn exec_structured(mut reply: Value) -> Value {
     reply
 }
 
+/// The `execute_code` reply (success or error) → one text the model can act on.
 pub(crate) fn exec_text(reply: &Value, failed: Option<&str>) -> String {
     let output = reply.get("output");
     let stdout = output.map_or_else(|| str_field(reply, "stdout"), |o| str_field(o, "stdout"));
@@ -1216,12 +1224,7 @@ impl ServerHandler for BlenderMcp {
             .is_some_and(|v| v >= rmcp::model::ProtocolVersion::V_2026_07_28);
         let mut tools = self.tool_router.list_all();
         if self.backend.read_only().await {
-            tools.retain(|t| {
-                t.annotations
-                    .as_ref()
-                    .and_then(|a| a.read_only_hint)
-                    .unwrap_or(false)
-            });
+            tools.retain(is_read_only);
         }
         Ok(rmcp::model::ListToolsResult {
             result_type: Some(rmcp::model::ResultType::COMPLETE),

@@ -213,7 +213,8 @@ impl Writer {
                             self.settle(seq, outcome);
                         }
                         if framed && bytes.is_empty() {
-                            // A quiet success (`"quiet": true`): nothing to write, nothing owed.
+                            // A quiet success (`"quiet": true`) that also settles a job; the others are
+                            // settled by the reader and never come here. Nothing to write, nothing owed.
                             if request {
                                 self.activity.replied();
                             }
